@@ -1,0 +1,27 @@
+# paper_repro: the two commands are `make repro` and `make test`; both set up .venv first.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: repro test zoo venv clean-results
+
+$(STAMP): pyproject.toml ci/bootstrap.sh ci/debian-packages.txt
+	bash ci/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Regenerate every reproduced paper at cpu scale and write results/REPORT.md
+repro: $(STAMP)
+	$(BIN)/paper-repro run --all --scale cpu
+	$(BIN)/paper-repro report --scale cpu
+	$(BIN)/paper-repro readme
+
+## Everything CI checks (see ci/test.sh)
+test: $(STAMP)
+	bash ci/test.sh $(VENV)
+
+## Retrain the tokenizer and the zoo LMs (about 10 minutes on 2 cores) and update data/MANIFEST.json
+zoo: $(STAMP)
+	cd nbs/core && ../../$(BIN)/papermill zoo.ipynb /tmp/zoo_executed.ipynb -p retrain True --cwd .

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What `make test` (and so CI) checks, in order. Each step names itself; the first failure stops the run.
+set -euo pipefail
+VENV=${1:-.venv}
+BIN="$VENV/bin"
+cd "$(dirname "$0")/.."
+export PYTHONHASHSEED=0 MPLBACKEND=Agg
+step() { echo; echo "=== $* ==="; }
+
+step "nbdev-export leaves paper_repro/ unchanged"
+"$BIN/nbdev-export"
+if [[ -n "$(git status --porcelain -- paper_repro)" ]]; then
+  git status --porcelain -- paper_repro; git diff --stat -- paper_repro
+  echo "paper_repro/ is out of date with nbs/: run nbdev-export and commit the result"; exit 1
+fi
+
+step "nbdev-clean leaves nbs/ unchanged"
+"$BIN/nbdev-clean"
+if [[ -n "$(git status --porcelain -- nbs)" ]]; then
+  git status --porcelain -- nbs
+  echo "notebooks in nbs/ are not clean: run nbdev-clean and commit the result"; exit 1
+fi
+
+step "README catalogue is up to date"
+"$BIN/paper-repro" readme --check
+
+step "pytest"
+"$BIN/pytest" -q
+
+step "nbdev-test nbs/core"
+"$BIN/nbdev-test" nbs/core
+
+step "every paper notebook at ci scale (papermill)"
+"$BIN/paper-repro" run --all --scale ci
+
+step "report builds"
+"$BIN/paper-repro" report --scale ci --out results/ci/REPORT.md
+"$BIN/paper-repro" report --scale cpu --out results/ci/REPORT-cpu.md
+echo; echo "make test: all checks passed"

@@ -1,0 +1,213 @@
+"""The `paper-repro` command line (paper_repro.cli) against fake checkouts in temporary folders.
+Only three notebook runs start a kernel (a few seconds each); everything else is checked on hand-made files."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from paper_repro.cli import (CATALOG_END, CATALOG_START, RunOutcome, build_report, main, run_papers, update_readme)
+from paper_repro.core.catalog import module_path, notebook_path, results_dir
+from paper_repro.core.catalog import test_path as paper_test_path
+
+CLAIM = dict(id="speedup", statement="faster than greedy", metric="speedup", unit="x", paper_value=2.0, our_value=1.5,
+             higher_is_better=True, setting="toy", holds=True, note="")
+
+
+def touch(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def fake_paper_notebook(path: Path, slug: str, fail: bool = False) -> Path:
+    "A tiny paper notebook with the standard parameters cell; it records one claim, or raises if `fail`."
+    body = ('raise ValueError("boom from the fake paper")' if fail else
+            "from paper_repro.core.repro import start_run\n"
+            f"run = start_run({slug!r}, scale=scale, device=device, seed=seed, out_dir=out_dir)\n"
+            'run.record_claim("toy_claim", "the toy holds", "x", "u", 1.0, 2.0, True, "toy", holds=True)\n'
+            "run.finish()")
+    params = nbformat.v4.new_code_cell('scale = "cpu"\ndevice = "auto"\nseed = 0\nout_dir = None')
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def fake_root(tmp_path) -> Path:
+    "A checkout with two paper notebooks: copyspec records a claim, pearl raises."
+    fake_paper_notebook(notebook_path("copyspec", tmp_path), "copyspec")
+    fake_paper_notebook(notebook_path("pearl", tmp_path), "pearl", fail=True)
+    return tmp_path
+
+
+def cli(capsys, root: Path, *argv: str) -> tuple[int, str, str]:
+    code = main(["--root", str(root), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- run -----------------------------------------------------------------------------------------------------------
+
+def test_run_keeps_going_after_a_failure(fake_root, capsys):
+    code, out, err = cli(capsys, fake_root, "run", "--all", "--scale", "ci", "--device", "cpu", "--seed", "7", "-j", "2")
+    assert code == 1
+    pearl_nb = fake_root / "results/ci/pearl/executed.ipynb"
+    assert f"FAILED  pearl: ValueError: boom from the fake paper (executed notebook: {pearl_nb})" in err
+    assert "Traceback" not in err
+    assert "ok      copyspec" in out and "1 ok, 1 failed" in out
+    summary = out.split("summary:")[1].split()
+    assert summary[:2] == ["FAILED", "pearl"] and summary[4:6] == ["ok", "copyspec"]  # catalogue order
+    # the failing notebook is kept with its error; the other one ran to the end with our parameters
+    assert pearl_nb.is_file() and "boom from the fake paper" in pearl_nb.read_text()
+    res = fake_root / "results/ci/copyspec"
+    assert (res / "executed.ipynb").is_file()
+    assert json.loads((res / "claims.json").read_text())[0]["id"] == "toy_claim"
+    run = json.loads((res / "run.json").read_text())
+    assert (run["scale"], run["seed"], run["parameters"]["device"]) == ("ci", 7, "cpu")
+
+
+def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_factory):
+    out_root = tmp_path_factory.mktemp("elsewhere")
+    seen = []
+    outcomes = run_papers(["copyspec"], scale="ci", device="cpu", seed=1, jobs=1, root=fake_root, out_root=out_root,
+                          on_done=seen.append)
+    assert outcomes == seen and len(outcomes) == 1
+    o = outcomes[0]
+    assert isinstance(o, RunOutcome) and o.ok and o.error is None and o.wall_s > 0
+    assert o.executed == (out_root / "ci/copyspec/executed.ipynb").resolve()
+    assert (out_root / "ci/copyspec/claims.json").is_file()
+    assert not results_dir("copyspec", "ci", fake_root).exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["run", "copyspek"], "unknown paper slug 'copyspek'; did you mean copyspec?"),
+    (["run", "copyspec", "--scale", "huge"], "unknown scale 'huge'; valid scales: ci, cpu, gpu"),
+    (["run", "copyspec", "--device", "tpu"], "unknown device 'tpu'; valid devices: auto, cpu, cuda, mps"),
+    (["run", "copyspec", "pearl", "ppd"], "paper 'ppd' has no notebook yet"),
+    (["run", "copyspec", "-j", "0"], "-j/--jobs must be at least 1"),
+    (["run"], "no papers to run; name slugs or use --all"),
+    (["run", "copyspec", "--all"], "give slugs or --all, not both"),
+    (["run", "copyspec", "--seed", "x"], "argument --seed: invalid int value"),
+    (["list", "--family", "llm"], "argument --family: invalid choice: 'llm'"),
+    (["report", "--scale", "huge"], "valid scales: ci, cpu, gpu"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_requests_fail_before_anything_runs(fake_root, capsys, argv, msg):
+    code, out, err = cli(capsys, fake_root, *argv)
+    assert code == 2
+    assert err.startswith("paper-repro: error: ") and msg in err and err.count("\n") == 1, err
+    assert not (fake_root / "results").exists()
+
+
+def test_run_all_with_no_notebooks(tmp_path, capsys):
+    code, out, err = cli(capsys, tmp_path, "run", "--all")
+    assert code == 2 and "no papers to run" in err
+
+
+def test_run_papers_validates_directly(fake_root):
+    with pytest.raises(ValueError, match="valid devices"):
+        run_papers(["copyspec"], device="tpu", root=fake_root)
+    with pytest.raises(ValueError, match="did you mean pearl"):
+        run_papers(["pearll"], root=fake_root)
+
+
+# --- list ----------------------------------------------------------------------------------------------------------
+
+def test_list_formats(fake_root, capsys):
+    code, out, _ = cli(capsys, fake_root, "list", "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 53 and rows[-1]["slug"] == "copyspec" and rows[-1]["status"] == "planned"
+    code, out, _ = cli(capsys, fake_root, "list", "--family", "dllm")
+    assert code == 0 and len(out.strip().splitlines()) == 5 and "learn2pd" in out
+    code, out, _ = cli(capsys, fake_root, "list", "--format", "markdown")
+    assert "[copyspec](nbs/decoding/copyspec.ipynb)" in out and "(53 papers)" in out
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0 and "report" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and "paper-repro" in capsys.readouterr().out
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def results_root(tmp_path) -> Path:
+    "copyspec reproduced (two claims, one not holding), pearl implemented with results, everything else absent."
+    for slug in ("copyspec", "pearl"):
+        touch(notebook_path(slug, tmp_path), "{}")
+        touch(module_path(slug, tmp_path))
+    touch(paper_test_path("copyspec", tmp_path))
+    res = results_dir("copyspec", "cpu", tmp_path)
+    touch(res / "figure.png")
+    touch(res / "table.csv", "a\n1\n")
+    claims = [CLAIM, {**CLAIM, "id": "quality", "statement": "same | output", "paper_value": None, "our_value": 0.25,
+                      "holds": False, "note": "too small\na model"}]
+    touch(res / "claims.json", json.dumps(claims))
+    touch(results_dir("pearl", "cpu", tmp_path) / "claims.json", json.dumps([CLAIM]))
+    return tmp_path
+
+
+def test_report_content(results_root):
+    md = build_report("cpu", results_root)
+    assert md.startswith("# Results report: scale `cpu`")
+    assert "**Status:** 1 reproduced · 1 implemented · 51 planned (53 papers)" in md
+    assert "**Claims at scale `cpu`:** 2 of 3 hold (2 papers with results)." in md
+    assert "### 53. copyspec: CopySpec" in md and "Status: **reproduced** · [figure.png](cpu/copyspec/figure.png)" in md
+    assert "| copyspec | `speedup` | faster than greedy | 2 | 1.5 | x | ✓ |  |" in md
+    assert r"| copyspec | `quality` | same \| output | — | 0.25 | x | ✗ | too small a model |" in md
+    assert "Status: **implemented** · figure.png missing" in md
+    not_run = md.split("## Not run at this scale")[1]
+    assert "| 51 | ppd | decoding | planned |" in not_run and "copyspec" not in not_run
+    assert len([line for line in not_run.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 51
+    assert "None yet." in build_report("gpu", results_root)
+
+
+def test_report_command_writes_atomically_with_relative_links(results_root, capsys, tmp_path_factory):
+    code, out, err = cli(capsys, results_root, "report")
+    assert code == 0 and (results_root / "results/REPORT.md").read_text() == build_report("cpu", results_root)
+    elsewhere = tmp_path_factory.mktemp("docs") / "sub" / "R.md"
+    assert cli(capsys, results_root, "report", "--out", str(elsewhere))[0] == 0
+    text = elsewhere.read_text()
+    link = text.split("[figure.png](")[1].split(")")[0]
+    assert (elsewhere.parent / link).resolve() == (results_root / "results/cpu/copyspec/figure.png").resolve()
+    assert not list(elsewhere.parent.glob(".R.md*"))  # no temporary file left behind
+
+
+def test_report_rejects_malformed_claims(results_root, capsys):
+    bad = touch(results_dir("pearl", "cpu", results_root) / "claims.json", json.dumps([{**CLAIM, "holds": 1}]))
+    with pytest.raises(ValueError, match=f"{bad}: claim #0: field 'holds'"):
+        build_report("cpu", results_root)
+    code, out, err = cli(capsys, results_root, "report")
+    assert code == 1 and str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (results_root / "results/REPORT.md").exists()
+
+
+# --- readme --------------------------------------------------------------------------------------------------------
+
+def test_readme_regenerate_and_check(results_root, capsys):
+    readme = touch(results_root / "README.md", f"# paper_repro\n\nIntro.\n\n{CATALOG_START}\nold table\n{CATALOG_END}\n\nTail.\n")
+    code, out, err = cli(capsys, results_root, "readme", "--check")
+    assert code == 1 and "run `paper-repro readme`" in err and "old table" in readme.read_text()
+    assert cli(capsys, results_root, "readme")[0] == 0
+    text = readme.read_text()
+    assert text.startswith("# paper_repro\n\nIntro.\n\n") and text.endswith(f"{CATALOG_END}\n\nTail.\n")
+    assert "| 53 | [copyspec](nbs/decoding/copyspec.ipynb) | decoding |" in text and "old table" not in text
+    assert cli(capsys, results_root, "readme", "--check")[0] == 0
+    assert update_readme(results_root, check=True) is False
+    # the status is derived: a new notebook makes the README stale again
+    touch(notebook_path("ppd", results_root), "{}")
+    assert cli(capsys, results_root, "readme", "--check")[0] == 1
+
+
+@pytest.mark.parametrize("text", ["# no markers\n", f"{CATALOG_END}\n{CATALOG_START}\n",
+                                  f"{CATALOG_START}\n{CATALOG_START}\n{CATALOG_END}\n", None])
+def test_readme_errors(tmp_path, capsys, text):
+    if text is not None:
+        touch(tmp_path / "README.md", text)
+    code, out, err = cli(capsys, tmp_path, "readme")
+    assert code == 1 and err.count("\n") == 1
+    assert ("no README.md" if text is None else "needs exactly one <!-- catalog:start -->") in err
