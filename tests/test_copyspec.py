@@ -74,6 +74,5 @@ def test_copies_are_accepted_when_the_model_repeats(target):
     res = generate(target, prompt, 120, CopySpecDrafter(gamma=2, number_copy=8))
     greedy = reference_decode(target, prompt, 120)
     assert res.tokens == greedy
-    tail = greedy[-40:]
-    if len(set(tail)) < 10:  # the continuation is periodic: copying must pay off
-        assert res.accepted_by_source().get("copy", 0) >= 30 and res.mean_accepted > 1.5
+    assert len(set(greedy[-40:])) < 10  # the fixture model does loop (precondition of this test)
+    assert res.accepted_by_source().get("copy", 0) >= 30 and res.mean_accepted > 1.5
