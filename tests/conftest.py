@@ -1,4 +1,6 @@
 "Shared fixtures: tiny float64 models (ties between logits are then practically impossible)."
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +23,14 @@ def target():
 @pytest.fixture(scope="session")
 def draft_model():
     return tiny_lm(d=16, layers=1, heads=2, seed=1)
+
+
+# a valid claim and a file helper for the catalogue / CLI tests
+CLAIM = dict(id="speedup", statement="faster than greedy", metric="speedup", unit="x", paper_value=2.0, our_value=1.5,
+             higher_is_better=True, setting="toy", holds=True, note="")
+
+
+def touch(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -12,14 +12,7 @@ from paper_repro.core.catalog import (FAMILIES, PAPERS, STATUSES, Paper, catalog
 from paper_repro.core.catalog import test_path as paper_test_path
 from paper_repro.core.repro import project_root
 
-CLAIM = dict(id="speedup", statement="faster than greedy", metric="speedup", unit="x", paper_value=2.0, our_value=1.5,
-             higher_is_better=True, setting="toy", holds=True, note="")
-
-
-def touch(path: Path, text: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+from conftest import CLAIM, touch
 
 
 def make_reproduced(root: Path, slug: str, claims: list | None = None) -> Path:

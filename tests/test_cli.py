@@ -10,14 +10,7 @@ from paper_repro.cli import (CATALOG_END, CATALOG_START, RunOutcome, build_repor
 from paper_repro.core.catalog import module_path, notebook_path, results_dir
 from paper_repro.core.catalog import test_path as paper_test_path
 
-CLAIM = dict(id="speedup", statement="faster than greedy", metric="speedup", unit="x", paper_value=2.0, our_value=1.5,
-             higher_is_better=True, setting="toy", holds=True, note="")
-
-
-def touch(path: Path, text: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+from conftest import CLAIM, touch
 
 
 def fake_paper_notebook(path: Path, slug: str, fail: bool = False) -> Path:

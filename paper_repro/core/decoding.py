@@ -136,18 +136,21 @@ class Sampler:
         return self._gen[device]
 
 # %% ../../nbs/core/decoding.ipynb #514aa814
-def verify_tree(draft: Draft, target_tokens: torch.Tensor) -> tuple[list[int], int]:
-    "Longest accepted path (node indices) and the bonus token, given the target's token after each of `[root] + nodes`."
+def verify_tree(draft: Draft, target_tokens: torch.Tensor, node_tokens: torch.Tensor | None = None,
+                ancestors: torch.Tensor | None = None) -> tuple[list[int], int]:
+    """Longest accepted path (node indices) and the bonus token, given the target's token after each of `[root] + nodes`.
+    `node_tokens` (the draft's tokens) and `ancestors` (`draft.ancestor_mask()`) may be passed if already on the device."""
     n = len(draft)
     if n == 0: return [], int(target_tokens[0])
     dev = target_tokens.device
-    tokens = torch.tensor(draft.tokens, device=dev)
+    tokens = node_tokens if node_tokens is not None else torch.tensor(draft.tokens, device=dev)
+    if draft.is_chain:  # chains: the accepted part is a prefix, no mask needed
+        accepted = (tokens == target_tokens[:-1]).long().cumprod(0).sum()
+        accepted, bonus = torch.stack([accepted, target_tokens[accepted]]).tolist()  # the one host sync
+        return list(range(accepted)), bonus
     parent_rows = torch.tensor(draft.parents, device=dev) + 1
     correct = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), tokens == target_tokens[parent_rows]])
-    if draft.is_chain:
-        accepted = int(correct[1:].long().cumprod(0).sum())  # chains: a prefix, no mask needed
-        return list(range(accepted)), int(target_tokens[accepted])
-    anc = draft.ancestor_mask().to(dev)
+    anc = ancestors if ancestors is not None else draft.ancestor_mask().to(dev)
     path_ok = ~(anc & ~correct[None, :]).any(-1)
     depth = torch.tensor([0] + draft.depths(), device=dev)
     score = torch.where(path_ok, depth * (n + 1) + (n - torch.arange(n + 1, device=dev)), -1)
@@ -274,7 +277,7 @@ def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Samp
     tokens = torch.tensor([[root] + draft.tokens], device=device)
     chain = draft.is_chain
     if chain:
-        positions, mask = None, None
+        positions, mask, tree = None, None, None
     else:
         positions = torch.tensor([base] + [base + d for d in draft.depths()], device=device)
         tree = draft.ancestor_mask().to(device)
@@ -286,7 +289,7 @@ def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Samp
         path = list(range(accepted))
     else:
         depths = [0] + (list(range(1, len(draft) + 1)) if chain else draft.depths())
-        path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]))
+        path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
     if chain: cache.truncate(base + 1 + len(path))
     else: cache.keep([base + 1 + i for i in path], start=base + 1)
     return path, bonus

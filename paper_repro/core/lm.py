@@ -180,15 +180,21 @@ def causal_mask(T: int, past: int, device=None) -> torch.Tensor:
     "Boolean `[T, past + T]` mask: each new token sees the whole past and the new tokens up to itself."
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
-def _check_inputs(tokens: torch.Tensor, positions, attn_mask, past: int, vocab_size: int):
+def _prepare_inputs(tokens: torch.Tensor, positions, attn_mask, cache) -> tuple[int, torch.Tensor]:
+    "Validate a protocol call; return the cache length before it and the positions as `[batch, T]`."
     if tokens.dim() != 2: raise ValueError(f"tokens must be [batch, T], got shape {tuple(tokens.shape)}")
     B, T = tokens.shape
     if T == 0: raise ValueError("tokens is empty: nothing to run the model on")
+    past = cache.length if cache is not None else 0
+    if cache is not None and cache.batch_size != B:
+        raise ValueError(f"cache holds batch {cache.batch_size} but tokens have batch {B}")
     if positions is not None and positions.shape[-1] != T:
         raise ValueError(f"positions has shape {tuple(positions.shape)}, expected [{B}, {T}] or [{T}]")
     if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape[-2:]) != (T, past + T)):
         raise ValueError(f"attn_mask must be bool [.., {T}, {past + T}] (new tokens x cache+new), "
                          f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+    if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
+    return past, (positions.expand(B, T) if positions.dim() == 1 else positions)
 
 class TransformerLM(nn.Module):
     "Decoder-only LM (RoPE, RMSNorm, SwiGLU) with Llama's parameter names."
@@ -220,13 +226,8 @@ class TransformerLM(nn.Module):
     def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, attn_mask=None,
                       upto_layer: int | None = None) -> torch.Tensor:
         "Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks)."
-        past = cache.length if cache is not None else 0
-        _check_inputs(tokens, positions, attn_mask, past, self.vocab_size)
-        B, T = tokens.shape
-        if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
-        positions = positions.expand(B, T) if positions.dim() == 1 else positions
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache holds batch {cache.batch_size} but tokens have batch {B}")
+        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
+        T = tokens.shape[1]
         mask = attn_mask if attn_mask is not None else (causal_mask(T, past, tokens.device) if T > 1 else None)
         if mask is not None and mask.dim() == 3: mask = mask[:, None]  # broadcast over heads
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
@@ -337,11 +338,8 @@ class HFCausalLM(nn.Module):
 
     def forward(self, tokens, positions=None, cache: HFCache | None = None, attn_mask=None) -> torch.Tensor:
         "Logits `[batch, T, vocab]`; appends to `cache` if given."
-        past = cache.length if cache is not None else 0
-        _check_inputs(tokens, positions, attn_mask, past, self.vocab_size)
+        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
         B, T = tokens.shape
-        if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
-        positions = positions.expand(B, T) if positions.dim() == 1 else positions
         mask = attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)
         mask = mask.expand(B, T, past + T)[:, None]
         additive = torch.zeros(mask.shape, dtype=self.dtype, device=tokens.device).masked_fill(~mask, torch.finfo(self.dtype).min)
