@@ -47,7 +47,7 @@ def test_drafter_copies_and_falls_back():
     assert d.propose([5, 6, 7, 8, 5, 6], 2).tokens == [7, 8]      # respects the budget
     miss = d.propose([5, 6, 7, 8, 5, 6, 1], 10)
     assert miss.source == "fallback"
-    d.observe([], miss, 0); assert fb.seen == 1
+    d.observe([], miss, 0, None); assert fb.seen == 1
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 3])

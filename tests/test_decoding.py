@@ -137,7 +137,8 @@ def test_duplicate_siblings_pick_one_path(target):
     cache = target.new_cache()
     target(torch.tensor([prompt[:-1]]), cache=cache)
     from paper_repro.core.decoding import _verify_step
-    path, bonus = _verify_step(target, cache, prompt[-1], draft, Sampler())
+    path, bonus, logits = _verify_step(target, cache, prompt[-1], draft, Sampler())
+    assert logits.shape == (1 + len(draft), 40)
     assert [draft.tokens[i] for i in path] + [bonus] == ref[:3]
     assert path == [0, 2] and cache.length == len(prompt) + 2  # first sibling wins; cache keeps root + path
 
@@ -226,3 +227,21 @@ def test_bad_inputs(target):
         def propose(self, context, max_tokens): return Draft.chain([1] * (max_tokens + 1))
         def observe(self, *a): pass
     with pytest.raises(ValueError, match="at most"): generate(target, [1, 2], 3, Greedy())
+
+
+def test_observe_receives_the_verify_pass_logits(target):
+    """Row 0 is the target's prediction after the committed context; row i+1 the prediction after draft node i."""
+    seen = []
+
+    class Recorder(RandomDrafter):
+        def observe(self, context, draft, accepted, logits): seen.append((list(context), draft, accepted, logits))
+    prompt = PROMPTS[3]
+    generate(target, prompt, 12, Recorder(seed=3, tree=True))
+    with torch.no_grad():
+        for context, draft, accepted, logits in seen[:5]:
+            before = context[: len(context) - accepted - 1]  # context when the draft was proposed
+            assert logits.shape == (1 + len(draft), 40)
+            assert torch.allclose(logits[0], target(torch.tensor([before]))[0, -1], atol=1e-9)
+            for i in range(len(draft)):
+                chain = before + [draft.tokens[j] for j in draft.path_to(i)]
+                assert torch.allclose(logits[i + 1], target(torch.tensor([chain]))[0, -1], atol=1e-9)

@@ -84,14 +84,14 @@ class Draft:
 # %% ../../nbs/core/decoding.ipynb #f24d4731
 @runtime_checkable
 class Drafter(Protocol):
-    "Proposes drafts; `observe` receives the outcome of each verification."
+    "Proposes drafts; `observe` receives the outcome of each verification and the target's logits of that pass."
     def propose(self, context: list[int], max_tokens: int) -> Draft: ...
-    def observe(self, context: list[int], draft: Draft, accepted: int) -> None: ...
+    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: ...
 
 class NoDrafter:
     "Plain autoregressive decoding: never drafts."
     def propose(self, context: list[int], max_tokens: int) -> Draft: return Draft.empty()
-    def observe(self, context: list[int], draft: Draft, accepted: int) -> None: pass
+    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass
 
 # %% ../../nbs/core/decoding.ipynb #2e19df85
 @dataclass
@@ -253,7 +253,7 @@ def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, draft
         if draft.depth > remaining - 1:
             raise ValueError(f"{type(drafter).__name__} proposed a draft {draft.depth} deep; at most {remaining - 1} allowed")
         t_verify = time.perf_counter()
-        path, bonus = _verify_step(target, cache, context[-1], draft, sampler)
+        path, bonus, logits = _verify_step(target, cache, context[-1], draft, sampler)
         emitted = [draft.tokens[i] for i in path] + [bonus]
         if eos_id is not None and eos_id in emitted:
             emitted = emitted[: emitted.index(eos_id) + 1]
@@ -262,7 +262,7 @@ def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, draft
         context.extend(emitted)
         res.tokens.extend(emitted)
         res.draft_calls += draft.draft_calls
-        drafter.observe(context, draft, accepted)
+        drafter.observe(context, draft, accepted, logits)
         res.steps.append(StepStats(len(draft), accepted, len(emitted) - accepted, len(draft), draft.source,
                                    t_verify - t_draft, time.perf_counter() - t_verify))
         if res.stopped_by_eos: break
@@ -270,8 +270,8 @@ def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, draft
     res.wall_s = time.perf_counter() - t0
     return res
 
-def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Sampler) -> tuple[list[int], int]:
-    "One target pass over `[root] + draft`; cuts the cache back to the accepted path; returns (path, bonus token)."
+def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Sampler) -> tuple[list[int], int, torch.Tensor]:
+    "One target pass over `[root] + draft`; cuts the cache back to the accepted path; returns (path, bonus, logits)."
     base = cache.length
     device = next(target.parameters()).device
     tokens = torch.tensor([[root] + draft.tokens], device=device)
@@ -292,7 +292,7 @@ def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Samp
         path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
     if chain: cache.truncate(base + 1 + len(path))
     else: cache.keep([base + 1 + i for i in path], start=base + 1)
-    return path, bonus
+    return path, bonus, logits
 
 # %% ../../nbs/core/decoding.ipynb #f17f9559
 def greedy_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, eos_id: int | None = None) -> DecodeResult:
@@ -358,4 +358,4 @@ class DraftModelDrafter:
         self.cached += tokens[:-1]  # the last draft token was never fed
         return Draft.chain(tokens, torch.stack(qs) if qs else None, self.source, draft_calls=k)
 
-    def observe(self, context: list[int], draft: Draft, accepted: int) -> None: pass
+    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass

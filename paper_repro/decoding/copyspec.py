@@ -62,5 +62,5 @@ class CopySpecDrafter:
         if self.fallback is not None: return self.fallback.propose(context, max_tokens)
         return Draft.empty()
 
-    def observe(self, context: list[int], draft: Draft, accepted: int) -> None:
-        if self.fallback is not None and draft.source != "copy": self.fallback.observe(context, draft, accepted)
+    def observe(self, context: list[int], draft: Draft, accepted: int, logits) -> None:
+        if self.fallback is not None and draft.source != "copy": self.fallback.observe(context, draft, accepted, logits)
