@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml ci/bootstrap.sh ci/debian-packages.txt
 
 venv: $(STAMP)
 
-## Regenerate every reproduced paper at cpu scale and write results/REPORT.md
+## Regenerate every paper and the decoding benchmark at cpu scale; write results/REPORT.md and the README tables
 repro: $(STAMP)
 	$(BIN)/paper-repro run --all --scale cpu
+	$(BIN)/paper-repro bench decoding --scale cpu
 	$(BIN)/paper-repro report --scale cpu
 	$(BIN)/paper-repro readme
 

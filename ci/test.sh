@@ -33,6 +33,9 @@ step "nbdev-test nbs/core"
 step "every paper notebook at ci scale (papermill)"
 "$BIN/paper-repro" run --all --scale ci
 
+step "decoding benchmark at ci scale"
+"$BIN/paper-repro" bench decoding --scale ci
+
 step "report builds"
 "$BIN/paper-repro" report --scale ci --out results/ci/REPORT.md
 "$BIN/paper-repro" report --scale cpu --out results/ci/REPORT-cpu.md

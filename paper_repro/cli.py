@@ -25,9 +25,9 @@ from .core.catalog import (
 from .core.repro import check_scale, project_root, resolve_device, write_text_atomic
 
 # %% auto #0
-__all__ = ['CATALOG_START', 'CATALOG_END', 'CliError', 'RunOutcome', 'papers_with_notebooks', 'check_run', 'output_dir',
-           'run_paper', 'run_papers', 'build_report', 'replace_catalog_section', 'update_readme', 'build_parser',
-           'main']
+__all__ = ['CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END', 'CliError', 'RunOutcome', 'papers_with_notebooks',
+           'check_run', 'output_dir', 'run_paper', 'run_papers', 'build_report', 'replace_section',
+           'replace_catalog_section', 'bench_markdown', 'update_readme', 'build_parser', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -180,13 +180,24 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
 
 # %% ../nbs/core/cli.ipynb #ba0e8cd3
 CATALOG_START, CATALOG_END = "<!-- catalog:start -->", "<!-- catalog:end -->"
+BENCH_START, BENCH_END = "<!-- bench:decoding:start -->", "<!-- bench:decoding:end -->"
+
+def replace_section(text: str, content: str, start_marker: str = CATALOG_START, end_marker: str = CATALOG_END) -> str:
+    "Put `content` between two marker lines of `text`; raise `ValueError` if the markers are missing or out of order."
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < 0 or end < start or text.count(start_marker) > 1 or text.count(end_marker) > 1:
+        raise ValueError(f"README.md needs exactly one {start_marker} line followed by one {end_marker} line")
+    return text[:start] + f"{start_marker}\n\n{content.strip()}\n\n" + text[end:]
 
 def replace_catalog_section(text: str, catalog: str) -> str:
-    "Put `catalog` between the catalogue markers of `text`; raise `ValueError` if the markers are missing or out of order."
-    start, end = text.find(CATALOG_START), text.find(CATALOG_END)
-    if start < 0 or end < 0 or end < start or text.count(CATALOG_START) > 1 or text.count(CATALOG_END) > 1:
-        raise ValueError(f"README.md needs exactly one {CATALOG_START} line followed by one {CATALOG_END} line")
-    return text[:start] + f"{CATALOG_START}\n\n{catalog.strip()}\n\n" + text[end:]
+    "Put `catalog` between the catalogue markers of `text`."
+    return replace_section(text, catalog, CATALOG_START, CATALOG_END)
+
+def bench_markdown(root: Path) -> str:
+    "The committed `cpu` decoding benchmark table, or a line saying it has not been run."
+    table = root / "results" / "cpu" / "bench" / "decoding.md"
+    if not table.is_file(): return "_Not run yet: `paper-repro bench decoding --scale cpu`._"
+    return table.read_text().strip() + "\n\nFigure: [results/cpu/bench/decoding.png](results/cpu/bench/decoding.png)"
 
 def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     """Regenerate the catalogue section of `<root>/README.md`; return whether it was out of date.
@@ -196,6 +207,7 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     if not readme.is_file(): raise ValueError(f"no README.md at {readme}")
     text = readme.read_text()
     new = replace_catalog_section(text, catalog_markdown(root))
+    if BENCH_START in new: new = replace_section(new, bench_markdown(root), BENCH_START, BENCH_END)
     if new != text and not check: write_text_atomic(readme, new)
     return new != text
 
@@ -255,13 +267,25 @@ def _cmd_readme(args: argparse.Namespace) -> int:
     print("README.md catalogue section " + ("is up to date" if not stale else "updated"))
     return 0
 
-# %% ../nbs/core/cli.ipynb #142f4def
+# %% ../nbs/core/cli.ipynb #89d79caf
+def _cmd_bench(args: argparse.Namespace) -> int:
+    "`paper-repro bench decoding`: run the benchmark and print its overall rows."
+    from paper_repro.core.bench import run_decoding_bench
+    try: check_scale(args.scale); resolve_device(args.device)
+    except ValueError as e: raise CliError(str(e), code=2) from None
+    out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
+    table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
+    print(table[table.category == "overall"].to_string(index=False))
+    print(f"wrote {out / 'decoding.csv'}, decoding.md, decoding.png")
+    return 0
+
+# %% ../nbs/core/cli.ipynb #208b1989
 def build_parser() -> argparse.ArgumentParser:
     "The `paper-repro` argument parser with its four subcommands."
     parser = _Parser(prog="paper-repro", description="Reproducible paper notebooks: list, run, report.")
     parser.add_argument("--version", action="version", version=f"paper-repro {__version__}")
     parser.add_argument("--root", type=Path, default=None, help="checkout to work on (default: this package's)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,report,readme}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,report,bench,readme}")
     p = sub.add_parser("list", help="the catalogue with each paper's status")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     p.add_argument("--family", choices=FAMILIES, default=None)
@@ -281,12 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH", help="default results/REPORT.md")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("readme", help="regenerate the README's catalogue section")
+    p = sub.add_parser("bench", help="run a benchmark suite (decoding) and write results/<scale>/bench/")
+    p.add_argument("suite", choices=("decoding",), help="which benchmark")
+    p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
+    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--out-root", type=Path, default=None, metavar="DIR", help="write to DIR/<scale>/bench")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("readme", help="regenerate the README's catalogue and benchmark sections")
     p.add_argument("--check", action="store_true", help="only check; exit 1 if it is out of date")
     p.set_defaults(func=_cmd_readme)
     return parser
 
-# %% ../nbs/core/cli.ipynb #208b1989
+# %% ../nbs/core/cli.ipynb #301d1f9f
 def _silence_stdout() -> None:
     "Point stdout at /dev/null so the interpreter's final flush does not fail again on a closed pipe."
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -177,13 +177,13 @@ class RunContext:
             raise AssertionError(f"claim {id!r} must hold but does not: ours={our_value} ({note})")
         return claim
 
-    def finish(self) -> dict:
-        "Write `run.json` (provenance) and return it."
+    def finish(self, name: str = "run.json") -> dict:
+        "Write the provenance file `name` (default `run.json`) and return its content."
         info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
                     parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
                     started=datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
                     wall_s=round(time.time() - self.started, 3))
-        write_json_atomic(self.path("run.json"), info)
+        write_json_atomic(self.path(name), info)
         return info
 
 def _markdown_table(df, floatfmt: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..core.decoding import Draft, Drafter
 
 # %% auto #0
-__all__ = ['CopyIndex', 'CopySpecDrafter']
+__all__ = ['CopyIndex', 'CopySpecDrafter', 'bench_drafters']
 
 # %% ../../nbs/decoding/copyspec.ipynb #961c5879
 class CopyIndex:
@@ -64,3 +64,11 @@ class CopySpecDrafter:
 
     def observe(self, context: list[int], draft: Draft, accepted: int, logits) -> None:
         if self.fallback is not None and draft.source != "copy": self.fallback.observe(context, draft, accepted, logits)
+
+# %% ../../nbs/decoding/copyspec.ipynb #c243da55
+def bench_drafters(models) -> dict:
+    "Drafter factories for `paper_repro.core.bench` (`models.draft` is the zoo's draft LM)."
+    from paper_repro.core.decoding import DraftModelDrafter
+    return {"CopySpec γ=3": lambda: CopySpecDrafter(gamma=3, number_copy=10),
+            "CopySpec γ=3 + SD": lambda: CopySpecDrafter(gamma=3, number_copy=10,
+                                                         fallback=DraftModelDrafter(models.draft, gamma=5))}
