@@ -245,3 +245,41 @@ def test_observe_receives_the_verify_pass_logits(target):
             for i in range(len(draft)):
                 chain = before + [draft.tokens[j] for j in draft.path_to(i)]
                 assert torch.allclose(logits[i + 1], target(torch.tensor([chain]))[0, -1], atol=1e-9)
+
+
+# ---- batched greedy decoding -------------------------------------------------------------------------------------
+
+from paper_repro.core.decoding import batch_greedy_decode
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_ragged_prompts_equal_one_by_one(target, seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(40) for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, 6))]
+    budgets = [rng.randint(1, 15) for _ in prompts]
+    res = batch_greedy_decode(target, prompts, budgets)
+    assert res.tokens == [reference_decode(target, p, n) for p, n in zip(prompts, budgets)]
+    assert res.forward_calls == max(budgets)  # prefill gives the first token; one call per further step
+
+
+@pytest.mark.parametrize("prefix_len", [1, 4])
+def test_shared_prefix_is_prefilled_once(target, prefix_len):
+    prefix = [5, 6, 7, 8][:prefix_len]
+    prompts = [prefix + s for s in ([1], [2, 3, 4], [9, 9, 9, 9, 9, 1])]
+    shared = batch_greedy_decode(target, prompts, 9, prefix_len=prefix_len)
+    plain = batch_greedy_decode(target, prompts, 9)
+    assert shared.tokens == plain.tokens == [reference_decode(target, p, 9) for p in prompts]
+    assert shared.prefill_tokens == prefix_len + 3 * 6 and plain.prefill_tokens == 3 * (prefix_len + 6)
+
+
+def test_batched_eos_and_bad_inputs(target):
+    prompts = [[1, 2, 3], [4, 5]]
+    refs = [reference_decode(target, p, 20) for p in prompts]
+    eos = refs[0][3]
+    res = batch_greedy_decode(target, prompts, 20, eos_id=eos)
+    assert res.tokens == [reference_decode(target, p, 20, eos_id=eos) for p in prompts]
+    with pytest.raises(ValueError, match="prompts is empty"): batch_greedy_decode(target, [], 3)
+    with pytest.raises(ValueError, match="same 2 tokens"): batch_greedy_decode(target, [[1, 2, 3], [1, 3, 3]], 3, prefix_len=2)
+    with pytest.raises(ValueError, match="at least one token after"): batch_greedy_decode(target, [[1, 2], [1, 2, 3]], 3, prefix_len=2)
+    with pytest.raises(ValueError, match="got 1 max_new_tokens for 2"): batch_greedy_decode(target, prompts, [3])
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"): batch_greedy_decode(target, prompts, [3, 0])

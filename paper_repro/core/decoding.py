@@ -19,7 +19,8 @@ from .lm import CausalLM
 
 # %% auto #0
 __all__ = ['Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
-           'generate', 'greedy_decode', 'reference_decode', 'DraftModelDrafter']
+           'generate', 'greedy_decode', 'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode',
+           'DraftModelDrafter']
 
 # %% ../../nbs/core/decoding.ipynb #4af98fad
 @dataclass
@@ -315,6 +316,91 @@ def reference_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: in
     return out
 
 # %% ../../nbs/core/decoding.ipynb #462878fa
+@dataclass
+class BatchDecodeResult:
+    "Outputs of `batch_greedy_decode`, in the order of the prompts, with batch-level statistics."
+    tokens: list[list[int]]
+    forward_calls: int
+    prefill_tokens: int          # token positions run through the model during prefill (shared prefix counted once)
+    peak_cache_slots: int        # max over steps of rows x cache length (KV memory, in token slots)
+    wall_s: float
+    @property
+    def new_tokens(self) -> int: return sum(len(t) for t in self.tokens)
+    @property
+    def tokens_per_s(self) -> float: return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+def _batch_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+    "Mask `[B, T, S+T]` for T new tokens after slots `valid` `[B, S]`: valid old slots, causal new ones."
+    B, S = valid.shape
+    new = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    return torch.cat([valid[:, None, :].expand(B, T, S), new.expand(B, T, T)], dim=2)
+
+@torch.no_grad()
+def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                        eos_id: int | None = None, prefix_len: int = 0) -> BatchDecodeResult:
+    """Greedy-decode all `prompts` together (one forward per step for all unfinished rows). `max_new_tokens` may differ
+    per prompt. `prefix_len > 0`: the first `prefix_len` tokens are shared by all prompts and prefilled once."""
+    B = len(prompts)
+    if B == 0: raise ValueError("prompts is empty: give at least one prompt")
+    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != B: raise ValueError(f"got {len(budgets)} max_new_tokens for {B} prompts")
+    prompts = [_check_prompt(p, target.vocab_size, n) for p, n in zip(prompts, budgets)]
+    if prefix_len < 0 or any(p[:prefix_len] != prompts[0][:prefix_len] or len(p) <= prefix_len for p in prompts):
+        raise ValueError(f"prefix_len={prefix_len}: every prompt must start with the same {prefix_len} tokens "
+                         "and have at least one token after them")
+    device = next(target.parameters()).device
+    _sync(device)
+    t0 = time.perf_counter()
+    longest = max(len(p) for p in prompts) + max(budgets)
+    calls = prefill_tokens = 0
+    if prefix_len:
+        cache = target.new_cache(1, capacity=longest)
+        target(torch.tensor([prompts[0][:prefix_len]], device=device), cache=cache)
+        cache.select_batch([0] * B)
+        calls, prefill_tokens = 1, prefix_len
+    else:
+        cache = target.new_cache(B, capacity=longest)
+    # left-pad the suffixes so every row's last prompt token is in the last column
+    suffixes = [p[prefix_len:] for p in prompts]
+    T = max(len(s) for s in suffixes)
+    pad = [T - len(s) for s in suffixes]
+    tokens = torch.tensor([[0] * k + s for k, s in zip(pad, suffixes)], device=device)
+    positions = torch.tensor([[0] * k + list(range(prefix_len, prefix_len + len(s))) for k, s in zip(pad, suffixes)],
+                             device=device)
+    is_real = torch.tensor([[False] * k + [True] * len(s) for k, s in zip(pad, suffixes)], device=device)
+    valid = torch.ones(B, prefix_len, dtype=torch.bool, device=device)
+    mask = _batch_mask(valid, T)
+    mask[:, :, prefix_len:] &= is_real[:, None, :]
+    mask[:, torch.arange(T), prefix_len + torch.arange(T)] = True  # pad rows see themselves (no all-masked row -> NaN)
+    logits = target(tokens, positions=positions, cache=cache, attn_mask=mask)[:, -1]
+    calls, prefill_tokens = calls + 1, prefill_tokens + B * T
+    valid = torch.cat([valid, is_real], dim=1)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    active = list(range(B))  # prompt index of each cache row
+    peak = B * cache.length
+    while active:
+        nxt = logits.argmax(-1)
+        keep = []
+        for row, tok in enumerate(nxt.tolist()):  # the one host sync per step
+            i = active[row]
+            out[i].append(tok)
+            if len(out[i]) < budgets[i] and tok != eos_id: keep.append(row)
+        if not keep: break
+        if len(keep) < len(active):  # drop finished rows: their KV memory is freed
+            sel = torch.tensor(keep, device=device)
+            cache.select_batch(sel)
+            nxt, valid, next_pos = nxt[sel], valid[sel], next_pos[sel]
+            active = [active[r] for r in keep]
+        logits = target(nxt[:, None], positions=next_pos[:, None], cache=cache, attn_mask=_batch_mask(valid, 1))[:, -1]
+        calls += 1
+        valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], dim=1)
+        next_pos = next_pos + 1
+        peak = max(peak, len(active) * cache.length)
+    _sync(device)
+    return BatchDecodeResult(out, calls, prefill_tokens, peak, time.perf_counter() - t0)
+
+# %% ../../nbs/core/decoding.ipynb #361a464e
 class DraftModelDrafter:
     "Chain drafts of `gamma` tokens from a small LM sharing the target's vocabulary."
     def __init__(self, model: CausalLM, gamma: int = 5, sampler: Sampler | None = None, source: str = "draft_model"):
