@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from .catalog import PAPERS, module_path
 from .data import BPETokenizer, load_code_corpus, load_parallel_corpus
-from .decoding import DraftModelDrafter, Drafter, generate, greedy_decode
+from .decoding import DecodeResult, DraftModelDrafter, Drafter, generate, greedy_decode
 from .lm import to_hf_llama
 from .repro import project_root, start_run
 
 # %% auto #0
-__all__ = ['BENCH_CONFIGS', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels',
-           'decoding_methods', 'run_decoding_bench']
+__all__ = ['Decode', 'BENCH_CONFIGS', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate',
+           'BenchModels', 'decoding_methods', 'run_decoding_bench']
 
 # %% ../../nbs/core/bench.ipynb #49891d9e
 @dataclass
@@ -98,16 +98,23 @@ class BenchModels:
     draft: torch.nn.Module
     tokenizer: BPETokenizer
 
-def decoding_methods(models: BenchModels, root: Path | None = None) -> dict[str, Callable[[], Drafter | None]]:
-    "Greedy, draft-model SD, and every decoding paper module's `bench_drafters`, as drafter factories."
-    methods: dict[str, Callable[[], Drafter | None]] = {
-        "greedy": lambda: None,
-        "SD (draft model)": lambda: DraftModelDrafter(models.draft, gamma=5),
+Decode = Callable[[list[int], int], DecodeResult]
+
+def _with_drafter(target, make: Callable[[], Drafter | None]) -> Decode:
+    return lambda prompt, n: generate(target, prompt, n, drafter=make())  # a fresh drafter per prompt
+
+def decoding_methods(models: BenchModels, root: Path | None = None) -> dict[str, Decode]:
+    "Greedy, draft-model SD, and every decoding paper module's `bench_drafters` / `bench_decoders`, as decode functions."
+    methods: dict[str, Decode] = {
+        "greedy": _with_drafter(models.target, lambda: None),
+        "SD (draft model)": _with_drafter(models.target, lambda: DraftModelDrafter(models.draft, gamma=5)),
     }
     for paper in PAPERS:
         if paper.family != "decoding" or not module_path(paper, root or project_root()).exists(): continue
         module = importlib.import_module(f"paper_repro.decoding.{paper.slug}")
-        if hasattr(module, "bench_drafters"): methods.update(module.bench_drafters(models))
+        if hasattr(module, "bench_drafters"):
+            methods.update({name: _with_drafter(models.target, make) for name, make in module.bench_drafters(models).items()})
+        if hasattr(module, "bench_decoders"): methods.update(module.bench_decoders(models))
     return methods
 
 # %% ../../nbs/core/bench.ipynb #03a03698
@@ -148,13 +155,13 @@ def run_decoding_bench(scale: str = "cpu", device: str = "auto", seed: int = 0, 
     tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
     methods = decoding_methods(models)
     hf_model = to_hf_llama(models.target) if hf else None
-    for make in methods.values(): generate(models.target, tasks[0].prompt[:16], 8, drafter=make())  # warm-up
+    for decode in methods.values(): decode(tasks[0].prompt[:16], 8)  # warm-up
     if hf_model is not None:
         for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
     rows = []
     for i, task in enumerate(tqdm(tasks, desc="bench decoding", disable=not progress)):
-        for name, make in methods.items():
-            res = generate(models.target, task.prompt, cfg["new_tokens"], drafter=make())
+        for name, decode in methods.items():
+            res = decode(task.prompt, cfg["new_tokens"])
             rows.append(dict(task=i, category=task.category, method=name, tokens=res.tokens, new=res.new_tokens,
                              wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless))
         if hf_model is not None:
