@@ -89,3 +89,23 @@ def test_hf_adapter_runs_the_decoding_core(target, draft_model):
     ref = reference_decode(target, prompt, 16)
     assert generate(hf_target, prompt, 16).tokens == ref
     assert generate(hf_target, prompt, 16, DraftModelDrafter(hf_draft, gamma=3)).tokens == ref
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_adapter_on_other_hf_architectures_from_config(arch):
+    """A user's own HF model (here tiny, random, built from a config): tree pass = chain passes; spec decoding = greedy."""
+    tf = pytest.importorskip("transformers")
+    cfg = getattr(tf, f"{arch}Config")(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = HFCausalLM(getattr(tf, f"{arch}ForCausalLM")(cfg).double())
+    ctx, nodes = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8, 9]])
+    mask = torch.cat([torch.ones(3, 4, dtype=torch.bool), torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)], 1)
+    with torch.no_grad():
+        cache = model.new_cache(); model(ctx, cache=cache)
+        tree = model(nodes, positions=torch.tensor([4, 5, 4]), cache=cache, attn_mask=mask)[0]
+        assert torch.allclose(tree[1], model(torch.tensor([[3, 4, 5, 6, 7, 8]]))[0, -1], atol=1e-8)
+        assert torch.allclose(tree[2], model(torch.tensor([[3, 4, 5, 6, 9]]))[0, -1], atol=1e-8)
+    from paper_repro.core.decoding import DraftModelDrafter, generate
+    ref = reference_decode(model, [1, 2, 3], 12)
+    assert generate(model, [1, 2, 3], 12, DraftModelDrafter(model, gamma=3)).tokens == ref
