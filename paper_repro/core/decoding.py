@@ -9,6 +9,7 @@ Docs: https://github.com/paper-repro/paper_repro/core/decoding.html.md"""
 # %% ../../nbs/core/decoding.ipynb #3f27d492
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
@@ -35,8 +36,7 @@ class Draft:
     def __post_init__(self):
         if len(self.tokens) != len(self.parents):
             raise ValueError(f"draft has {len(self.tokens)} tokens but {len(self.parents)} parents")
-        for i, p in enumerate(self.parents):
-            if not -1 <= p < i: raise ValueError(f"draft node {i} has parent {p}; parents must come before children (-1 = root)")
+        self._shape = _tree_shape(tuple(self.parents))  # validated once per distinct shape
         if self.q is not None and (not self.is_chain or self.q.shape[0] != len(self.tokens)):
             raise ValueError("draft probabilities q are only supported for chains, one row per draft token")
 
@@ -53,18 +53,16 @@ class Draft:
 
     def __len__(self) -> int: return len(self.tokens)
     @property
-    def is_chain(self) -> bool: return all(p == i - 1 for i, p in enumerate(self.parents))
+    def is_chain(self) -> bool: return self._shape.is_chain
 
     @property
     def depth(self) -> int:
         "Length of the longest root-to-leaf path (0 for an empty draft)."
-        return max(self.depths(), default=0)
+        return max(self._shape.depths, default=0)
 
     def depths(self) -> list[int]:
         "Depth of each node (children of the root have depth 1)."
-        d: list[int] = []
-        for p in self.parents: d.append(1 if p < 0 else d[p] + 1)
-        return d
+        return list(self._shape.depths)
 
     def path_to(self, node: int) -> list[int]:
         "Node indices from the root's child down to `node` (empty for the root, `node == -1`)."
@@ -73,14 +71,28 @@ class Draft:
         return path[::-1]
 
     def ancestor_mask(self) -> torch.Tensor:
-        "Boolean `[n+1, n+1]` over `[root] + nodes`: entry `(i, j)` is True when `j` is `i` or an ancestor of `i`."
-        n = len(self.tokens)
-        m = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-        m[:, 0] = True
-        for i, p in enumerate(self.parents):
-            m[i + 1] = m[p + 1]
-            m[i + 1, i + 1] = True
-        return m
+        """Boolean `[n+1, n+1]` over `[root] + nodes`: entry `(i, j)` is True when `j` is `i` or an ancestor of `i`.
+        Shared between drafts of the same shape: do not modify it in place."""
+        return self._shape.ancestors
+
+@dataclass(frozen=True)
+class _TreeShape:
+    depths: tuple[int, ...]
+    ancestors: torch.Tensor
+    is_chain: bool
+
+@functools.lru_cache(maxsize=256)
+def _tree_shape(parents: tuple[int, ...]) -> _TreeShape:
+    "Validate a parent list and derive depths and the ancestor mask, once per distinct shape (fixed templates repeat)."
+    depths: list[int] = []
+    m = torch.zeros(len(parents) + 1, len(parents) + 1, dtype=torch.bool)
+    m[:, 0] = True
+    for i, p in enumerate(parents):
+        if not -1 <= p < i: raise ValueError(f"draft node {i} has parent {p}; parents must come before children (-1 = root)")
+        depths.append(1 if p < 0 else depths[p] + 1)
+        m[i + 1] = m[p + 1]
+        m[i + 1, i + 1] = True
+    return _TreeShape(tuple(depths), m, all(p == i - 1 for i, p in enumerate(parents)))
 
 # %% ../../nbs/core/decoding.ipynb #f24d4731
 @runtime_checkable
