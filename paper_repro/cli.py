@@ -175,8 +175,15 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
             "paper's number.", "", status_summary(counts), "",
             f"**Claims at scale `{scale}`:** {n_hold} of {n_claims} hold ({len(PAPERS) - len(not_run)} papers with results).", ""]
     body = ["## Papers with results", "", *(sections or ["None yet.", ""])]
+    bench = root / "results" / scale / "bench" / "decoding.md"
+    bench_part = ["## Decoding benchmark", "", f"From `paper-repro bench decoding --scale {scale}` "
+                  f"([figure]({_rel(bench.with_suffix('.png'), base)})).", "", bench.read_text().strip(), ""] \
+        if bench.is_file() else []
     tail = ["## Not run at this scale", "", "| # | paper | family | status |", "|---|---|---|---|", *not_run] if not_run else []
-    return "\n".join(head + body + tail).rstrip() + "\n"
+    return "\n".join(head + body + bench_part + tail).rstrip() + "\n"
+
+def _rel(target: Path, base: Path) -> str:
+    return os.path.relpath(target.resolve(), base)
 
 # %% ../nbs/core/cli.ipynb #ba0e8cd3
 CATALOG_START, CATALOG_END = "<!-- catalog:start -->", "<!-- catalog:end -->"
