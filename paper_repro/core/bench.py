@@ -120,7 +120,7 @@ def decoding_methods(models: BenchModels, root: Path | None = None) -> dict[str,
 # %% ../../nbs/core/bench.ipynb #03a03698
 BENCH_CONFIGS = {
     "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16),
-    "cpu": dict(per_category=6, prompt_tokens=64, first_turn_tokens=64, new_tokens=64),
+    "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48),
     "gpu": dict(per_category=20, prompt_tokens=64, first_turn_tokens=128, new_tokens=128),
 }
 

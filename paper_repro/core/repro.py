@@ -146,6 +146,8 @@ class RunContext:
     parameters: dict[str, Any] = field(default_factory=dict)
     claims: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    # machine load when the run started: timings measured on a busy machine are pessimistic, and this says so
+    load_avg: float | None = field(default_factory=lambda: round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
 
     def path(self, name: str) -> Path:
         "Path of result file `name` inside this run's folder."
@@ -182,7 +184,7 @@ class RunContext:
         info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
                     parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
                     started=datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
-                    wall_s=round(time.time() - self.started, 3))
+                    wall_s=round(time.time() - self.started, 3), load_avg_1m=self.load_avg)
         write_json_atomic(self.path(name), info)
         return info
 
