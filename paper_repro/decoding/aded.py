@@ -24,7 +24,7 @@ from ..core.decoding import Draft
 
 # %% auto #0
 __all__ = ['NO_SUCCESSORS', 'MAKERS', 'Successors', 'TrigramMap', 'AdaptiveTrigrams', 'SearchTree', 'mcts_search', 'greedy_chain',
-           'best_first_paths', 'paths_to_draft', 'ADEDDrafter']
+           'best_first_paths', 'paths_to_draft', 'ADEDDrafter', 'bench_drafters']
 
 # %% ../../nbs/decoding/aded.ipynb #75f0ec7b
 class Successors:
@@ -303,3 +303,11 @@ class ADEDDrafter:
         return paths_to_draft(self.paths(context), min(self.depth, max_tokens), self.max_nodes, source=self.maker)
 
     def observe(self, context: list[int], draft: Draft, accepted: int, logits) -> None: pass
+
+# %% ../../nbs/decoding/aded.ipynb #7f061380
+def bench_drafters(models) -> dict:
+    "Drafter factories for `paper_repro.core.bench` (`models.tokenizer` tokenises the training split for the map)."
+    from paper_repro.core.data import load_code_corpus
+    tok = models.tokenizer
+    trigrams = TrigramMap.from_sequences([tok.encode(r["text"]) for r in load_code_corpus("train")], tok.vocab_size)
+    return {"ADED": lambda: ADEDDrafter(trigrams, maker="mcts", adaptive=True, max_nodes=16)}
