@@ -27,8 +27,14 @@ step "README catalogue is up to date"
 step "pytest"
 "$BIN/pytest" -q
 
-step "nbdev-test nbs/core"
+step "nbdev-test the substrate notebooks (nbs/core and every non-paper notebook of a family folder)"
 "$BIN/nbdev-test" nbs/core
+for nb in $("$BIN/python" -c "
+from pathlib import Path; from paper_repro.core.catalog import PAPERS
+slugs = {p.slug for p in PAPERS}
+print(' '.join(str(n) for n in sorted(Path('nbs').glob('*/*.ipynb')) if n.parent.name != 'core' and n.stem not in slugs))"); do
+  "$BIN/nbdev-test" "$nb"
+done
 
 step "every paper notebook at ci scale (papermill)"
 "$BIN/paper-repro" run --all --scale ci
