@@ -218,3 +218,12 @@ def test_gamma_from_call_times(target, draft_model):
     with pytest.raises(ValueError, match="call times must be positive"): pearl_gamma(0.0, 1.0)
     with pytest.raises(ValueError, match="clock must be one of"): call_time(target, [1], clock="gpu")
     with pytest.raises(ValueError, match="context is empty"): call_time(target, [])
+
+
+def test_bench_decoder_is_lossless(target, draft_model):
+    from types import SimpleNamespace
+    decoders = pearl.bench_decoders(SimpleNamespace(target=target, draft=draft_model))
+    (name, decode), = decoders.items()
+    assert "PEARL" in name
+    for prompt in PROMPTS[:3]:
+        assert decode(prompt, 10).tokens == reference_decode(target, prompt, 10)

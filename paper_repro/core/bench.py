@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 from .catalog import PAPERS, module_path
 from .data import BPETokenizer, load_code_corpus, load_parallel_corpus
 from .decoding import DecodeResult, DraftModelDrafter, Drafter, generate, greedy_decode
-from .lm import to_hf_llama
+from .lm import count_parameters, to_hf_llama
 from .repro import project_root, start_run
 
 # %% auto #0
-__all__ = ['Decode', 'BENCH_CONFIGS', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate',
-           'BenchModels', 'decoding_methods', 'run_decoding_bench']
+__all__ = ['Decode', 'BENCH_CONFIGS', 'PAPER_HEADLINES', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks',
+           'hf_generate', 'BenchModels', 'decoding_methods', 'run_decoding_bench', 'record_bench_claims']
 
 # %% ../../nbs/core/bench.ipynb #49891d9e
 @dataclass
@@ -112,16 +112,24 @@ def decoding_methods(models: BenchModels, root: Path | None = None) -> dict[str,
     for paper in PAPERS:
         if paper.family != "decoding" or not module_path(paper, root or project_root()).exists(): continue
         module = importlib.import_module(f"paper_repro.decoding.{paper.slug}")
+        found = {}
         if hasattr(module, "bench_drafters"):
-            methods.update({name: _with_drafter(models.target, make) for name, make in module.bench_drafters(models).items()})
-        if hasattr(module, "bench_decoders"): methods.update(module.bench_decoders(models))
+            found.update({name: _with_drafter(models.target, make) for name, make in module.bench_drafters(models).items()})
+        if hasattr(module, "bench_decoders"): found.update(module.bench_decoders(models))
+        methods.update({name: _from_paper(decode, paper.slug) for name, decode in found.items()})
     return methods
+
+def _from_paper(decode: Decode, slug: str) -> Decode:
+    "Tag a decode function with the paper it comes from (the claims ledger groups by it)."
+    tagged = lambda prompt, n: decode(prompt, n)
+    tagged.paper = slug
+    return tagged
 
 # %% ../../nbs/core/bench.ipynb #03a03698
 BENCH_CONFIGS = {
     "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16),
     "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48),
-    "gpu": dict(per_category=20, prompt_tokens=64, first_turn_tokens=128, new_tokens=128),
+    "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128),
 }
 
 def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -175,8 +183,46 @@ def run_decoding_bench(scale: str = "cpu", device: str = "auto", seed: int = 0, 
                           "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
     run.save_table(table, name="decoding")
     run.save_fig(_figure(summary, dev.type), name="decoding.png")
+    record_bench_claims(run, summary, {name: getattr(d, "paper", None) for name, d in methods.items()},
+                        f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
+                        f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
+                        f"{dev.type}, scale={scale}")
     run.finish(name="decoding.run.json")
     return table
+
+# The papers' headline speed-ups over autoregressive decoding (`decoding.md`; 7B–70B models on A100/H100), the claim
+# each makes, and the benchmark category that matches its setting best.
+PAPER_HEADLINES: dict[str, tuple[float | None, str, str]] = {
+    "copyspec": (3.08, "CopySpec speeds up second turns that repeat the first (MT-Redundant turn 2: 3.08×)", "redundant code"),
+    "token_recycling": (2.22, "Token Recycling speeds up decoding (Spec-Bench: 2.22×)", "overall"),
+    "aded": (2.5, "ADED speeds up decoding (up to 2.5×)", "overall"),
+    "ppd": (2.49, "Parallel prompt decoding speeds up decoding (up to 2.49×)", "overall"),
+    "pearl": (3.87, "PEARL speeds up decoding over autoregressive decoding (up to 3.87×, HumanEval)", "code"),
+    "lexical_units": (1.30, "Lexical unit decoding speeds up code generation by 30%", "code"),
+    "hidden_transfer": (None, "Hidden transfer speeds up decoding (more than Medusa and self-speculative)", "overall"),
+}
+
+def _claim_id(slug: str, method: str, what: str) -> str:
+    return "_".join(filter(None, [slug, re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_"), what]))
+
+def record_bench_claims(run, summary: pd.DataFrame, paper_of: dict[str, str | None], setting: str) -> None:
+    """The claims ledger of the benchmark (`decoding.claims.json`): for every paper's method, the paper's headline
+    speed-up next to the one measured here (in the category matching the paper's setting), and, for lossless methods,
+    that its output equals greedy decoding (which must hold)."""
+    run.claims_file = "decoding.claims.json"
+    rows = summary.set_index(["category", "method"])
+    for method, slug in paper_of.items():
+        if slug is None: continue
+        paper_value, statement, category = PAPER_HEADLINES.get(slug, (None, f"{slug} speeds up decoding", "overall"))
+        r = rows.loc[(category, method)]
+        run.record_claim(_claim_id(slug, method, "speedup"), statement, f"speed-up over our greedy, {category} tasks",
+                         "×", paper_value, float(r.speedup), True, setting, holds=bool(r.speedup > 1),
+                         note=f"method {method!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s")
+        if r.lossless:
+            ident = rows.loc[("overall", method), "identical"]
+            run.record_claim(_claim_id(slug, method, "lossless"), f"{method} is lossless: output identical to greedy",
+                             "identical outputs on all tasks", "bool", 1.0, float(ident), True, setting, holds=bool(ident),
+                             note="every task of every category", must_hold=True)
 
 def _figure(summary: pd.DataFrame, device: str):
     import matplotlib.pyplot as plt

@@ -148,6 +148,7 @@ class RunContext:
     started: float = field(default_factory=time.time)
     # machine load when the run started: timings measured on a busy machine are pessimistic, and this says so
     load_avg: float | None = field(default_factory=lambda: round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+    claims_file: str = "claims.json"  # a benchmark sharing a folder with another names its own ledger
 
     def path(self, name: str) -> Path:
         "Path of result file `name` inside this run's folder."
@@ -166,7 +167,7 @@ class RunContext:
     def record_claim(self, id: str, statement: str, metric: str, unit: str, paper_value: float | None,
                      our_value: float, higher_is_better: bool, setting: str, holds: bool, note: str = "",
                      must_hold: bool = False) -> dict:
-        """Record one headline claim and rewrite `claims.json`.
+        """Record one headline claim and rewrite the claims file (`claims.json` unless `claims_file` says otherwise).
         With `must_hold=True` (for claims the implementation must meet, e.g. losslessness) a claim that does not hold
         raises `AssertionError` after it has been written, so the failure is both visible and recorded."""
         claim = validate_claim(dict(id=id, statement=statement, metric=metric, unit=unit,
@@ -174,7 +175,7 @@ class RunContext:
                                     our_value=float(our_value), higher_is_better=bool(higher_is_better),
                                     setting=setting, holds=bool(holds), note=note), where=f"claim {id!r}")
         self.claims = [c for c in self.claims if c["id"] != id] + [claim]
-        write_json_atomic(self.path("claims.json"), self.claims)
+        write_json_atomic(self.path(self.claims_file), self.claims)
         if must_hold and not claim["holds"]:
             raise AssertionError(f"claim {id!r} must hold but does not: ours={our_value} ({note})")
         return claim

@@ -25,7 +25,7 @@ from ..core.lm import CausalLM
 
 # %% auto #0
 __all__ = ['PearlDraftSide', 'DraftEngine', 'SequentialDraft', 'ProcessDraft', 'ThreadDraft', 'pearl_generate', 'call_time',
-           'pearl_gamma']
+           'pearl_gamma', 'bench_decoders']
 
 # %% ../../nbs/decoding/pearl.ipynb #f8ae5f2b
 class PearlDraftSide(DraftModelDrafter):
@@ -85,7 +85,8 @@ def _draft_worker(model: CausalLM, conn, q_buf: torch.Tensor, threads: int, core
     if cores: os.sched_setaffinity(0, cores)
     side = None
     while True:
-        msg = conn.recv()
+        try: msg = conn.recv()
+        except EOFError: break  # the parent exited without closing the engine: nothing left to draft for
         try:
             if msg[0] == "close": break
             if msg[0] == "reset":
@@ -299,3 +300,15 @@ def pearl_gamma(t_target: float, t_draft: float, max_gamma: int = 16) -> int:
     "γ ≈ c = t_target / t_draft (at least 1, at most `max_gamma`)."
     if t_target <= 0 or t_draft <= 0: raise ValueError(f"call times must be positive, got {t_target}, {t_draft}")
     return max(1, min(max_gamma, round(t_target / t_draft)))
+
+# %% ../../nbs/decoding/pearl.ipynb #dabebae0
+def bench_decoders(models) -> dict:
+    "PEARL for `paper_repro.core.bench`: name -> `fn(prompt, max_new_tokens) -> DecodeResult`."
+    target, draft, state = models.target, models.draft, {}
+    def decode(prompt: list[int], max_new_tokens: int) -> DecodeResult:
+        if "engine" not in state:  # one engine (and one γ) per benchmark run, made on first use
+            state["gamma"] = pearl_gamma(call_time(target, prompt), call_time(draft, prompt))
+            on_cpu = next(draft.parameters()).device.type == "cpu"
+            state["engine"] = ProcessDraft(draft, threads=1) if on_cpu else ThreadDraft(draft)
+        return pearl_generate(target, state["engine"], prompt, max_new_tokens, state["gamma"])
+    return {"PEARL (draft model, 2 workers)": decode}

@@ -224,6 +224,23 @@ def test_lossless_with_eos_inside_accepted_drafts(target):
             assert res.tokens == ref and res.stopped_by_eos
 
 
+@pytest.mark.parametrize("in_pass", [True, False])
+def test_a_shallow_tree_needs_fewer_pseudo_rows_and_drafts_the_same(target, in_pass):
+    "A depth-1 tree makes the tap compute one pseudo row per source row; its drafts equal the depth-1 part of the full ones."
+    shallow = [(0,), (1,), (2,)]
+    full = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), in_pass), PATHS)
+    one = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), in_pass), shallow)
+    assert one.tap.offsets == 1 and full.tap.offsets == 3
+    prompt = [3, 14, 15, 9, 2, 6]
+    with torch.no_grad():
+        for d in (full, one):
+            d.tap(torch.tensor([prompt[:-1]]), cache=d.tap.new_cache())
+        if in_pass: assert one.tap.pseudo.shape[2] == 1 and full.tap.pseudo.shape[2] == 3
+        assert torch.allclose(one.tap.offset_logits(), full.tap.offset_logits()[:1], atol=1e-10)
+    res = generate(one.tap, prompt, 30, one)
+    assert res.tokens == ref_decode(target, prompt, 30) and all(s.drafted <= 3 for s in res.steps)
+
+
 def test_one_pass_and_after_pass_draft_the_same(target):
     for prompt in PROMPTS:
         steps = {}
@@ -368,3 +385,14 @@ def test_layer_skip_draft_is_a_consistent_causal_lm_and_lossless(target):
     for bad in ([], [1, 0], [2], [0, 0]):
         with pytest.raises(ValueError, match="strictly increasing block indices"): LayerSkipLM(target, bad)
     with pytest.raises(ValueError, match="n_keep must be in"): choose_skip_layers(target, torch.zeros(100, dtype=torch.long), 3)
+
+
+def test_bench_decoder_is_lossless_on_the_zoo_target():
+    from types import SimpleNamespace
+    from paper_repro.core.zoo import load_zoo
+    from paper_repro.decoding.hidden_transfer import bench_decoders
+    target = load_zoo("code-target")
+    (name, decode), = bench_decoders(SimpleNamespace(target=target)).items()
+    for prompt in ([1], [40, 41, 42, 43, 44, 45, 46, 47]):
+        res = decode(prompt, 12)
+        assert res.tokens == generate(target, prompt, 12).tokens and len(res.steps) <= 12

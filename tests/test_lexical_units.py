@@ -235,3 +235,16 @@ def test_committed_checkpoint_decodes():
     assert model.vocab_size == load_zoo("code-target").vocab_size + 1 == card["pad_id"] + 1
     res = lud_generate(model, [10, 20, 30, 40], 12, k=card["k"], beta=card["alpha"])
     assert res.new_tokens == 12 and card["pad_id"] not in res.tokens and not res.lossless
+
+
+def test_save_lud_registers_and_does_not_rewrite_identical_weights(tmp_path):
+    import copy
+    from paper_repro.decoding.lexical_units import load_lud, lud_card, save_lud
+    (tmp_path / "data").mkdir()
+    model, pad = add_pad_token(TransformerLM(LMConfig(64, 32, 1, 2, 64)))
+    first = save_lud(model, LUDTrainConfig(), pad, seed=0, root=tmp_path)
+    again = save_lud(copy.deepcopy(model), LUDTrainConfig(), pad, seed=0, root=tmp_path)
+    assert again["sha256"] == first["sha256"] and "paper-repro run lexical_units" in first["rebuild"]
+    other = save_lud(model, LUDTrainConfig(alpha=0.5), pad, seed=0, root=tmp_path)
+    assert other["sha256"] != first["sha256"] and lud_card(tmp_path)["alpha"] == 0.5
+    assert torch.equal(load_lud(root=tmp_path).lm_head.weight, model.lm_head.weight.half().float())
