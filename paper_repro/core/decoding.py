@@ -20,8 +20,8 @@ from .lm import CausalLM
 
 # %% auto #0
 __all__ = ['Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
-           'generate', 'greedy_decode', 'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode',
-           'DraftModelDrafter']
+           'check_prompt', 'sync_device', 'generate', 'greedy_decode', 'reference_decode', 'BatchDecodeResult',
+           'batch_greedy_decode', 'DraftModelDrafter']
 
 # %% ../../nbs/core/decoding.ipynb #4af98fad
 @dataclass
@@ -230,7 +230,8 @@ class DecodeResult:
         return out
 
 # %% ../../nbs/core/decoding.ipynb #20eddf2d
-def _check_prompt(prompt: Sequence[int], vocab_size: int, max_new_tokens: int) -> list[int]:
+def check_prompt(prompt: Sequence[int], vocab_size: int, max_new_tokens: int) -> list[int]:
+    "The prompt as a list of ints, after checking it and the budget (a `ValueError` names what is wrong)."
     prompt = [int(t) for t in prompt]
     if not prompt: raise ValueError("prompt is empty: give at least one token (e.g. a BOS or EOS token)")
     bad = [t for t in prompt if not 0 <= t < vocab_size]
@@ -239,7 +240,8 @@ def _check_prompt(prompt: Sequence[int], vocab_size: int, max_new_tokens: int) -
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    "Wait for queued GPU work, so that wall-clock timings are honest (a no-op on CPU)."
     if device.type == "cuda": torch.cuda.synchronize(device)
 
 @torch.no_grad()
@@ -250,9 +252,9 @@ def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, draft
     are exact; drafts with probabilities `q` under sampling use speculative sampling (exact in distribution)."""
     drafter = drafter or NoDrafter()
     sampler = sampler or Sampler()
-    context = _check_prompt(prompt, target.vocab_size, max_new_tokens)
+    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
     device = next(target.parameters()).device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     cache = target.new_cache(1, capacity=len(context) + max_new_tokens + max_draft + 1)
     res = DecodeResult([], len(context), device=str(device))
@@ -279,7 +281,7 @@ def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, draft
         res.steps.append(StepStats(len(draft), accepted, len(emitted) - accepted, len(draft), draft.source,
                                    t_verify - t_draft, time.perf_counter() - t_verify))
         if res.stopped_by_eos: break
-    _sync(device)
+    sync_device(device)
     res.wall_s = time.perf_counter() - t0
     return res
 
@@ -317,7 +319,7 @@ def reference_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: in
                      eos_id: int | None = None) -> list[int]:
     "Oracle decode without a KV cache: recompute the full sequence for every token."
     sampler = sampler or Sampler()
-    seq = _check_prompt(prompt, target.vocab_size, max_new_tokens)
+    seq = check_prompt(prompt, target.vocab_size, max_new_tokens)
     device = next(target.parameters()).device
     out: list[int] = []
     while len(out) < max_new_tokens:
@@ -356,12 +358,12 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
     if B == 0: raise ValueError("prompts is empty: give at least one prompt")
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != B: raise ValueError(f"got {len(budgets)} max_new_tokens for {B} prompts")
-    prompts = [_check_prompt(p, target.vocab_size, n) for p, n in zip(prompts, budgets)]
+    prompts = [check_prompt(p, target.vocab_size, n) for p, n in zip(prompts, budgets)]
     if prefix_len < 0 or any(p[:prefix_len] != prompts[0][:prefix_len] or len(p) <= prefix_len for p in prompts):
         raise ValueError(f"prefix_len={prefix_len}: every prompt must start with the same {prefix_len} tokens "
                          "and have at least one token after them")
     device = next(target.parameters()).device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     longest = max(len(p) for p in prompts) + max(budgets)
     calls = prefill_tokens = 0
@@ -409,7 +411,7 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
         valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], dim=1)
         next_pos = next_pos + 1
         peak = max(peak, len(active) * cache.length)
-    _sync(device)
+    sync_device(device)
     return BatchDecodeResult(out, calls, prefill_tokens, peak, time.perf_counter() - t0)
 
 # %% ../../nbs/core/decoding.ipynb #361a464e

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
-from ..core.decoding import DecodeResult, StepStats
+from ..core.decoding import DecodeResult, StepStats, sync_device
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
 from ..core.zoo import sample_batch
@@ -206,9 +206,6 @@ def _check_decode_args(model: TransformerLM, prompt: Sequence[int], max_new_toke
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda": torch.cuda.synchronize(device)
-
 @torch.no_grad()
 def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: int, k: int = 4, beta: float = 0.9,
                  pad_id: int | None = None, eos_id: int | None = None) -> DecodeResult:
@@ -218,7 +215,7 @@ def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: in
     pad_id = model.vocab_size - 1 if pad_id is None else pad_id
     prompt = _check_decode_args(model, prompt, max_new_tokens, k, beta, pad_id)
     device = model.device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     cache = model.new_cache(1, capacity=len(prompt) + max_new_tokens + k + 1)
     res = DecodeResult([], len(prompt), device=str(device), lossless=False)
@@ -246,7 +243,7 @@ def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: in
         res.steps.append(StepStats(drafted=n - 1, accepted=len(emitted) - 1, bonus=1, tree_size=n - 1, source="lud",
                                    draft_s=0.0, verify_s=time.perf_counter() - t_step))
         if res.stopped_by_eos: break
-    _sync(device)
+    sync_device(device)
     res.wall_s = time.perf_counter() - t0
     return res
 

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..core.decoding import (DecodeResult, Draft, DraftModelDrafter, Sampler, StepStats, _check_prompt, _sync,
+from ..core.decoding import (DecodeResult, Draft, DraftModelDrafter, Sampler, StepStats, check_prompt, sync_device,
                                        verify_speculative, verify_tree)
 from ..core.lm import CausalLM
 
@@ -216,9 +216,9 @@ def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequ
     engine = draft if hasattr(draft, "collect") else SequentialDraft(draft)  # (a Protocol isinstance is slow)
     if not isinstance(gamma, int) or not 1 <= gamma <= engine.max_gamma:
         raise ValueError(f"gamma must be an int in [1, {engine.max_gamma}], got {gamma!r}")
-    context = _check_prompt(prompt, target.vocab_size, max_new_tokens)
+    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
     device = next(target.parameters()).device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     res = DecodeResult([], len(context), device=str(device))
     engine.reset(context, _draft_sampler(sampler))
@@ -268,7 +268,7 @@ def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequ
         if k:
             engine.submit(shown, context[shown:], final, k)
             shown = len(context)
-    _sync(device)
+    sync_device(device)
     res.wall_s = time.perf_counter() - t0
     return res
 
@@ -288,10 +288,10 @@ def call_time(model: CausalLM, context: Sequence[int], repeats: int = 20, clock:
     x = torch.tensor([[int(context[-1])]], device=device)
     times = []
     for _ in range(repeats + 2):  # two warm-up calls
-        _sync(device)
+        sync_device(device)
         t0 = now()
         model(x, cache=cache)
-        _sync(device)
+        sync_device(device)
         times.append(now() - t0)
         cache.truncate(len(context) - 1)
     return sorted(times[2:])[len(times[2:]) // 2]
