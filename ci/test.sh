@@ -42,6 +42,9 @@ step "every paper notebook at ci scale (papermill)"
 step "decoding benchmark at ci scale"
 "$BIN/paper-repro" bench decoding --scale ci
 
+step "diffusion-LM decoding benchmark at ci scale"
+"$BIN/paper-repro" bench dllm --scale ci
+
 step "report builds"
 "$BIN/paper-repro" report --scale ci --out results/ci/REPORT.md
 "$BIN/paper-repro" report --scale cpu --out results/ci/REPORT-cpu.md

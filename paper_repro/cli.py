@@ -175,10 +175,20 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
             "paper's number.", "", status_summary(counts), "",
             f"**Claims at scale `{scale}`:** {n_hold} of {n_claims} hold ({len(PAPERS) - len(not_run)} papers with results).", ""]
     body = ["## Papers with results", "", *(sections or ["None yet.", ""])]
-    bench = root / "results" / scale / "bench" / "decoding.md"
-    bench_part = ["## Decoding benchmark", "", f"From `paper-repro bench decoding --scale {scale}` "
-                  f"([figure]({_rel(bench.with_suffix('.png'), base)})).", "", bench.read_text().strip(), ""] \
-        if bench.is_file() else []
+    bench_part = []
+    for suite, title in (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark")):
+        table = root / "results" / scale / "bench" / f"{suite}.md"
+        if not table.is_file(): continue
+        bench_part += [f"## {title}", "", f"From `paper-repro bench {suite} --scale {scale}` "
+                       f"([figure]({_rel(table.with_suffix('.png'), base)})).", "", table.read_text().strip(), ""]
+        ledger = table.with_name(f"{suite}.claims.json")
+        if ledger.is_file():
+            bench_part += [f"Its claims ledger (`{suite}.claims.json`): each paper's headline next to the number "
+                           "measured here.", "", "| claim | statement | paper value | ours | unit | holds | note |",
+                           "|---|---|---|---|---|---|---|",
+                           *[f"| `{c['id']}` | {_cell(c['statement'])} | {_fmt(c['paper_value'])} | "
+                             f"{_fmt(c['our_value'])} | {_cell(c['unit'])} | {'✓' if c['holds'] else '✗'} | "
+                             f"{_cell(c['note'])} |" for c in load_claims(ledger)], ""]
     tail = ["## Not run at this scale", "", "| # | paper | family | status |", "|---|---|---|---|", *not_run] if not_run else []
     return "\n".join(head + body + bench_part + tail).rstrip() + "\n"
 
@@ -276,11 +286,17 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
-    "`paper-repro bench decoding`: run the benchmark and print its overall rows."
-    from paper_repro.core.bench import run_decoding_bench
+    "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
     try: check_scale(args.scale); resolve_device(args.device)
     except ValueError as e: raise CliError(str(e), code=2) from None
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
+    if args.suite == "dllm":
+        from paper_repro.dllm.bench import run_dllm_bench
+        table = run_dllm_bench(args.scale, args.device, out, seed=args.seed)
+        print(table.to_string(index=False))
+        print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
+        return 0
+    from paper_repro.core.bench import run_decoding_bench
     table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
     print(table[table.category == "overall"].to_string(index=False))
     print(f"wrote {out / 'decoding.csv'}, decoding.md, decoding.png")
@@ -312,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH", help="default results/REPORT.md")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("bench", help="run a benchmark suite (decoding) and write results/<scale>/bench/")
-    p.add_argument("suite", choices=("decoding",), help="which benchmark")
+    p = sub.add_parser("bench", help="run a benchmark suite (decoding or dllm) and write results/<scale>/bench/")
+    p.add_argument("suite", choices=("decoding", "dllm"),
+                   help="which benchmark: decoding (speculative decoding) or dllm (masked-diffusion parallel decoding)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
     p.add_argument("--seed", type=int, default=0, metavar="N")

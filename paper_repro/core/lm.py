@@ -72,12 +72,15 @@ class KVCache:
         self.k, self.v = grow(self.k), grow(self.v)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Store `k, v` (`[batch, heads, T, head_dim]`) at slots `start…start+T` of `layer`; return all keys/values so far."
+        """Store `k, v` (`[batch, heads, T, head_dim]`) at slots `start…start+T` of `layer`; return the keys/values of
+        slots `0…max(start+T, length)`: everything so far, including valid slots after the written ones (a write
+        *inside* the cache, as a masked-diffusion dual cache does, still sees the suffix)."""
         end = start + k.shape[2]
         self._reserve(end)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        stop = max(end, self.length)
+        return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
 
     def truncate(self, n: int) -> None:
         "Keep only the first `n` slots."
@@ -180,18 +183,26 @@ def causal_mask(T: int, past: int, device=None) -> torch.Tensor:
     "Boolean `[T, past + T]` mask: each new token sees the whole past and the new tokens up to itself."
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
-def _prepare_inputs(tokens: torch.Tensor, positions, attn_mask, cache) -> tuple[int, torch.Tensor]:
-    "Validate a protocol call; return the cache length before it and the positions as `[batch, T]`."
+def _prepare_inputs(tokens: torch.Tensor, positions, attn_mask, cache, cache_start: int | None = None
+                    ) -> tuple[int, torch.Tensor]:
+    """Validate a protocol call; return the cache slot the new tokens are written at (the cache length unless
+    `cache_start` is given) and the positions as `[batch, T]`."""
     if tokens.dim() != 2: raise ValueError(f"tokens must be [batch, T], got shape {tuple(tokens.shape)}")
     B, T = tokens.shape
     if T == 0: raise ValueError("tokens is empty: nothing to run the model on")
     past = cache.length if cache is not None else 0
+    keys = past + T
+    if cache_start is not None:
+        if cache is None or not 0 <= cache_start <= cache.length:
+            raise ValueError(f"cache_start={cache_start} needs a cache and must be in [0, cache length "
+                             f"{None if cache is None else cache.length}]")
+        past, keys = cache_start, max(cache.length, cache_start + T)
     if cache is not None and cache.batch_size != B:
         raise ValueError(f"cache holds batch {cache.batch_size} but tokens have batch {B}")
     if positions is not None and positions.shape[-1] != T:
         raise ValueError(f"positions has shape {tuple(positions.shape)}, expected [{B}, {T}] or [{T}]")
-    if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape[-2:]) != (T, past + T)):
-        raise ValueError(f"attn_mask must be bool [.., {T}, {past + T}] (new tokens x cache+new), "
+    if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape[-2:]) != (T, keys)):
+        raise ValueError(f"attn_mask must be bool [.., {T}, {keys}] (new tokens x cache+new), "
                          f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
     if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
     return past, (positions.expand(B, T) if positions.dim() == 1 else positions)
@@ -224,9 +235,13 @@ class TransformerLM(nn.Module):
         return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, capacity, self.dtype, self.device)
 
     def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, attn_mask=None,
-                      upto_layer: int | None = None) -> torch.Tensor:
-        "Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks)."
-        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
+                      upto_layer: int | None = None, cache_start: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks).
+        `cache_start` writes the new keys/values at that slot of `cache` (default: its length) and attends over slots
+        `0…max(length, cache_start+T)`; an explicit `attn_mask` is then required (the new tokens sit among old ones)."""
+        if cache_start is not None and attn_mask is None:
+            raise ValueError("cache_start needs an explicit attn_mask over the cache slots")
+        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache, cache_start)
         T = tokens.shape[1]
         mask = attn_mask if attn_mask is not None else (causal_mask(T, past, tokens.device) if T > 1 else None)
         if mask is not None and mask.dim() == 3: mask = mask[:, None]  # broadcast over heads
@@ -234,19 +249,20 @@ class TransformerLM(nn.Module):
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers[:upto_layer]):
             x = layer(x, cos, sin, mask, cache, i, past)
-        if cache is not None: cache.length = past + T
+        if cache is not None: cache.length = max(cache.length, past + T)
         return x if upto_layer is not None else self.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "Logits `[batch, T, vocab]` for `tokens` `[batch, T]`; appends to `cache` if given."
-        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask))
+                attn_mask: torch.Tensor | None = None, cache_start: int | None = None) -> torch.Tensor:
+        """Logits `[batch, T, vocab]` for `tokens` `[batch, T]`; appends to `cache` if given (or overwrites its slots
+        from `cache_start`, see `hidden_states`)."""
+        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start))
 
 def count_parameters(model: nn.Module) -> int:
     "Number of parameters of `model`."
     return sum(p.numel() for p in model.parameters())
 
-# %% ../../nbs/core/lm.ipynb #b6937d29
+# %% ../../nbs/core/lm.ipynb #b3762160
 def save_lm(model: TransformerLM, path, extra: dict | None = None) -> None:
     "Save config + weights (+ `extra` metadata) of `model` to `path`."
     from paper_repro.core.repro import atomic_write
@@ -266,7 +282,7 @@ def load_lm(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch
     model.load_state_dict(blob["state_dict"])
     return model.to(device=device, dtype=dtype).eval()
 
-# %% ../../nbs/core/lm.ipynb #b3762160
+# %% ../../nbs/core/lm.ipynb #c1e49361
 def _require_transformers():
     try:
         import transformers
@@ -290,7 +306,7 @@ def to_hf_llama(model: TransformerLM):
     if missing or unexpected: raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
     return hf.to(device=model.device, dtype=model.dtype).eval()
 
-# %% ../../nbs/core/lm.ipynb #c1e49361
+# %% ../../nbs/core/lm.ipynb #359989d2
 class HFCache:
     "A `transformers.DynamicCache` with the `KVCache` interface (`length`, `truncate`, `keep`)."
     def __init__(self, batch_size: int = 1):
