@@ -85,8 +85,8 @@ TRAIN_TASKS: tuple[str, ...] = ("copy", "reverse", "sort", "shuffle", "replace_i
 class DllmSpec:
     "How the shared masked-diffusion checkpoint is built and trained."
     config: LMConfig = LMConfig(VOCAB_SIZE, d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=128)
-    steps: int = 2000
-    batch_size: int = 32
+    steps: int = 6000
+    batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
     tasks: tuple[str, ...] = TRAIN_TASKS
