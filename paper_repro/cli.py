@@ -25,9 +25,10 @@ from .core.catalog import (
 from .core.repro import check_scale, project_root, resolve_device, write_text_atomic
 
 # %% auto #0
-__all__ = ['CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END', 'CliError', 'RunOutcome', 'papers_with_notebooks',
-           'check_run', 'output_dir', 'run_paper', 'run_papers', 'build_report', 'replace_section',
-           'replace_catalog_section', 'bench_markdown', 'update_readme', 'build_parser', 'main']
+__all__ = ['RESERVED_PARAMETERS', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END', 'CliError', 'RunOutcome',
+           'papers_with_notebooks', 'check_run', 'notebook_parameters', 'parse_param', 'output_dir', 'run_paper',
+           'run_papers', 'build_report', 'replace_section', 'replace_catalog_section', 'bench_markdown',
+           'update_readme', 'build_parser', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -59,9 +60,12 @@ def papers_with_notebooks(root: str | Path | None = None) -> list[Paper]:
     "Every paper whose notebook exists in `root` (what `run --all` runs), in catalogue order."
     return [p for p in PAPERS if notebook_path(p, root).is_file()]
 
+RESERVED_PARAMETERS = ("scale", "device", "seed", "out_dir")  # set by the runner itself
+
 def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: int,
-              root: str | Path | None = None) -> list[Paper]:
-    "Validate a run request before anything starts; return the papers (duplicates dropped) or raise a `ValueError`."
+              root: str | Path | None = None, params: dict | None = None) -> list[Paper]:
+    """Validate a run request before anything starts; return the papers (duplicates dropped) or raise a `ValueError`.
+    `params`: extra notebook parameters (e.g. `retrain`), each of which every named notebook must declare."""
     check_scale(scale)
     resolve_device(device)  # also fails when e.g. cuda is asked for on a machine without it
     if not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -71,7 +75,30 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
     for p in papers:
         nb = notebook_path(p, root)
         if not nb.is_file(): raise ValueError(f"paper {p.slug!r} has no notebook yet (expected {nb})")
+    for name in params or {}:
+        if name in RESERVED_PARAMETERS:
+            raise ValueError(f"parameter {name!r} has its own option (--{name.replace('_', '-')}); -p is for the others")
+        for p in papers:
+            declared = notebook_parameters(notebook_path(p, root))
+            if name not in declared:
+                raise ValueError(f"notebook {p.slug!r} has no parameter {name!r}; its parameters: {', '.join(declared)}")
     return papers
+
+def notebook_parameters(path: str | Path) -> list[str]:
+    "Names assigned in a notebook's cell tagged `parameters`, in order."
+    import ast, nbformat
+    names = []
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            names += [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                      for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
+def parse_param(value: str) -> object:
+    "A `-p` value as a Python literal (`True`, `3`, `0.5`, `'x'`), else the plain string."
+    import ast
+    try: return ast.literal_eval(value)
+    except (ValueError, SyntaxError): return value
 
 # %% ../nbs/core/cli.ipynb #66fd75a7
 def _error_line(e: BaseException) -> str:
@@ -91,16 +118,16 @@ def output_dir(paper: Paper, scale: str, root: str | Path | None = None, out_roo
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path | None = None,
-              out_root: str | Path | None = None, timeout: float | None = None) -> RunOutcome:
+              out_root: str | Path | None = None, timeout: float | None = None, params: dict | None = None) -> RunOutcome:
     """Execute one paper notebook with papermill in its own kernel; never raises for a failing notebook.
-    `timeout` is papermill's per-cell limit in seconds (None: no limit)."""
+    `timeout` is papermill's per-cell limit in seconds (None: no limit); `params` are extra notebook parameters."""
     import papermill as pm  # imported here: it is slow to import and only `run` needs it
     out = output_dir(paper, scale, root, out_root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     nb, executed = notebook_path(paper, root).resolve(), out / "executed.ipynb"
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb), str(executed), parameters=dict(scale=scale, device=device, seed=seed, out_dir=str(out)),
+        pm.execute_notebook(str(nb), str(executed), parameters=dict(params or {}, scale=scale, device=device, seed=seed, out_dir=str(out)),
                             cwd=str(nb.parent), kernel_name="python3", progress_bar=False, execution_timeout=timeout,
                             extra_arguments=_KERNEL_ARGS)
         return RunOutcome(paper.slug, True, time.perf_counter() - t0, executed)
@@ -109,12 +136,12 @@ def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path
 
 def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", seed: int = 0, jobs: int = 1,
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
-               on_done: Callable[[RunOutcome], None] | None = None) -> list[RunOutcome]:
+               on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None) -> list[RunOutcome]:
     """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`).
     Returns one `RunOutcome` per paper in the order given; `on_done` is called as each one finishes."""
-    papers = check_run(slugs, scale, device, seed, jobs, root)
+    papers = check_run(slugs, scale, device, seed, jobs, root, params)
     def one(p: Paper) -> RunOutcome:
-        outcome = run_paper(p, scale, device, seed, root, out_root, timeout)
+        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, params)
         if on_done is not None: on_done(outcome)
         return outcome
     # threads are enough: each papermill call starts and waits on its own kernel process
@@ -254,11 +281,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     "`paper-repro run`: execute paper notebooks; exit 1 if any failed."
     if args.all and args.slugs: raise CliError("give slugs or --all, not both", code=2)
     slugs = [p.slug for p in papers_with_notebooks(args.root)] if args.all else args.slugs
-    try: check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root)
+    params = {name: parse_param(value) for name, value in args.param or []}
+    try: check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root, params)
     except ValueError as e: raise CliError(str(e), code=2) from None
     print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {args.jobs} at a time", flush=True)
     outcomes = run_papers(slugs, args.scale, args.device, args.seed, args.jobs, args.root, args.out_root,
-                          args.timeout, on_done=_report_outcome)
+                          args.timeout, on_done=_report_outcome, params=params)
     width = max(len(o.slug) for o in outcomes)
     print("\nsummary:")
     for o in outcomes: print(f"  {'ok' if o.ok else 'FAILED':6}  {o.slug:{width}}  {o.wall_s:7.1f} s")
@@ -323,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR",
                    help="write to DIR/<scale>/<slug> instead of results/<scale>/<slug>")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-cell time limit in seconds")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="another notebook parameter, e.g. -p retrain True (a Python literal, else a string)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("report", help="write the results report (default results/REPORT.md)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")

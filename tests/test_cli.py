@@ -6,7 +6,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from paper_repro.cli import (CATALOG_END, CATALOG_START, RunOutcome, build_report, main, run_papers, update_readme)
+from paper_repro.cli import (CATALOG_END, CATALOG_START, RunOutcome, build_report, main, notebook_parameters, parse_param,
+                             run_papers, update_readme)
 from paper_repro.core.catalog import module_path, notebook_path, results_dir
 from paper_repro.core.catalog import test_path as paper_test_path
 
@@ -85,6 +86,9 @@ def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_fa
     (["run"], "no papers to run; name slugs or use --all"),
     (["run", "copyspec", "--all"], "give slugs or --all, not both"),
     (["run", "copyspec", "--seed", "x"], "argument --seed: invalid int value"),
+    (["run", "copyspec", "-p", "retrian", "True"], "notebook 'copyspec' has no parameter 'retrian'; its parameters: "
+                                                    "scale, device, seed, out_dir"),
+    (["run", "copyspec", "-p", "seed", "3"], "parameter 'seed' has its own option (--seed)"),
     (["list", "--family", "llm"], "argument --family: invalid choice: 'llm'"),
     (["report", "--scale", "huge"], "valid scales: ci, cpu, gpu"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -94,6 +98,19 @@ def test_bad_requests_fail_before_anything_runs(fake_root, capsys, argv, msg):
     assert code == 2
     assert err.startswith("paper-repro: error: ") and msg in err and err.count("\n") == 1, err
     assert not (fake_root / "results").exists()
+
+
+def test_extra_parameters_reach_the_notebook(tmp_path_factory):
+    root = tmp_path_factory.mktemp("params")
+    nb = fake_paper_notebook(notebook_path("copyspec", root), "copyspec")
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nretrain = False\nlabel = 'x'"
+    book.cells[1].source += "\nassert retrain is True and label == 'two words', (retrain, label)"
+    nbformat.write(book, nb)
+    assert notebook_parameters(nb) == ["scale", "device", "seed", "out_dir", "retrain", "label"]
+    assert (parse_param("True"), parse_param("3"), parse_param("0.5"), parse_param("two words")) == (True, 3, 0.5, "two words")
+    (o,) = run_papers(["copyspec"], scale="ci", device="cpu", root=root, params=dict(retrain=True, label="two words"))
+    assert o.ok, o.error
 
 
 def test_run_all_with_no_notebooks(tmp_path, capsys):
