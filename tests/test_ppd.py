@@ -122,7 +122,7 @@ def test_distill_loss_is_the_weighted_kl():
 def test_training_lowers_the_loss_and_leaves_the_target_frozen(target):
     stream = torch.tensor(([1, 2, 3, 4, 5, 6, 7, 8] * 60))
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    med = MedusaHeads(target.lm_head, 3)
+    med = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
     pt, hist = train_ppd(target, stream, 25, batch_size=2, length=16, n_cuts=6, medusa=med, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["medusa_loss"] < hist[0]["medusa_loss"]
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
@@ -134,7 +134,7 @@ def test_training_lowers_the_loss_and_leaves_the_target_frozen(target):
                          train_prompts=False, progress=False)
     assert torch.equal(pt.embeddings, frozen) and "loss" not in hist2[0] and "medusa_loss" in hist2[0]
     with pytest.raises(ValueError, match="medusa has 2 heads"):
-        train_ppd(target, stream, 1, medusa=MedusaHeads(target.lm_head, 2), progress=False)
+        train_ppd(target, stream, 1, medusa=MedusaHeads(target.cfg.d_model, target.vocab_size, 2, target.lm_head), progress=False)
     with pytest.raises(ValueError, match="steps must be"): train_ppd(target, stream, 0)
 
 
@@ -307,14 +307,14 @@ def test_drafters_reject_bad_input(target, prompts):
     with pytest.raises(ValueError, match="built for 2 prompt tokens"):
         PPDDrafter(target, prompts, build_dynamic_trees(ACC[:2], 12), topk=4)
     with pytest.raises(ValueError, match="no prompt tokens"):
-        MedusaDrafter(target, MedusaHeads(target.lm_head, 3), trees.trees[2], topk=4)
-    with pytest.raises(ValueError, match="n_heads must be"): MedusaHeads(target.lm_head, 0)
+        MedusaDrafter(target, MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head), trees.trees[2], topk=4)
+    with pytest.raises(ValueError, match="n_heads must be"): MedusaHeads(target.cfg.d_model, target.vocab_size, 0, target.lm_head)
 
 
 def test_medusa_baseline_is_lossless(target):
     torch.manual_seed(0)
-    heads = MedusaHeads(target.lm_head, 3)
-    for blk in heads.blocks: torch.nn.init.normal_(blk.weight, std=0.3)
+    heads = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
+    torch.nn.init.normal_(heads.weight, std=0.3)  # untrained but not the identity
     assert heads(torch.randn(5, 32, dtype=torch.float64)).shape == (5, 3, 40)
     for size in (2, 8, 20):
         tree = static_tree(ACC, size)

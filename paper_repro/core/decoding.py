@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .lm import CausalLM
 
 # %% auto #0
 __all__ = ['Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
            'check_prompt', 'sync_device', 'generate', 'greedy_decode', 'reference_decode', 'BatchDecodeResult',
-           'batch_greedy_decode', 'DraftModelDrafter']
+           'batch_greedy_decode', 'DraftModelDrafter', 'MedusaHeads']
 
 # %% ../../nbs/core/decoding.ipynb #4af98fad
 @dataclass
@@ -459,3 +461,30 @@ class DraftModelDrafter:
         return Draft.chain(tokens, torch.stack(qs) if qs else None, self.source, draft_calls=k)
 
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass
+
+# %% ../../nbs/core/decoding.ipynb #c229fa37
+class MedusaHeads(nn.Module):
+    "Medusa heads: `[..., d]` final hidden states → logits `[..., n_heads, V]` (see above)."
+    def __init__(self, d_model: int, vocab_size: int, n_heads: int, lm_head: nn.Linear | None = None,
+                 own_lm_head: bool = True):
+        super().__init__()
+        if not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be a positive int (one head per k (future offsets) guessed), got {n_heads!r}")
+        if not own_lm_head and lm_head is None: raise ValueError("own_lm_head=False needs the target's lm_head")
+        self.n_heads, self.own_lm_head = n_heads, own_lm_head
+        self.weight = nn.Parameter(torch.zeros(n_heads, d_model, d_model))  # zero: each head starts as the LM head
+        self.bias = nn.Parameter(torch.zeros(n_heads, d_model))
+        w = lm_head.weight.detach().clone() if lm_head is not None else torch.zeros(vocab_size, d_model)
+        if own_lm_head: self.out = nn.Parameter(w.expand(n_heads, -1, -1).clone())
+        else: self.register_buffer("out", w, persistent=False)  # frozen, and not saved: it is the target's
+        if lm_head is not None: self.to(device=w.device, dtype=w.dtype)
+
+    @property
+    def k(self) -> int: return self.n_heads  # the number of future offsets guessed, as drafters call it
+    @property
+    def num_parameters(self) -> int: return sum(p.numel() for p in self.parameters())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = h[..., None, :] + F.silu(torch.einsum("...d,ked->...ke", h, self.weight) + self.bias)
+        if self.own_lm_head: return torch.einsum("...kd,kvd->...kv", z, self.out)
+        return z @ self.out.T

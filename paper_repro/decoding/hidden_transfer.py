@@ -20,14 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.decoding import Draft
+from ..core.decoding import Draft, MedusaHeads
 from ..core.lm import KVCache, TransformerLM, causal_mask, count_parameters, rope_cos_sin
 
 # %% auto #0
-__all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer', 'MedusaHeads',
-           'pseudo_mask', 'HiddenTapLM', 'choose_tree', 'tree_draft', 'HiddenTransferDrafter', 'MedusaDrafter',
-           'kl_to_target', 'teacher_pass', 'transfer_logits', 'offset_targets', 'train_drafters', 'rank_accuracy',
-           'save_drafter', 'load_drafter', 'bench_decoders', 'LayerSkipLM', 'choose_skip_layers']
+__all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer', 'pseudo_mask',
+           'HiddenTapLM', 'choose_tree', 'tree_draft', 'HiddenTransferDrafter', 'MedusaDrafter', 'kl_to_target',
+           'teacher_pass', 'transfer_logits', 'offset_targets', 'train_drafters', 'rank_accuracy', 'save_drafter',
+           'load_drafter', 'bench_decoders', 'LayerSkipLM', 'choose_skip_layers']
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #68e47738
 def _check_layer(model: TransformerLM, layer: int, what: str = "layer", allow_last: bool = True) -> int:
@@ -84,29 +84,7 @@ class HiddenTransfer(nn.Module):
         "`[..., d]` → pseudo states `[..., k, d]`."
         return torch.einsum("...d,ked->...ke", h, self.weight) + self.bias
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #e9d7e8d6
-class MedusaHeads(nn.Module):
-    """`k` Medusa heads on the target's final hidden state: a residual SiLU block each, then either its own trainable
-    vocabulary projection initialised from `lm_head` (Medusa-1), or, with `own_lm_head=False`, the frozen `lm_head`
-    itself (a parameter-matched variant: as many trainable parameters as a `HiddenTransfer`)."""
-    def __init__(self, d_model: int, vocab_size: int, k: int, lm_head: nn.Linear | None = None, own_lm_head: bool = True):
-        super().__init__()
-        if not isinstance(k, int) or k < 1: raise ValueError(f"k (future offsets) must be a positive int, got {k!r}")
-        if not own_lm_head and lm_head is None: raise ValueError("own_lm_head=False needs the target's lm_head")
-        self.k, self.own_lm_head = k, own_lm_head
-        self.weight = nn.Parameter(torch.zeros(k, d_model, d_model))  # zero: each head starts as the LM head
-        self.bias = nn.Parameter(torch.zeros(k, d_model))
-        w = lm_head.weight.detach().clone() if lm_head is not None else torch.zeros(vocab_size, d_model)
-        if own_lm_head: self.out = nn.Parameter(w.expand(k, -1, -1).clone())
-        else: self.register_buffer("out", w, persistent=False)  # frozen, and not saved: it is the target's
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        "`[..., d]` final (normed) hidden states → logits `[..., k, V]`."
-        z = h[..., None, :] + F.silu(torch.einsum("...d,ked->...ke", h, self.weight) + self.bias)
-        if self.own_lm_head: return torch.einsum("...kd,kvd->...kv", z, self.out)
-        return z @ self.out.T
-
-# %% ../../nbs/decoding/hidden_transfer.ipynb #456a8584
+# %% ../../nbs/decoding/hidden_transfer.ipynb #056dea8b
 def pseudo_mask(real_mask: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     """Attention mask for `T` real rows followed by `k` pseudo rows for each of `rows`.
     `real_mask`: bool `[..., T, S]` of the real rows (`S` = cache + `T`); returns `[..., T + R k, S + R k]`."""
@@ -200,7 +178,7 @@ class HiddenTapLM(nn.Module):
         cache.length = base
         return m.lm_head(m.norm(h[0]))
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #2181bbdd
+# %% ../../nbs/decoding/hidden_transfer.ipynb #a5547f6c
 def choose_tree(rank_acc: torch.Tensor, size: int) -> list[tuple[int, ...]]:
     """The `size` rank paths with the highest product of per-depth accuracies (`rank_acc[d, r]`: probability that the
     rank-`r` candidate at depth `d+1` is right), best first; every prefix of a chosen path is chosen before it."""
@@ -233,7 +211,7 @@ def tree_draft(candidates: Sequence[Sequence[int]], paths: Sequence[tuple[int, .
         tokens.append(int(candidates[len(path) - 1][path[-1]])); parents.append(parent)
     return Draft(tokens, parents, source=source, draft_calls=draft_calls)
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #43e084a3
+# %% ../../nbs/decoding/hidden_transfer.ipynb #ea428acb
 class _OffsetTreeDrafter:
     "Shared logic: per-depth top-`width` candidates from the tap's selected row, arranged in a fixed rank-path tree."
     source = "offsets"
@@ -283,7 +261,7 @@ class MedusaDrafter(_OffsetTreeDrafter):
         self.heads = heads
     def _logits(self) -> torch.Tensor: return self.tap.offset_logits(self.heads)
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #c2b3572e
+# %% ../../nbs/decoding/hidden_transfer.ipynb #709a0d12
 def kl_to_target(target_logp: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
     "Mean over rows of `KL(p ‖ q)`; `target_logp` are log-probabilities, `draft_logits` raw logits (same shape)."
     return F.kl_div(F.log_softmax(draft_logits.float(), -1), target_logp.float(), log_target=True,
@@ -327,7 +305,7 @@ def offset_targets(logp: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.T
     "The target's log-probs for offsets `1..k` after each anchor: `[B, A, k, V]` (row `n+i` predicts token `n+i+1`)."
     return logp[:, anchors[:, None] + torch.arange(1, k + 1, device=anchors.device)]
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #e49b96f2
+# %% ../../nbs/decoding/hidden_transfer.ipynb #2be96b1f
 def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | MedusaHeads], stream: torch.Tensor,
                    steps: int, batch_size: int = 4, seq_len: int = 96, anchors: int = 16, lr: float = 3e-3,
                    warmup: int = 10, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -373,7 +351,7 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
         for p, f in zip(target.parameters(), frozen): p.requires_grad_(f)
     return history
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #85bb2a5c
+# %% ../../nbs/decoding/hidden_transfer.ipynb #aa58d604
 @torch.no_grad()
 def rank_accuracy(target: TransformerLM, model: HiddenTransfer | MedusaHeads, stream: torch.Tensor, n_windows: int,
                   seq_len: int = 96, width: int = 8, chunk: int = 32) -> torch.Tensor:
@@ -398,7 +376,7 @@ def rank_accuracy(target: TransformerLM, model: HiddenTransfer | MedusaHeads, st
             count += len(anc)
     return (hits / count).cpu()
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #d18419f5
+# %% ../../nbs/decoding/hidden_transfer.ipynb #d8ef91ba
 FORMAT = "paper_repro.hidden_transfer/1"
 
 def save_drafter(model: HiddenTransfer | MedusaHeads, path: str | Path, extra: dict | None = None) -> None:
@@ -432,7 +410,7 @@ def load_drafter(path: str | Path, device: str | torch.device = "cpu", dtype: to
     model.load_state_dict({n: t.float() for n, t in blob["state_dict"].items()})
     return model.to(device=device, dtype=dtype).eval()
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #c0e3abc6
+# %% ../../nbs/decoding/hidden_transfer.ipynb #539f5cf5
 BENCH_LAYER = 3
 BENCH_TREE = [(0,), (1,), (2,), (3,), (0, 0), (4,), (5,), (0, 1)]
 
@@ -447,7 +425,7 @@ def bench_decoders(models) -> dict:
         return generate(drafter.tap, prompt, max_new_tokens, drafter)
     return {f"hidden transfer l={BENCH_LAYER} (tree of {len(BENCH_TREE)})": decode}
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #213dc8e5
+# %% ../../nbs/decoding/hidden_transfer.ipynb #3c464970
 class LayerSkipLM(nn.Module):
     "The target with only the blocks `keep` (ascending) run: a draft model sharing every weight with the target."
     def __init__(self, target: TransformerLM, keep: Sequence[int]):

@@ -24,13 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.decoding import Draft
+from ..core.decoding import Draft, MedusaHeads
 
 # %% auto #0
 __all__ = ['PPD_FILE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch', 'prompt_logits',
-           'distill_loss', 'MedusaHeads', 'train_ppd', 'offset_accuracy', 'best_paths', 'PromptTree', 'path_probs',
-           'tree_stats', 'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'accepted_node', 'PPDDrafter',
-           'MedusaDrafter', 'verify_latency', 'choose_tree_size', 'save_ppd', 'load_ppd', 'bench_drafters']
+           'distill_loss', 'train_ppd', 'offset_accuracy', 'best_paths', 'PromptTree', 'path_probs', 'tree_stats',
+           'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'accepted_node', 'PPDDrafter', 'MedusaDrafter',
+           'verify_latency', 'choose_tree_size', 'save_ppd', 'load_ppd', 'bench_drafters']
 
 # %% ../../nbs/decoding/ppd.ipynb #0b60b0cc
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -176,29 +176,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = 0.
     kl = kl.reshape(-1, m).mean(0)
     weights = decay ** torch.arange(m, device=kl.device, dtype=kl.dtype)
     return (weights * kl).sum() / m, kl.detach()
-
-class MedusaHeads(nn.Module):
-    "Medusa-1 heads: head `i` maps the last hidden state through `h + SiLU(W_i h)` and its own copy of the LM head."
-    def __init__(self, lm_head: nn.Linear, n_heads: int = 3):
-        super().__init__()
-        if not isinstance(n_heads, int) or n_heads < 1: raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
-        d, V = lm_head.in_features, lm_head.out_features
-        w = lm_head.weight.detach()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n_heads))
-        self.heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(n_heads))
-        for blk, head in zip(self.blocks, self.heads):  # start as the plain LM head (Medusa's initialisation)
-            nn.init.zeros_(blk.weight); nn.init.zeros_(blk.bias)
-            head.weight.data.copy_(w)
-        self.to(device=w.device, dtype=w.dtype)
-
-    @property
-    def n_heads(self) -> int: return len(self.heads)
-    @property
-    def num_parameters(self) -> int: return sum(p.numel() for p in self.parameters())
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        "Logits `[..., n_heads, V]` for hidden states `[..., d]`."
-        return torch.stack([head(h + F.silu(blk(h))) for blk, head in zip(self.blocks, self.heads)], dim=-2)
 
 @contextmanager
 def _frozen(model: nn.Module):
