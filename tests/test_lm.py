@@ -109,3 +109,73 @@ def test_adapter_on_other_hf_architectures_from_config(arch):
     from paper_repro.core.decoding import DraftModelDrafter, generate
     ref = reference_decode(model, [1, 2, 3], 12)
     assert generate(model, [1, 2, 3], 12, DraftModelDrafter(model, gamma=3)).tokens == ref
+
+
+# --- encoder-decoder: embeds input, cross-attention, memory in the cache -------------------------------------------
+
+def _cross_decoder(d_memory=24, seed=0):
+    torch.manual_seed(seed)
+    cfg = LMConfig(vocab_size=30, d_model=32, n_layers=2, n_heads=4, d_ff=64, cross_attention=True, d_memory=d_memory)
+    return TransformerLM(cfg).double().eval()
+
+
+def test_cross_attention_incremental_equals_full_and_padding_is_invisible():
+    dec = _cross_decoder()
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(3, 8, 24, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([8, 5, 1])
+    x = torch.randint(0, 30, (3, 10), generator=g)
+    with torch.no_grad():
+        mem = dec.encode_memory(states, lengths)
+        full = dec(x, memory=mem)
+        cache = dec.new_cache(3, capacity=2, memory=mem)
+        steps = torch.cat([dec(x[:, :3], cache=cache)] + [dec(x[:, t:t + 1], cache=cache) for t in range(3, 10)], 1)
+        assert torch.allclose(steps, full, atol=1e-10)
+        for i, n in enumerate(lengths.tolist()):
+            alone = dec(x[i:i + 1], memory=dec.encode_memory(states[i:i + 1, :n]))
+            assert torch.allclose(full[i], alone[0], atol=1e-10)
+        # the memory really matters: other states give other logits
+        assert not torch.allclose(full[0], dec(x[:1], memory=dec.encode_memory(states[1:2]))[0], atol=1e-3)
+
+
+def test_conditioned_lm_runs_the_core_decoders_row_for_row():
+    from paper_repro.core.decoding import batch_greedy_decode, generate
+    from paper_repro.core.lm import ConditionedLM
+    dec = _cross_decoder(seed=1)
+    g = torch.Generator().manual_seed(4)
+    states, lengths = torch.randn(3, 6, 24, generator=g, dtype=torch.float64), torch.tensor([6, 2, 4])
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    with torch.no_grad():
+        mem = dec.encode_memory(states, lengths)
+        batch = batch_greedy_decode(ConditionedLM(dec, mem), prompts, 7, eos_id=0).tokens
+        for i, p in enumerate(prompts):
+            single = ConditionedLM(dec, dec.encode_memory(states[i:i + 1, :lengths[i]]))
+            ref = generate(single, p, 7, eos_id=0).tokens
+            assert batch[i] == ref == reference_decode(single, p, 7, eos_id=0)
+
+
+def test_embeds_replace_token_embeddings(target):
+    x = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(target(embeds=target.embed_tokens(x)), target(x), atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one of tokens and embeds"): target(x, embeds=target.embed_tokens(x))
+    with pytest.raises(ValueError, match="embeds must be"): target(embeds=torch.zeros(2, 6, 3))
+
+
+def test_cross_attention_errors_and_checkpoint(tmp_path, target):
+    dec = _cross_decoder()
+    mem = dec.encode_memory(torch.zeros(2, 4, 24, dtype=torch.float64))
+    x = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="cross-attends"): dec(x)
+    with pytest.raises(ValueError, match="without cross-attention"): target(x, memory=mem)
+    with pytest.raises(ValueError, match="memory holds batch 2"): dec(x[:1], memory=mem)
+    with pytest.raises(ValueError, match="memory holds batch 2"): dec.new_cache(3, memory=mem)
+    with pytest.raises(ValueError, match=r"states must be \[batch, S>0, 24\]"): dec.encode_memory(torch.zeros(2, 4, 32))
+    with pytest.raises(ValueError, match="lengths must lie in"): dec.encode_memory(torch.zeros(2, 4, 24), torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="needs a model built with"): target.encode_memory(torch.zeros(1, 2, 40))
+    with pytest.raises(ValueError, match="d_memory=8 needs cross_attention=True"): LMConfig(vocab_size=5, d_memory=8)
+    with pytest.raises(ValueError, match="decoder-only"): to_hf_llama(dec)
+    save_lm(dec, tmp_path / "dec.pt")
+    back = load_lm(tmp_path / "dec.pt", dtype=torch.float64)
+    assert back.cfg == dec.cfg
+    with torch.no_grad(): assert torch.allclose(back(x, memory=mem), dec(x, memory=mem))

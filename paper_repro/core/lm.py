@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['LMConfig', 'KVCache', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'Attention', 'MLP', 'Block', 'CausalLM', 'causal_mask',
-           'TransformerLM', 'count_parameters', 'save_lm', 'load_lm', 'to_hf_llama', 'HFCache', 'HFCausalLM']
+__all__ = ['LMConfig', 'CrossMemory', 'KVCache', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'Attention', 'MLP', 'CrossAttention',
+           'Block', 'CausalLM', 'causal_mask', 'TransformerLM', 'ConditionedLM', 'count_parameters', 'save_lm',
+           'load_lm', 'to_hf_llama', 'HFCache', 'HFCausalLM']
 
 # %% ../../nbs/core/lm.ipynb #f5bc489b
 @dataclass(frozen=True)
@@ -32,15 +33,21 @@ class LMConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 4096
+    cross_attention: bool = False   # a cross-attention sublayer in every block (an encoder-decoder's decoder)
+    d_memory: int | None = None     # width of the encoder states it attends to; None: d_model
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0: raise ValueError(f"LMConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_memory is not None and (not self.cross_attention or self.d_memory <= 0):
+            raise ValueError(f"LMConfig.d_memory={self.d_memory} needs cross_attention=True and a positive width")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
 
     @property
     def head_dim(self) -> int: return self.d_model // self.n_heads
+    @property
+    def memory_dim(self) -> int: return self.d_memory or self.d_model
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../../nbs/core/lm.ipynb #a5de6c9e
@@ -51,14 +58,36 @@ def _check_keep(indices: Sequence[int], start: int, length: int) -> list[int]:
         raise ValueError(f"keep() needs strictly increasing slot indices within [{start}, {length}), got {idx[:8]}")
     return idx
 
+@dataclass
+class CrossMemory:
+    """An encoder's states as every decoder layer's cross-attention keys/values (`[layers, batch, heads, S, head_dim]`),
+    projected once per input, and which of the `S` positions are real (`mask` `[batch, S]`, False = padding)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int: return self.k.shape[1]
+    @property
+    def length(self) -> int: return self.k.shape[3]
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "CrossMemory":
+        "The memory of the given batch rows (repeats allowed, e.g. one row per beam hypothesis)."
+        rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
+        return CrossMemory(self.k.index_select(1, rows), self.v.index_select(1, rows), self.mask.index_select(0, rows))
+
 class KVCache:
-    "Preallocated per-layer keys/values with a valid `length`; supports truncate and keep (compaction)."
+    """Preallocated per-layer keys/values with a valid `length`; supports truncate and keep (compaction). An
+    encoder-decoder's cache also carries the decoder's `memory`, so selecting batch rows selects both."""
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, head_dim: int, capacity: int = 256,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", memory: CrossMemory | None = None):
         shape = (n_layers, batch_size, n_heads, max(1, capacity), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        if memory is not None and memory.batch_size != batch_size:
+            raise ValueError(f"memory holds batch {memory.batch_size} but the cache is for batch {batch_size}")
+        self.memory = memory
 
     @property
     def capacity(self) -> int: return self.k.shape[3]
@@ -103,6 +132,7 @@ class KVCache:
         "Keep only the given batch rows (e.g. drop finished sequences)."
         rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        if self.memory is not None: self.memory = self.memory.select(rows)
 
 # %% ../../nbs/core/lm.ipynb #7939b308
 class RMSNorm(nn.Module):
@@ -158,16 +188,43 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+class CrossAttention(nn.Module):
+    "Multi-head attention from the decoder's tokens to an encoder's states (no RoPE: the encoder already placed them)."
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.memory_dim, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.memory_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Keys and values `[batch, heads, S, head_dim]` of encoder states `[batch, S, d_memory]`."
+        return self._split(self.k_proj(states)), self._split(self.v_proj(states))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        y = F.scaled_dot_product_attention(self._split(self.q_proj(x)), k, v, attn_mask=key_mask[:, None, None, :])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
 class Block(nn.Module):
-    "Pre-norm transformer block."
+    "Pre-norm transformer block: self-attention, (cross-attention,) feed-forward."
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
+        if cfg.cross_attention:
+            self.cross_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.cross_attn = CrossAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
-    def forward(self, x, cos, sin, mask, cache, layer, start):
+    def forward(self, x, cos, sin, mask, cache, layer, start, memory: CrossMemory | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        if memory is not None:
+            x = x + self.cross_attn(self.cross_attention_layernorm(x), memory.k[layer], memory.v[layer], memory.mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # %% ../../nbs/core/lm.ipynb #35471f35
@@ -229,40 +286,106 @@ class TransformerLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype: return self.embed_tokens.weight.dtype
 
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        "An empty cache on this model's device and dtype."
+    def new_cache(self, batch_size: int = 1, capacity: int = 256, memory: CrossMemory | None = None) -> KVCache:
+        "An empty cache on this model's device and dtype (carrying `memory` for a cross-attention model)."
         c = self.cfg
-        return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, capacity, self.dtype, self.device)
+        return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, capacity, self.dtype, self.device, memory)
 
-    def hidden_states(self, tokens, positions=None, cache: KVCache | None = None, attn_mask=None,
-                      upto_layer: int | None = None, cache_start: int | None = None) -> torch.Tensor:
+    def encode_memory(self, states: torch.Tensor, lengths: torch.Tensor | None = None) -> CrossMemory:
+        """Project encoder `states` `[batch, S, d_memory]` to every layer's cross-attention keys/values, once per input;
+        `lengths` `[batch]` (1…S) marks the real positions of padded rows (None: all real)."""
+        if not self.cfg.cross_attention:
+            raise ValueError("encode_memory needs a model built with LMConfig(cross_attention=True)")
+        if states.dim() != 3 or states.shape[-1] != self.cfg.memory_dim or states.shape[1] == 0:
+            raise ValueError(f"states must be [batch, S>0, {self.cfg.memory_dim}], got {tuple(states.shape)}")
+        B, S, _ = states.shape
+        if lengths is None:
+            mask = torch.ones(B, S, dtype=torch.bool, device=states.device)
+        else:
+            lengths = torch.as_tensor(lengths, device=states.device)
+            if lengths.shape != (B,): raise ValueError(f"lengths must be [{B}], got {tuple(lengths.shape)}")
+            if bool(((lengths < 1) | (lengths > S)).any()):
+                raise ValueError(f"lengths must lie in [1, {S}], got {lengths.tolist()}")
+            mask = torch.arange(S, device=states.device)[None, :] < lengths[:, None]
+        kv = [layer.cross_attn.project(states) for layer in self.layers]
+        return CrossMemory(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), mask)
+
+    def _resolve_memory(self, memory: CrossMemory | None, cache: KVCache | None, batch: int) -> CrossMemory | None:
+        if memory is None and cache is not None: memory = getattr(cache, "memory", None)
+        if self.cfg.cross_attention and memory is None:
+            raise ValueError("this model cross-attends: pass memory=model.encode_memory(states) (or a cache holding it)")
+        if not self.cfg.cross_attention and memory is not None:
+            raise ValueError("memory given to a model without cross-attention (LMConfig(cross_attention=False))")
+        if memory is not None and memory.batch_size != batch:
+            raise ValueError(f"memory holds batch {memory.batch_size} but the input has batch {batch}")
+        return memory
+
+    def _embed(self, tokens: torch.Tensor | None, embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        "The input vectors and a `[batch, T]` stand-in for the shape checks."
+        if (tokens is None) == (embeds is None): raise ValueError("pass exactly one of tokens and embeds")
+        if tokens is not None: return tokens, self.embed_tokens(tokens) if tokens.dim() == 2 else None
+        if embeds.dim() != 3 or embeds.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"embeds must be [batch, T, {self.cfg.d_model}], got {tuple(embeds.shape)}")
+        return embeds[..., 0], embeds
+
+    def hidden_states(self, tokens=None, positions=None, cache: KVCache | None = None, attn_mask=None,
+                      upto_layer: int | None = None, cache_start: int | None = None, *,
+                      embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
         """Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks).
-        `cache_start` writes the new keys/values at that slot of `cache` (default: its length) and attends over slots
-        `0…max(length, cache_start+T)`; an explicit `attn_mask` is then required (the new tokens sit among old ones)."""
+        `embeds` `[batch, T, d_model]` replaces the token embeddings; `memory` (or the cache's) is what a cross-attention
+        model attends to. `cache_start` writes the new keys/values at that slot of `cache` (default: its length) and
+        attends over slots `0…max(length, cache_start+T)`; an explicit `attn_mask` is then required."""
         if cache_start is not None and attn_mask is None:
             raise ValueError("cache_start needs an explicit attn_mask over the cache slots")
-        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache, cache_start)
-        T = tokens.shape[1]
-        mask = attn_mask if attn_mask is not None else (causal_mask(T, past, tokens.device) if T > 1 else None)
+        shape_src, x = self._embed(tokens, embeds)
+        past, positions = _prepare_inputs(shape_src, positions, attn_mask, cache, cache_start)
+        B, T = shape_src.shape
+        memory = self._resolve_memory(memory, cache, B)
+        mask = attn_mask if attn_mask is not None else (causal_mask(T, past, x.device) if T > 1 else None)
         if mask is not None and mask.dim() == 3: mask = mask[:, None]  # broadcast over heads
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers[:upto_layer]):
-            x = layer(x, cos, sin, mask, cache, i, past)
+            x = layer(x, cos, sin, mask, cache, i, past, memory)
         if cache is not None: cache.length = max(cache.length, past + T)
         return x if upto_layer is not None else self.norm(x)
 
+    def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
+                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
+        """Logits `[batch, T, vocab]` for `tokens` `[batch, T]` (or `embeds`); appends to `cache` if given (or
+        overwrites its slots from `cache_start`, see `hidden_states`)."""
+        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start,
+                                               embeds=embeds, memory=memory))
+
+class ConditionedLM(nn.Module):
+    """A cross-attention `TransformerLM` bound to one `CrossMemory`: a `CausalLM`, so the core decoders
+    (`generate`, `batch_greedy_decode`, drafters) run on an encoder-decoder model unchanged. Its caches carry the memory,
+    so dropping finished rows (`select_batch`) drops their memory rows too."""
+    def __init__(self, decoder: TransformerLM, memory: CrossMemory):
+        super().__init__()
+        if not decoder.cfg.cross_attention:
+            raise ValueError("ConditionedLM needs a decoder built with LMConfig(cross_attention=True)")
+        self.decoder, self.memory = decoder, memory
+
+    @property
+    def vocab_size(self) -> int: return self.decoder.vocab_size
+    @property
+    def cfg(self) -> LMConfig: return self.decoder.cfg
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+        "An empty cache holding the bound memory (its batch must equal `batch_size`)."
+        return self.decoder.new_cache(batch_size, capacity, memory=self.memory)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None, cache_start: int | None = None) -> torch.Tensor:
-        """Logits `[batch, T, vocab]` for `tokens` `[batch, T]`; appends to `cache` if given (or overwrites its slots
-        from `cache_start`, see `hidden_states`)."""
-        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start))
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        "Logits `[batch, T, vocab]`, attending to the cache's memory (or the bound one when no cache is given)."
+        return self.decoder(tokens, positions, cache, attn_mask, memory=None if cache is not None else self.memory)
 
 def count_parameters(model: nn.Module) -> int:
     "Number of parameters of `model`."
     return sum(p.numel() for p in model.parameters())
 
-# %% ../../nbs/core/lm.ipynb #b3762160
+# %% ../../nbs/core/lm.ipynb #c1e49361
 def save_lm(model: TransformerLM, path, extra: dict | None = None) -> None:
     "Save config + weights (+ `extra` metadata) of `model` to `path`."
     from paper_repro.core.repro import atomic_write
@@ -282,7 +405,7 @@ def load_lm(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch
     model.load_state_dict(blob["state_dict"])
     return model.to(device=device, dtype=dtype).eval()
 
-# %% ../../nbs/core/lm.ipynb #c1e49361
+# %% ../../nbs/core/lm.ipynb #359989d2
 def _require_transformers():
     try:
         import transformers
@@ -294,6 +417,7 @@ def to_hf_llama(model: TransformerLM):
     "A `transformers.LlamaForCausalLM` with exactly `model`'s weights (same dtype and device)."
     tf = _require_transformers()
     c = model.cfg
+    if c.cross_attention: raise ValueError("to_hf_llama converts decoder-only models; this one has cross-attention")
     hf_cfg = tf.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
                             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
                             max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
@@ -306,7 +430,7 @@ def to_hf_llama(model: TransformerLM):
     if missing or unexpected: raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
     return hf.to(device=model.device, dtype=model.dtype).eval()
 
-# %% ../../nbs/core/lm.ipynb #359989d2
+# %% ../../nbs/core/lm.ipynb #ff7ea87a
 class HFCache:
     "A `transformers.DynamicCache` with the `KVCache` interface (`length`, `truncate`, `keep`)."
     def __init__(self, batch_size: int = 1):
