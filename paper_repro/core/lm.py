@@ -162,12 +162,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # %% ../../nbs/core/lm.ipynb #4c1335cb
 class Attention(nn.Module):
     "Multi-head self-attention with RoPE and an optional KV cache."
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, kv_dim: int | None = None):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(kv_dim or cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(kv_dim or cfg.d_model, cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
@@ -188,15 +188,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     "Multi-head attention from the decoder's tokens to an encoder's states (no RoPE: the encoder already placed them)."
     def __init__(self, cfg: LMConfig):
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.memory_dim, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.memory_dim, cfg.d_model, bias=False)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        super().__init__(cfg, kv_dim=cfg.memory_dim)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
