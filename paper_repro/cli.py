@@ -77,7 +77,8 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
         if not nb.is_file(): raise ValueError(f"paper {p.slug!r} has no notebook yet (expected {nb})")
     for name in params or {}:
         if name in RESERVED_PARAMETERS:
-            raise ValueError(f"parameter {name!r} has its own option (--{name.replace('_', '-')}); -p is for the others")
+            option = "--out-root (results go to DIR/<scale>/<slug>)" if name == "out_dir" else f"--{name}"
+            raise ValueError(f"parameter {name!r} has its own option ({option}); -p is for the others")
         for p in papers:
             declared = notebook_parameters(notebook_path(p, root))
             if name not in declared:

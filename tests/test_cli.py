@@ -89,6 +89,7 @@ def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_fa
     (["run", "copyspec", "-p", "retrian", "True"], "notebook 'copyspec' has no parameter 'retrian'; its parameters: "
                                                     "scale, device, seed, out_dir"),
     (["run", "copyspec", "-p", "seed", "3"], "parameter 'seed' has its own option (--seed)"),
+    (["run", "copyspec", "-p", "out_dir", "x"], "parameter 'out_dir' has its own option (--out-root"),
     (["list", "--family", "llm"], "argument --family: invalid choice: 'llm'"),
     (["report", "--scale", "huge"], "valid scales: ci, cpu, gpu"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
