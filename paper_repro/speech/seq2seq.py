@@ -279,8 +279,11 @@ class SpeechSeq2Seq(nn.Module):
 
     def encode(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d_model]` and their lengths for waveforms `[B, N]` of `lengths` samples."
-        feats, flen = self.frontend(wave, lengths)
-        x, xlen = self.subsample(feats, flen)
+        return self.encode_features(*self.frontend(wave, lengths))
+
+    def encode_features(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Encoder states and lengths from log-mel features `[B, T, n_mels]` of `lengths` frames (e.g. cached ones)."
+        x, xlen = self.subsample(feats.to(self.encoder.dtype), lengths)
         return encode(self.encoder, x, xlen), xlen
 
     def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -302,8 +302,7 @@ class SubtitleASR(nn.Module):
 
     def encode_features(self, feats: torch.Tensor, flen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder 1's states `[B, S, d]` and their lengths."
-        x, xlen = self.asr.subsample(feats, flen)
-        return encode(self.asr.encoder, x, xlen), xlen
+        return self.asr.encode_features(feats, flen)
 
     def subtitle_states(self, hidden: torch.Tensor, hlen: torch.Tensor) -> torch.Tensor:
         "What the subtitle decoder reads: encoder 2(encoder 1) in the cascade, encoder 1 itself otherwise."
