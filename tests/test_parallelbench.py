@@ -237,3 +237,20 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="cache"):
         generate(IdealLM([ex]), [ex.prompt], DecodeConfig(gen_length=4, block_length=4, steps=4, cache="prefix"))
     assert bench_rules(None) == {}
+
+
+def test_threshold_oracle_picks_the_fastest_correct_threshold_per_example():
+    from paper_repro.dllm.parallelbench import threshold_oracle
+    g = torch.Generator().manual_seed(0)
+    correct = torch.rand(4, 50, generator=g) < 0.5
+    nfe = torch.randint(1, 33, (4, 50), generator=g)
+    o = threshold_oracle(correct, nfe, 32)
+    passes = []
+    for j in range(50):  # brute force, one example at a time
+        ok = [i for i in range(4) if correct[i, j]]
+        passes.append(min(int(nfe[i, j]) for i in ok) if ok else int(nfe[0, j]))
+    assert math.isclose(o["tokens_per_step"], 32 / (sum(passes) / 50))
+    assert math.isclose(o["accuracy"], float(correct.any(0).double().mean()))
+    # never worse than any fixed threshold in accuracy
+    assert o["accuracy"] >= float(correct.double().mean(1).max())
+    with pytest.raises(ValueError, match="same non-empty"): threshold_oracle(correct[:, :0], nfe[:, :0], 32)

@@ -24,7 +24,7 @@ __all__ = ['IDEAL_RANDOM_TASKS', 'IDEAL_EXACT_TASKS', 'IDEAL_TASKS', 'GREEDY_TEM
            'token_dependency_from_marginals', 'IdealLM', 'topk_sizes', 'shuffle_topk_accuracy',
            'replace_random_greedy_accuracy', 'replace_random_sampled_accuracy', 'one_step_replace_random',
            'shuffle_threshold_accuracy', 'replace_random_threshold_accuracy', 'closed_form', 'wilson_interval',
-           'agrees', 'ideal_config', 'bench_rules']
+           'agrees', 'ideal_config', 'bench_rules', 'threshold_oracle']
 
 # %% ../../nbs/dllm/parallelbench.ipynb #843717dc
 IDEAL_RANDOM_TASKS: tuple[str, ...] = ("replace_random", "shuffle")
@@ -249,3 +249,19 @@ def ideal_config(n: int, rule: str = "topk", k: int | None = None, gamma: float 
 def bench_rules(model) -> dict:
     "ParallelBench adds no rule to `paper-repro bench dllm` (its rules are the built-in top-k and threshold)."
     return {}
+
+# %% ../../nbs/dllm/parallelbench.ipynb #3ccfa73c
+def threshold_oracle(correct: torch.Tensor, nfe: torch.Tensor, gen_length: int) -> dict[str, float]:
+    """Per-example oracle over a threshold grid: `correct` (bool) and `nfe` (forward passes) are `[thresholds, examples]`,
+    thresholds sorted from most careful to most parallel. Returns its accuracy, tokens per step (`gen_length` / mean
+    passes) and the mean grid index it picks."""
+    if correct.shape != nfe.shape or correct.dim() != 2 or correct.shape[0] == 0 or correct.shape[1] == 0:
+        raise ValueError(f"correct and nfe must be the same non-empty [thresholds, examples] shape, got "
+                         f"{tuple(correct.shape)} and {tuple(nfe.shape)}")
+    cost = torch.where(correct.bool(), nfe.double(), torch.full_like(nfe, float("inf"), dtype=torch.float64))
+    best = cost.argmin(0)                                     # the fastest correct threshold of each example
+    solved = correct.bool().any(0)
+    choice = torch.where(solved, best, torch.zeros_like(best))  # unsolved: the most careful threshold
+    passes = nfe.double().gather(0, choice[None])[0]
+    return dict(accuracy=float(solved.double().mean()), tokens_per_step=gen_length / float(passes.mean()),
+                mean_choice=float(choice.double().mean()))
