@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.decoding import Draft, MedusaHeads
+from ..core.zoo import warmup_cosine
 from ..core.lm import KVCache, TransformerLM, causal_mask, count_parameters, rope_cos_sin
 
 # %% auto #0
@@ -318,7 +319,6 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
     k = max(m.k for m in models.values())
     if seq_len - k < anchors: raise ValueError(f"seq_len={seq_len} leaves fewer than anchors={anchors} positions for k={k}")
     opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) for n, m in models.items()}
-    lr_at = lambda s: lr * min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     gen = torch.Generator().manual_seed(seed)
     frozen = [p.requires_grad for p in target.parameters()]
     target.requires_grad_(False)
@@ -340,7 +340,7 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
                 else:  # heads are cheap: every position
                     loss = kl_to_target(offset_targets(logp, every, model.k), model(target.norm(resid[-1])[:, every]))
                 opt = opts[name]
-                for g in opt.param_groups: g["lr"] = lr_at(step)
+                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, warmup, lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -12,7 +12,6 @@ Docs: https://github.com/paper-repro/paper_repro/decoding/lexical_units.html.md"
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
+from ..core.zoo import warmup_cosine
 from ..core.decoding import DecodeResult, StepStats, sync_device
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
@@ -173,14 +173,13 @@ def finetune_lud(model: TransformerLM, stream: torch.Tensor, unit_len: torch.Ten
     seed_everything(seed)
     marked = torch.stack([stream, unit_len], dim=1)  # sample_batch slices dim 0: windows of (token, unit_len) pairs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval() if cfg.distill else None
     model.train()
     log: list[dict] = []
     bar = tqdm(range(cfg.steps), desc=f"LUD fine-tune α={cfg.alpha}", disable=not progress)
     for step in bar:
-        for g in opt.param_groups: g["lr"] = lr_at(step)
+        for g in opt.param_groups: g["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
         batch = build_lud_batch(sample_batch(marked, cfg.batch_size, cfg.seq_len, gen), pad_id, cfg.k, cfg.stop_pad)
         loss, real, pad = lud_loss(model, batch, teacher)
         opt.zero_grad(set_to_none=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import io
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.decoding import Draft, MedusaHeads
+from ..core.zoo import warmup_cosine
 
 # %% auto #0
 __all__ = ['PPD_FILE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch', 'prompt_logits',
@@ -206,7 +206,7 @@ def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch
     with _frozen(target):
         for step in tqdm(range(steps), desc="PPD training", disable=not progress):
             for opt, base in opts:  # cosine decay to zero, no warm-up
-                for g in opt.param_groups: g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / steps))
+                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, 0, base)
             batch = distill_batch(target, stream, batch_size, length, n_cuts, n_tokens, gen)
             row, losses = dict(step=step), []
             if train_prompts:

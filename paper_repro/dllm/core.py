@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
+from ..core.zoo import warmup_cosine
 from ..core.lm import KVCache, LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from ..core.repro import seed_everything
 from .tasks import (EOS_ID, GEN_LENGTH, MASK_ID, TASKS, VOCAB_SIZE, Example, batch_answers,
@@ -103,12 +104,11 @@ def train_dllm(spec: DllmSpec = SPEC, seed: int = 0, progress: bool = True, devi
     seed_everything(seed)
     model = TransformerLM(spec.config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    lr_at = lambda s: spec.lr * min(1.0, (s + 1) / spec.warmup) * 0.5 * (1 + math.cos(math.pi * s / spec.steps))
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(spec.steps), desc="dllm", disable=not progress)
     for step in bar:
-        for g in opt.param_groups: g["lr"] = lr_at(step)
+        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
         exs = [make_example(rng.choice(spec.tasks), rng, gen_length=spec.gen_length, digits=spec.digits)
                for _ in range(spec.batch_size)]
         prompts, valid = pad_prompts([e.prompt for e in exs])

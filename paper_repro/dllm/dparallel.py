@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, read_manifest, register_file
+from ..core.zoo import warmup_cosine
 from ..core.lm import TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
 from .core import CHECKPOINT, SPEC as DLLM_SPEC, DecodeConfig, denoise_logits, generate, load_dllm
@@ -169,11 +170,10 @@ def distill_student(teacher: nn.Module, data: DistillData, spec: DistillSpec = S
     student = copy.deepcopy(teacher).train()
     for p in student.parameters(): p.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    lr_at = lambda s: spec.lr * min(1.0, (s + 1) / spec.warmup) * 0.5 * (1 + math.cos(math.pi * s / spec.steps))
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(spec.steps), desc="distill", disable=not progress)
     for step in bar:
-        for g in opt.param_groups: g["lr"] = lr_at(step)
+        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
         idx = torch.randint(len(data), (spec.batch_size,), generator=gen)
         masks = sample_masks(spec.batch_size, data.answers.shape[1], spec.block_length, gen, spec.p_mask)
         loss = certainty_forcing_loss(student, data.prompts[idx].to(dev), data.prompt_valid[idx].to(dev),

@@ -21,6 +21,7 @@ import sacrebleu
 import torch
 
 from ..core.data import load_parallel_corpus
+from ..core.zoo import warmup_cosine
 from .asr import Vocab, cer, wer
 from .corpus import LANGS, WORDS
 
@@ -504,8 +505,7 @@ def train_model(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Se
     by_task = {t: [ex for ex in examples if ex.task == t] for t in TASKS}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup))
     history = []
     model.train()
     for step in range(1, cfg.steps + 1):

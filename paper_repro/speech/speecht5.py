@@ -11,7 +11,6 @@ Docs: https://github.com/paper-repro/paper_repro/speech/speecht5.html.md"""
 # %% ../../nbs/speech/speecht5.ipynb #ab330f14
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.lm import LMConfig, TransformerLM, count_parameters
+from ..core.zoo import warmup_cosine
 from .asr import Vocab, cer, ctc_loss
 from .corpus import LANG_VOICES, WORDS, CorpusSpec, SpeechCorpus
 from .features import LogMel, length_mask, mfcc
@@ -421,10 +421,8 @@ class PretrainConfig:
     log_every: int = 100
 
 def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.1) -> float:
-    "Linear warm-up to `peak`, then a cosine down to `floor × peak` at `steps`."
-    if step < warmup: return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    "Linear warm-up to `peak`, then a cosine down to `floor × peak` at `steps` (the core schedule, decaying after warm-up)."
+    return warmup_cosine(step, steps, warmup, peak, floor, decay_after_warmup=True)
 
 def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> torch.Tensor:
     "Unit labels `[B, S]` aligned to encoder states (−100 = no label: past a clip's end or its last full unit)."

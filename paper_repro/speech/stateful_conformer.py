@@ -19,6 +19,7 @@ from torch import nn
 
 from .asr import (Joiner, LSTMPredictor, Vocab, ctc_greedy_decode, ctc_loss, rnnt_greedy_decode,
                                     rnnt_loss)
+from ..core.zoo import warmup_cosine
 from .features import LogMel, length_mask
 
 # %% auto #0
@@ -413,8 +414,7 @@ def train_asr(model: StreamingASR, corpus, contexts: list[AttContext], cfg: Trai
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
-                                              (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1))
     texts = [r["text"] for r in corpus.records]
     history, batches, step = [], [], 0
     eval_ctx = contexts[0]

@@ -19,6 +19,7 @@ import numpy as np
 import sacrebleu
 
 from .asr import Vocab, wer
+from ..core.zoo import warmup_cosine
 from .corpus import CorpusSpec, check_lang
 
 # %% auto #0
@@ -215,8 +216,6 @@ def subtitle_bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #32b0d2e7
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -405,10 +404,8 @@ def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[Clip], subti
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    def lr_at(step):
-        if step < cfg.warmup: return (step + 1) / cfg.warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1, decay_after_warmup=True))
     history, acc = [], {}
     model.train()
     for step in range(cfg.steps):
