@@ -32,7 +32,7 @@ import torch
 __all__ = ['SCALES', 'DEVICES', 'RUNNER_ENV', 'PARAMETERS_ENV', 'CLAIM_FIELDS', 'check_scale', 'resolve_device', 'project_root',
            'relative_to_root', 'seed_everything', 'atomic_write', 'write_text_atomic', 'write_json_atomic',
            'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results', 'validate_claim',
-           'RunContext', 'start_run']
+           'RunContext', 'open_runs', 'start_run']
 
 # %% ../../nbs/core/repro.ipynb #bf4921b2
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -398,11 +398,15 @@ class RunContext:
             lock, self._lock = self._lock, None
             if lock is not None: lock.release()
 
+def open_runs() -> list[RunContext]:
+    "The runs this process has open: started, and neither finished, aborted nor replaced."
+    with _OPEN_GUARD: return list(_OPEN_RUNS.values())
+
 @atexit.register
-def _close_open_runs() -> None:
+def _abort_open_runs() -> None:
     "A process that exits with runs still open (a failed notebook, a kernel shut down) discards their staged files."
-    for run in list(_OPEN_RUNS.values()):
-        try: run._close()
+    for run in open_runs():
+        try: run.abort()
         except Exception: pass
 
 def _markdown_table(df, floatfmt: str) -> str:
