@@ -344,3 +344,19 @@ def test_readme_errors(tmp_path, capsys, text):
     code, out, err = cli(capsys, tmp_path, "readme")
     assert code == 2 and err.count("\n") == 1
     assert ("no README.md" if text is None else "needs exactly one <!-- catalog:start -->") in err
+
+
+@pytest.mark.parametrize("error, code", [
+    ("DataError", 2), ("RunLockedError", 2), ("ValueError", 2), ("TypeError", 2), ("AssertionError", 1), ("OSError", 1)])
+def test_expected_errors_of_a_command_are_one_line(tmp_path, capsys, monkeypatch, error, code):
+    "What a benchmark can raise for bad input or a folder in use: one line on stderr, never a traceback."
+    import builtins
+    from paper_repro.core import bench
+    from paper_repro.core.data import DataError
+    kinds = dict(DataError=DataError, RunLockedError=RunLockedError)
+    exc = kinds.get(error) or getattr(builtins, error)
+    def boom(*a, **k): raise exc("data/MANIFEST.json is not valid JSON; restore it\nsecond line")
+    monkeypatch.setattr(bench, "run_decoding_bench", boom)
+    got, out, err = cli(capsys, tmp_path, "bench", "decoding", "--scale", "ci", "--device", "cpu")
+    assert got == code and err.startswith("paper-repro: error: ") and err.count("\n") == 1, err
+    assert "data/MANIFEST.json is not valid JSON; restore it second line" in err

@@ -218,3 +218,10 @@ def test_claim_validation(bad, msg):
     validate_claim(claim)
     with pytest.raises(ValueError, match=msg): validate_claim({**claim, **bad})
     with pytest.raises(ValueError, match="missing field"): validate_claim({k: v for k, v in claim.items() if k != "note"})
+
+
+@pytest.mark.parametrize("bad", ["tpu", "cpu:abc"])
+def test_load_zoo_checks_the_device_first(bad):
+    from paper_repro.core.zoo import load_zoo
+    with pytest.raises(ValueError, match=rf"unknown device '{bad}'; valid devices: auto, cpu, cuda, mps"):
+        load_zoo("code-draft", device=bad)

@@ -64,7 +64,8 @@ def load_tokenizer(root: Path | None = None) -> BPETokenizer:
 def load_zoo(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              root: Path | None = None) -> TransformerLM:
     "A trained zoo model (`code-target` or `code-draft`) in eval mode, checksum-verified."
-    return load_lm(data_path(_spec(name).file, root), device=device, dtype=dtype)
+    from paper_repro.core.repro import resolve_device  # a clear error for "tpu" or "cpu:abc", not torch's
+    return load_lm(data_path(_spec(name).file, root), device=resolve_device(device), dtype=dtype)
 
 def zoo_card(root: Path | None = None) -> dict:
     "Parameters, training time and validation perplexity of each zoo model, as measured when it was trained."
