@@ -31,8 +31,8 @@ from .core.catalog import (
     FAMILIES, PAPERS, STATUSES, Paper, catalog_frame, catalog_markdown, get_paper, load_claims, notebook_path,
     paper_status, results_dir, status_summary)
 from .core.data import DataError
-from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, open_runs,
-                                    check_scale, project_root, resolve_device, write_text_atomic)
+from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
+                                    open_runs, project_root, resolve_device, write_text_atomic)
 
 # %% auto #0
 __all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END',
@@ -80,8 +80,7 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
     default of a type the value can be read as (see `coerce_param`); `timeout`: seconds per cell, positive."""
     check_scale(scale)
     resolve_device(device)  # also fails when e.g. cuda is asked for on a machine without it
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     if jobs < 1: raise ValueError(f"-j/--jobs must be at least 1, got {jobs}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout!r}")
@@ -106,7 +105,9 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for cell in nbformat.read(str(path), as_version=4).cells:
         if "parameters" not in cell.metadata.get("tags", []): continue
-        for node in ast.parse(cell.source).body:
+        try: body = ast.parse(cell.source).body
+        except SyntaxError as e: raise ValueError(f"{path}: the parameters cell is not valid Python ({e.msg}, line {e.lineno})") from None
+        for node in body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
             for t in targets:
                 if not isinstance(t, ast.Name): continue
@@ -160,7 +161,8 @@ def notebook_params(paper: Paper, params: dict | None, root: str | Path | None =
     typed = {}
     for name, value in (params or {}).items():
         if name not in declared:
-            raise ValueError(f"{where} has no parameter {name!r}; its parameters: {', '.join(declared)}")
+            raise ValueError(f"{where} has no parameter {name!r}; its parameters: "
+                             f"{', '.join(declared) or 'none (it has no cell tagged parameters)'}")
         typed[name] = coerce_param(name, value, declared[name], where)
     return typed
 
@@ -476,8 +478,7 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
     "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
-    check_scale(args.scale); resolve_device(args.device)
-    if args.seed < 0: raise ValueError(f"seed must be a non-negative integer, got {args.seed}")
+    check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
     try:
         if args.suite == "dllm":
@@ -586,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paper-repro: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"paper-repro: {'terminated' if isinstance(e, Terminated) else 'interrupted'}: running notebooks were "
-              "stopped; previous results are kept", file=sys.stderr)
+        print(f"paper-repro: {'terminated' if isinstance(e, Terminated) else 'interrupted'}: stopped; previous results "
+              "are kept", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else 0

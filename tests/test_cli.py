@@ -94,7 +94,7 @@ def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_fa
     (["run", "copyspec", "--timeout", "nan"], "argument --timeout: must be a positive number of seconds"),
     (["run", "copyspec", "-p", "x", "1", "-p", "x", "2"], "-p x given more than once"),
     (["bench", "decoding", "--device", "cpu:abc"], "unknown device 'cpu:abc'"),
-    (["bench", "dllm", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["bench", "dllm", "--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1"),
     (["--root", "/nonexistent/checkout", "list"], "--root /nonexistent/checkout is not a folder"),
     (["run", "copyspec", "pearl", "ppd"], "paper 'ppd' has no notebook yet"),
     (["run", "copyspec", "-j", "0"], "-j/--jobs must be at least 1"),
@@ -207,7 +207,7 @@ def test_ctrl_c_stops_the_kernel_keeps_the_previous_results_and_exits_130(tmp_pa
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
     assert time.monotonic() - t0 < 30  # it did not wait for the notebook's 600 s sleep
-    assert "paper-repro: interrupted: running notebooks were stopped; previous results are kept" in err
+    assert "paper-repro: interrupted: stopped; previous results are kept" in err
     assert "Traceback" not in err
     for _ in range(50):
         if not _alive(kernel["pid"]): break
@@ -360,3 +360,18 @@ def test_expected_errors_of_a_command_are_one_line(tmp_path, capsys, monkeypatch
     got, out, err = cli(capsys, tmp_path, "bench", "decoding", "--scale", "ci", "--device", "cpu")
     assert got == code and err.startswith("paper-repro: error: ") and err.count("\n") == 1, err
     assert "data/MANIFEST.json is not valid JSON; restore it second line" in err
+
+
+def test_seeds_and_parameters_cells_that_cannot_work(fake_root, capsys):
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "--seed", str(2**64))
+    assert code == 2 and "seed must be an integer from 0 to 2**63 - 1" in err
+    nb = notebook_path("copyspec", fake_root)
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nretrain = = False"
+    nbformat.write(book, nb)
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "-p", "retrain", "1")
+    assert code == 2 and "the parameters cell is not valid Python (invalid syntax, line 5)" in err and err.count("\n") == 1
+    book.cells[0].metadata["tags"] = []
+    nbformat.write(book, nb)
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "-p", "retrain", "1")
+    assert code == 2 and "its parameters: none (it has no cell tagged parameters)" in err

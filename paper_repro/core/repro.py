@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SCALES', 'DEVICES', 'RUNNER_ENV', 'PARAMETERS_ENV', 'CLAIM_FIELDS', 'check_scale', 'resolve_device', 'project_root',
-           'relative_to_root', 'seed_everything', 'atomic_write', 'write_text_atomic', 'write_json_atomic',
-           'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results', 'validate_claim',
-           'RunContext', 'open_runs', 'start_run']
+__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'CLAIM_FIELDS', 'check_scale', 'resolve_device',
+           'project_root', 'relative_to_root', 'check_seed', 'seed_everything', 'atomic_write', 'write_text_atomic',
+           'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
+           'validate_claim', 'RunContext', 'open_runs', 'start_run']
 
 # %% ../../nbs/core/repro.ipynb #bf4921b2
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -85,10 +85,17 @@ def relative_to_root(path: str | Path) -> str:
     except ValueError: return str(p)
 
 # %% ../../nbs/core/repro.ipynb #88448962
+MAX_SEED = 2**63 - 1  # the largest seed every generator here accepts (torch's is a signed 64-bit integer)
+
+def check_seed(seed: int) -> int:
+    "Return `seed` if it is an int from 0 to `MAX_SEED`, else raise a `ValueError` saying so."
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return seed
+
 def seed_everything(seed: int) -> None:
     "Seed `random`, NumPy and torch (CPU and CUDA) with `seed`."
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
