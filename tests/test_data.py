@@ -94,3 +94,9 @@ def test_the_first_registration_starts_a_manifest(tmp_path):
     (tmp_path / "data/new.bin").write_bytes(b"x")
     entry = register_file("new.bin", "s", "l", "r", root=tmp_path)
     assert read_manifest(tmp_path) == {"new.bin": entry} and data_path("new.bin", tmp_path).read_bytes() == b"x"
+
+
+def test_read_manifest_reads_a_missing_one_as_empty_unless_asked(tmp_path):
+    (tmp_path / "data").mkdir()
+    assert read_manifest(tmp_path) == {}
+    with pytest.raises(DataError, match="MANIFEST.json is missing; restore"): read_manifest(tmp_path, missing_ok=False)

@@ -49,10 +49,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def _broken_manifest(path: Path, what: str) -> DataError:
     return DataError(f"{relative_to_root(path)} {what}; restore the committed one with `git checkout data/MANIFEST.json`")
 
-def read_manifest(root: Path | None = None, missing_ok: bool = False) -> dict[str, dict]:
+def read_manifest(root: Path | None = None, missing_ok: bool = True) -> dict[str, dict]:
     """The manifest as a dict `file name -> entry`, each entry checked (a `sha256`, and `bytes`/`rebuild` of the right
-    type where present); a `DataError` naming the manifest and its restore command if it is missing or broken.
-    `missing_ok=True` (for `register_file` in a new root) returns an empty dict when there is none."""
+    type where present); a `DataError` naming the manifest and its restore command if it is broken. A missing one is
+    an empty dict (a new `root` has none until `register_file` starts it), or with `missing_ok=False` (what
+    `data_path` asks) the same `DataError`."""
     path = data_dir(root) / "MANIFEST.json"
     if not path.is_file():
         if missing_ok: return {}
@@ -73,7 +74,7 @@ def read_manifest(root: Path | None = None, missing_ok: bool = False) -> dict[st
 def register_file(name: str, source: str, licence: str, rebuild: str, root: Path | None = None) -> dict:
     "Record `data/<name>`'s checksum and provenance in the manifest (after building or training it)."
     path = data_dir(root) / name
-    manifest = read_manifest(root, missing_ok=True)
+    manifest = read_manifest(root)
     manifest[name] = dict(sha256=sha256_file(path), bytes=path.stat().st_size, source=source, licence=licence,
                           rebuild=rebuild)
     write_json_atomic(data_dir(root) / "MANIFEST.json", dict(sorted(manifest.items())))
@@ -88,7 +89,7 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 
 def data_path(name: str, root: Path | None = None) -> Path:
     "Path of a verified data file; raises `DataError` if it is unknown, missing or its checksum differs."
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, missing_ok=False)
     if name not in manifest:
         raise DataError(f"data file {name!r} is not in data/MANIFEST.json; known files: {', '.join(sorted(manifest)) or 'none'}")
     entry, path = manifest[name], data_dir(root) / name
