@@ -205,7 +205,7 @@ def test_must_hold_claim_raises_after_staging(tmp_path):
 
 def test_result_names_stay_inside_the_folder(tmp_path):
     run = start_run("demo", scale="ci", device="cpu", out_dir=tmp_path)
-    for bad in ("../x.png", "/tmp/x.png", ".hidden.png", ""):
+    for bad in ("../x.png", "/tmp/x.png", ".hidden.png", "figs/.x.png", ""):
         with pytest.raises(ValueError, match="must be a relative path inside the results folder"): run.path(bad)
     run.abort()
 

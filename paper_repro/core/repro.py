@@ -156,8 +156,9 @@ def lock_holder(out_dir: str | Path) -> dict | None:
         try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError: pass  # held: read who holds it
         else: return None             # a file nobody holds (its holder is letting go)
-        try: return json.loads(os.read(fd, 1 << 16) or b"{}")
+        try: info = json.loads(os.read(fd, 1 << 16) or b"{}")
         except ValueError: return {}
+        return info if isinstance(info, dict) else {}
     finally: os.close(fd)
 
 def _describe(info: dict | None) -> str:
@@ -338,9 +339,9 @@ class RunContext:
     def path(self, name: str) -> Path:
         "Path of result file `name`: in staging while the run is open, in the results folder after `finish()`."
         rel = Path(name)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts[0].startswith("."):
+        if rel.is_absolute() or not rel.parts or any(part.startswith(".") for part in rel.parts):
             raise ValueError(f"result file name {name!r} must be a relative path inside the results folder, "
-                             "not hidden, without '..'")
+                             "without '..' or hidden parts")
         return (self.staging if self.staging is not None else self.out_dir) / rel
 
     def _writable(self, name: str) -> Path:
