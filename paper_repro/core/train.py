@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .data import DataError, data_dir, data_path, read_manifest, register_file
+from .data import DataError, data_dir, data_path, register_file
 from .repro import atomic_write, resolve_device, seed_everything
 
 # %% auto #0
@@ -363,7 +363,7 @@ def load_or_train(file: str, train: Callable[[], T], *, load: Callable[[dict], T
     `load` of the stored blob. A missing file without `retrain` raises `DataError` naming the rebuild command."""
     if not isinstance(retrain, bool): raise TypeError(f"retrain must be True or False, got {retrain!r}")
     if not retrain:
-        if file not in read_manifest(root) or not (data_dir(root) / file).exists():
+        if not (data_dir(root) / file).exists():  # a broken or missing manifest is data_path's error, not this one
             raise DataError(f"committed weights data/{file} are missing; rebuild them with: {rebuild}")
         return load(torch.load(data_path(file, root), map_location="cpu", weights_only=True))
     blob = dump(train())
