@@ -161,6 +161,17 @@ def test_hidden(name):
     assert not c.target.lm_head._forward_pre_hooks  # the capture leaves no hook behind
 
 
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_hidden_states_drive_medusa(name):
+    "Medusa heads on the hidden states the verification pass hands over (the hand-off lives in core.trees/decoding)."
+    trees = pytest.importorskip("paper_repro.core.trees", reason="needs the hidden-state hand-off of issue 10")
+    c = case(name)
+    heads = trees.MedusaHeads(c.target.lm_head.in_features, V, 3, lm_head=c.target.lm_head)
+    paths = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    steps = [s for res in check(c, lambda: trees.MedusaDrafter(heads, paths)) for s in res.steps]
+    assert any(s.accepted for s in steps)
+
+
 def test_every_method_of_the_table_has_its_test():
     assert all(f"test_{m}" in globals() for m in METHODS)
 
