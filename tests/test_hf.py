@@ -288,6 +288,7 @@ def test_adapter_generate_takes_tokenizer_output_and_stops_at_the_model_eos():
     finally:
         c.model.generation_config.eos_token_id = model_eos
     with pytest.raises(TypeError, match="float32 tensor"): c.target.generate(torch.tensor([1.0]), 4)
+    with pytest.raises(ValueError, match="eos_id must be an int, None or 'model', got 'eos'"): c.target.generate([1], 4, eos_id="eos")
 
 
 # ---------------------------------------------------------------- the old import path and the README table

@@ -327,7 +327,9 @@ class HFCausalLM(nn.Module):
         finally: handle.remove()
 
     def _eos(self, eos_id) -> int | None:
-        return self.eos_id if isinstance(eos_id, str) and eos_id == _MODEL_EOS else eos_id
+        if not isinstance(eos_id, str): return eos_id
+        if eos_id != _MODEL_EOS: raise ValueError(f"eos_id must be an int, None or {_MODEL_EOS!r}, got {eos_id!r}")
+        return self.eos_id
 
     def generate(self, prompt, max_new_tokens: int, drafter=None, *, sampler=None, eos_id: int | None | str = _MODEL_EOS,
                  max_draft: int = 256):
