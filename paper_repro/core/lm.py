@@ -1,5 +1,5 @@
-"""One small Llama-style LM (RoPE, RMSNorm, SwiGLU) that every decoding paper in the collection runs on, and an adapter
-that gives a Hugging Face causal LM the same protocol.
+"""One small Llama-style LM (RoPE, RMSNorm, SwiGLU) that every decoding paper in the collection runs on; the adapter
+that gives a Hugging Face causal LM the same protocol lives in `core.hf`.
 
 Docs: https://github.com/paper-repro/paper_repro/core/lm.html.md"""
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['LMConfig', 'CrossMemory', 'KVCache', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'Attention', 'MLP', 'CrossAttention',
-           'Block', 'CausalLM', 'causal_mask', 'TransformerLM', 'ConditionedLM', 'count_parameters', 'save_lm',
-           'load_lm', 'to_hf_llama', 'HFCache', 'HFCausalLM']
+           'Block', 'LMOutput', 'CausalLM', 'causal_mask', 'TransformerLM', 'ConditionedLM', 'count_parameters',
+           'save_lm', 'load_lm', 'to_hf_llama']
 
 # %% ../../nbs/core/lm.ipynb #f5bc489b
 @dataclass(frozen=True)
@@ -223,6 +223,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # %% ../../nbs/core/lm.ipynb #35471f35
+@dataclass
+class LMOutput:
+    "Logits `[batch, T, V]` and, when asked for (`return_hidden=True`), the final post-norm hidden states `[batch, T, d]`."
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
 @runtime_checkable
 class CausalLM(Protocol):
     "What the decoding core needs from a model."
@@ -426,59 +432,9 @@ def to_hf_llama(model: TransformerLM):
     return hf.to(device=model.device, dtype=model.dtype).eval()
 
 # %% ../../nbs/core/lm.ipynb #ff7ea87a
-class HFCache:
-    "A `transformers.DynamicCache` with the `KVCache` interface (`length`, `truncate`, `keep`)."
-    def __init__(self, batch_size: int = 1):
-        self.inner = _require_transformers().DynamicCache()
-        self.length = 0
-        self.batch_size = batch_size
-
-    def _layers(self):
-        return [l for l in self.inner.layers if getattr(l, "keys", None) is not None and l.keys.numel()]
-
-    def truncate(self, n: int) -> None:
-        "Keep only the first `n` slots."
-        if not 0 <= n <= self.length: raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        for l in self._layers(): l.keys, l.values = l.keys[..., :n, :], l.values[..., :n, :]
-        self.length = n
-
-    def keep(self, indices: Sequence[int], start: int = 0) -> None:
-        "Keep slots `0…start-1`, then the slots `indices` (strictly increasing, `>= start`) in that order."
-        idx = _check_keep(indices, start, self.length)
-        for l in self._layers():
-            sel = torch.tensor(idx, device=l.keys.device)
-            l.keys = torch.cat([l.keys[..., :start, :], l.keys.index_select(-2, sel)], dim=-2)
-            l.values = torch.cat([l.values[..., :start, :], l.values.index_select(-2, sel)], dim=-2)
-        self.length = start + len(idx)
-
-class HFCausalLM(nn.Module):
-    "Adapter: a Hugging Face causal LM with the `CausalLM` protocol of this package."
-    def __init__(self, model):
-        super().__init__()
-        self.model = model.eval()
-        # transformers renamed `past_key_values` to `cache` (5.x); use whichever this version's forward takes
-        import inspect
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    @property
-    def vocab_size(self) -> int: return self.model.config.vocab_size
-    @property
-    def device(self) -> torch.device: return next(self.model.parameters()).device
-    @property
-    def dtype(self) -> torch.dtype: return next(self.model.parameters()).dtype
-
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> HFCache:
-        "An empty cache (`capacity` is ignored: the Hugging Face cache grows by itself)."
-        return HFCache(batch_size)
-
-    def forward(self, tokens, positions=None, cache: HFCache | None = None, attn_mask=None) -> torch.Tensor:
-        "Logits `[batch, T, vocab]`; appends to `cache` if given."
-        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
-        B, T = tokens.shape
-        mask = attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)
-        mask = mask.expand(B, T, past + T)[:, None]
-        additive = torch.zeros(mask.shape, dtype=self.dtype, device=tokens.device).masked_fill(~mask, torch.finfo(self.dtype).min)
-        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=additive, use_cache=cache is not None,
-                         **{self._cache_kwarg: cache.inner if cache is not None else None})
-        if cache is not None: cache.length = past + T
-        return out.logits
+def __getattr__(name: str):
+    "`HFCausalLM` and `HFCache` moved to `paper_repro.core.hf`: import them from there (this keeps old imports working)."
+    if name in ("HFCausalLM", "HFCache"):
+        from paper_repro.core import hf
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
