@@ -36,10 +36,10 @@ from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError
 
 # %% auto #0
 __all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END',
-           'CliError', 'RunOutcome', 'papers_with_notebooks', 'check_run', 'notebook_parameters', 'parse_param',
-           'coerce_param', 'notebook_params', 'output_dir', 'kernel_manager_class', 'run_paper', 'run_papers',
-           'NoResultsError', 'report_path', 'build_report', 'replace_section', 'replace_catalog_section',
-           'bench_markdown', 'update_readme', 'build_parser', 'Terminated', 'main']
+           'HF_START', 'HF_END', 'CliError', 'RunOutcome', 'papers_with_notebooks', 'check_run', 'notebook_parameters',
+           'parse_param', 'coerce_param', 'notebook_params', 'output_dir', 'kernel_manager_class', 'run_paper',
+           'run_papers', 'NoResultsError', 'report_path', 'build_report', 'replace_section', 'replace_catalog_section',
+           'bench_markdown', 'hf_support_markdown', 'update_readme', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -385,6 +385,7 @@ def _rel(target: Path, base: Path) -> str:
 # %% ../nbs/core/cli.ipynb #ba0e8cd3
 CATALOG_START, CATALOG_END = "<!-- catalog:start -->", "<!-- catalog:end -->"
 BENCH_START, BENCH_END = "<!-- bench:decoding:start -->", "<!-- bench:decoding:end -->"
+HF_START, HF_END = "<!-- hf-support:start -->", "<!-- hf-support:end -->"
 
 def replace_section(text: str, content: str, start_marker: str = CATALOG_START, end_marker: str = CATALOG_END) -> str:
     "Put `content` between two marker lines of `text`; raise `ValueError` if the markers are missing or out of order."
@@ -403,8 +404,16 @@ def bench_markdown(root: Path) -> str:
     if not table.is_file(): return "_Not run yet: `paper-repro bench decoding --scale cpu`._"
     return table.read_text().strip() + "\n\nFigure: [results/cpu/bench/decoding.png](results/cpu/bench/decoding.png)"
 
+def hf_support_markdown() -> str:
+    "The Hugging Face support table (architectures x methods, from the matrix `tests/test_hf.py` runs)."
+    try: from paper_repro.core.hf import support_table
+    except ImportError: return "_Install the `hf` extra (transformers) to generate this table._"
+    try: return support_table()
+    except ImportError: return "_Install the `hf` extra (transformers) to generate this table._"
+
 def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
-    """Regenerate the catalogue section of `<root>/README.md`; return whether it was out of date.
+    """Regenerate the catalogue, benchmark and Hugging Face support sections of `<root>/README.md`; return whether
+    it was out of date.
     With `check=True` nothing is written."""
     root = Path(root) if root is not None else project_root()
     readme = root / "README.md"
@@ -412,6 +421,7 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     text = readme.read_text()
     new = replace_catalog_section(text, catalog_markdown(root))
     if BENCH_START in new: new = replace_section(new, bench_markdown(root), BENCH_START, BENCH_END)
+    if HF_START in new: new = replace_section(new, hf_support_markdown(), HF_START, HF_END)
     if new != text and not check: write_text_atomic(readme, new)
     return new != text
 
