@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: repro test zoo venv clean-results
+.PHONY: repro test zoo docs venv clean-results
 
 $(STAMP): pyproject.toml ci/bootstrap.sh ci/debian-packages.txt
 	bash ci/bootstrap.sh $(VENV)
@@ -27,3 +27,7 @@ test: $(STAMP)
 ## Retrain the tokenizer and the zoo LMs (about 10 minutes on 2 cores) and update data/MANIFEST.json
 zoo: $(STAMP)
 	cd nbs/core && ../../$(BIN)/papermill zoo.ipynb /tmp/zoo_executed.ipynb -p retrain True --cwd .
+
+## Build the documentation site into _docs/ (offline; notebooks with their stored outputs, README, report, API)
+docs: $(STAMP)
+	$(BIN)/python ci/build_docs.py

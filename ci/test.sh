@@ -27,6 +27,12 @@ step "README catalogue is up to date"
 step "pytest"
 "$BIN/pytest" -q
 
+step "docs build (make docs: the site in _docs/ from nbs/, README.md and results/, offline)"
+make --no-print-directory docs VENV="$VENV"
+
+step "docs site in headless Chromium: the landing page, copyspec and parallelbench show the figure, claims and API"
+"$BIN/python" ci/check_docs.py
+
 step "nbdev-test the substrate notebooks (nbs/core and every non-paper notebook of a family folder)"
 "$BIN/nbdev-test" nbs/core
 for nb in $("$BIN/python" -c "
