@@ -1,21 +1,24 @@
 "SpeechT5: data pipeline, cross-modal VQ, pre-/post-nets on the shared core transformers, incremental TTS, ablation wiring."
 import copy
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from paper_repro.core.data import data_path
 from paper_repro.core.lm import count_parameters
 from paper_repro.speech.features import length_mask
 from paper_repro.speech.speecht5 import (BOS, EOS, MASK, SPEAKERS, FinetuneConfig, GumbelVQ, KMeansUnits,
                                          PretrainConfig, SpeechData, SpeechT5, SpeechT5Config,
                                          decoder_sequence, dtw_l1, finetune_asr, finetune_tts, generate_frames,
-                                         group_frames, lr_at, make_vocab, pad_units, pretrain, span_mask,
+                                         group_frames, lr_at, pad_units, pretrain, span_mask,
                                          speaker_index, speech_decoder_loss, strip_specials, swap_with_codes,
-                                         synthesize, text_infill, text_pool, transcribe, unit_features)
+                                         speecht5_vocab, synthesize_mels, text_infill, text_pool,
+                                         transcribe_dataset, unit_features)
 
-VOCAB = make_vocab()
+VOCAB = speecht5_vocab()
 TINY = dict(d_model=16, n_heads=2, enc_layers=2, dec_layers=2, d_ff=32, r=2, n_units=6, vq_groups=2, vq_vars=4,
             prenet_hidden=16, postnet_channels=8, postnet_layers=3, n_mels=12)
 
@@ -169,7 +172,7 @@ def test_encoders_ignore_padding():
 def test_mask_embedding_replaces_masked_frames_only():
     m, d = _model(), _data(2)
     mel, flen, _ = d.batch([0, 1])
-    S = int(m.speech_prenet.out_lengths(flen).max())
+    S = int(m.subsample.out_lengths(flen).max())
     none = torch.zeros(2, S, dtype=torch.bool)
     h0, _ = m.encode_speech(mel, flen, none)
     torch.testing.assert_close(h0, m.encode_speech(mel, flen)[0])
@@ -187,7 +190,7 @@ def test_generated_frames_equal_teacher_forcing_on_them():
     h, hlen = m.encode_text(seqs)
     before, after, stop = m.speech_decode(m.decoder.encode_memory(h, hlen), frames, d.speakers[:4])
     torch.testing.assert_close(before, frames, rtol=1e-9, atol=1e-10)
-    mel, L = synthesize(m, seqs, d.speakers[:4], max_steps=7, threshold=2.0)
+    mel, L = synthesize_mels(m, seqs, d.speakers[:4], max_steps=7, threshold=2.0)
     torch.testing.assert_close(mel, after, rtol=1e-9, atol=1e-10)
     for b in range(4):   # and a row generated alone equals the same row in the batch
         alone, _ = generate_frames(m, seqs[b:b + 1], d.speakers[b:b + 1], max_steps=7, threshold=2.0)
@@ -229,7 +232,7 @@ def test_group_frames():
 
 def test_greedy_transcription_matches_a_no_cache_loop():
     m, d = _model(seed=2), _data(3)
-    got = transcribe(m, d, VOCAB, beam=1, ctc_weight=0.0, max_new_tokens=6)
+    got = transcribe_dataset(m, d, VOCAB, beam=1, ctc_weight=0.0, max_new_tokens=6)
     for b in range(3):
         h, hlen = m.encode_speech(d.mels[b][None], torch.tensor([len(d.mels[b])]))
         mem = m.decoder.encode_memory(h, hlen)
@@ -239,7 +242,7 @@ def test_greedy_transcription_matches_a_no_cache_loop():
             if nxt == VOCAB.index[EOS]: break
             seq.append(nxt)
         assert got[b] == strip_specials(VOCAB, seq[1:])
-    beam = transcribe(m, d, VOCAB, beam=3, ctc_weight=0.3, max_new_tokens=6)
+    beam = transcribe_dataset(m, d, VOCAB, beam=3, ctc_weight=0.3, max_new_tokens=6)
     assert len(beam) == 3 and all(isinstance(t, str) for t in beam)
 
 
@@ -288,12 +291,12 @@ def test_pretraining_variants_train_what_they_should(variant):
     spec = dict(full={}, no_vq=dict(swap_prob=0.0), text_only=dict(speech=False))[variant]
     m, d = _model(dtype=torch.float32), _data(6)
     d = SpeechData([x.float() for x in d.mels], d.texts, d.speakers, d.units)
-    before = {n: _params(getattr(m, n)) for n in ("speech_prenet", "speech_postnet", "quantizer", "unit_head")}
+    before = {n: _params(getattr(m, n)) for n in ("subsample", "speech_postnet", "quantizer", "unit_head")}
     hist = pretrain(m, d, text_pool(20, 0), VOCAB, PretrainConfig(steps=2, speech_batch=3, text_batch=4, log_every=1,
                                                                     weight_decay=0.0, **spec))
     assert len(hist) == 2 and all(np.isfinite(v) for h in hist for v in h.values())
     changed = {n: any(not torch.equal(a, b) for a, b in zip(ps, _params(getattr(m, n)))) for n, ps in before.items()}
-    assert changed["speech_prenet"] == changed["speech_postnet"] == changed["unit_head"] == (variant != "text_only")
+    assert changed["subsample"] == changed["speech_postnet"] == changed["unit_head"] == (variant != "text_only")
     assert changed["quantizer"] == (variant != "no_vq")
     assert ("speech_unit" in hist[0]) == (variant != "text_only") and "text_text" in hist[0]
     with pytest.raises(ValueError, match="nothing to pre-train"):
@@ -310,3 +313,65 @@ def test_finetuning_lowers_the_loss_on_a_tiny_set():
                                                                     mask_prob=0.0))
     tts = finetune_tts(copy.deepcopy(m), d, VOCAB, FinetuneConfig(steps=40, batch=4, lr=1e-2, warmup=5))
     assert np.mean(asr[-5:]) < 0.5 * np.mean(asr[:5]) and np.mean(tts[-5:]) < 0.8 * np.mean(tts[:5])
+
+
+# ---------------------------------------------------------------- committed weights after the SpeechSeq2Seq refactor
+# recorded once with the code of commit d0e4065 (SpeechT5 built its own encoder/decoder then) by these same inputs and
+# calls: the committed model's outputs in float64, and a tiny model's initialisation under seed 0 with its parameter order
+REFERENCE = Path(__file__).parent / "data" / "speecht5_reference.pt"
+
+
+def _reference_outputs(m: SpeechT5, n_mels: int) -> dict:
+    "What `tests/data/speecht5_reference.pt` recorded with the code before SpeechT5 subclassed SpeechSeq2Seq."
+    m = m.double().eval()
+    m.speech_dec_prenet.dropout = 0.0
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, 37, n_mels, generator=g, dtype=torch.float64)
+    flen = torch.tensor([37, 23])
+    with torch.no_grad():
+        hidden, hlen = m.encode_speech(mel, flen)
+        mask = torch.zeros(2, hidden.shape[1], dtype=torch.bool)
+        mask[:, 2:5] = True
+        hmask, _ = m.encode_speech(mel, flen, mask)
+        seqs = [decoder_sequence(VOCAB, "red apple"), decoder_sequence(VOCAB, "tree")]
+        tok = torch.zeros(2, max(map(len, seqs)), dtype=torch.long)
+        for i, s in enumerate(seqs): tok[i, :len(s)] = torch.tensor(s)
+        dec = m.decoder(tok, memory=m.decoder.encode_memory(hidden, hlen))
+        th, tl = m.encode_text([VOCAB.encode("red apple"), VOCAB.encode("tree")])
+        before, after, stop = m.speech_decode(m.decoder.encode_memory(th, tl), mel, torch.tensor([0, 5]))
+        return dict(hidden=hidden, hidden_masked=hmask, ctc_logits=m.ctc_logits(hidden), decoder_logits=dec,
+                    text_hidden=th, mel_before=before, mel_after=after, stop=stop, units=m.unit_head(hidden))
+
+
+def test_committed_weights_load_and_match_the_pre_refactor_outputs():
+    "data/speecht5.pt (keys `speech_prenet.*`) loads into the SpeechSeq2Seq-based model and computes what it did before."
+    ckpt = torch.load(data_path("speecht5.pt"), map_location="cpu", weights_only=True)
+    ref = torch.load(REFERENCE, weights_only=True)
+    cfg = SpeechT5Config(**ckpt["config"])
+    state = ckpt["models"]["SpeechT5"]
+    assert any(k.startswith("speech_prenet.") for k in state)          # the committed file's own names
+    m = SpeechT5(cfg)
+    m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})   # strict
+    assert torch.equal(m.subsample.proj.weight, state["speech_prenet.proj.weight"].float())
+    assert [k.replace("speech_prenet.", "subsample.") for k in ref["committed_keys"]] == list(m.state_dict())
+    got = _reference_outputs(m, cfg.n_mels)
+    for name, want in ref["committed"].items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=lambda s: f"{name}: {s}")
+    # saving and loading again uses the new names
+    again = SpeechT5(cfg)
+    again.load_state_dict(m.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
+
+
+def test_initialisation_and_parameter_order_are_the_pre_refactor_ones():
+    "A seed gives the initialisation of before (the cpu run's 'no pre-training' variant is it), parameters in one order."
+    ref = torch.load(REFERENCE, weights_only=True)
+    tiny = SpeechT5Config(vocab_size=len(VOCAB), d_model=16, n_heads=2, enc_layers=1, dec_layers=1, d_ff=32, r=2,
+                          n_units=6, vq_vars=4, prenet_hidden=16, postnet_channels=8, postnet_layers=2)
+    torch.manual_seed(0)
+    m = SpeechT5(tiny)
+    names = [n.replace("subsample.", "speech_prenet.") for n, _ in m.named_parameters()]
+    assert names == ref["tiny_param_names"]                            # the order gradient clipping sums norms in
+    state = {k.replace("subsample.", "speech_prenet."): v for k, v in m.state_dict().items()}
+    assert list(state) == list(ref["tiny_init"])
+    for k, v in ref["tiny_init"].items(): assert torch.equal(state[k], v), k

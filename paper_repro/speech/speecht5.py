@@ -19,21 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.lm import LMConfig, TransformerLM, count_parameters
+from ..core.lm import count_parameters
 from ..core.zoo import warmup_cosine
 from .asr import Vocab, cer, ctc_loss
 from .corpus import LANG_VOICES, WORDS, CorpusSpec, SpeechCorpus
 from .features import LogMel, length_mask, mfcc
-from .seq2seq import ConvSubsampling, decoder_loss, encode, greedy_decode, joint_beam_search
+from .seq2seq import Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss, encode
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SPEEDS', 'SPEAKERS', 'BOS', 'EOS', 'MASK', 'N_MELS', 'UNIT_STACK', 'words_spec', 'speaker_index',
-           'text_pool', 'make_vocab', 'decoder_sequence', 'strip_specials', 'text_infill', 'SpeechData',
+           'text_pool', 'speecht5_vocab', 'decoder_sequence', 'strip_specials', 'text_infill', 'SpeechData',
            'make_frontend', 'featurize', 'unit_features', 'KMeansUnits', 'add_units', 'span_mask', 'GumbelVQ',
            'swap_with_codes', 'SpeechDecoderPrenet', 'SpeechDecoderPostnet', 'group_frames', 'SpeechT5Config',
            'SpeechT5', 'speech_decoder_loss', 'PretrainConfig', 'lr_at', 'pad_units', 'speech_pretrain_losses',
            'text_pretrain_losses', 'pretrain', 'FinetuneConfig', 'asr_losses', 'tts_losses', 'finetune_asr',
-           'finetune_tts', 'transcribe', 'generate_frames', 'synthesize', 'teacher_forced_l1', 'dtw_l1']
+           'finetune_tts', 'transcribe_dataset', 'generate_frames', 'synthesize_mels', 'teacher_forced_l1', 'dtw_l1']
 
 # %% ../../nbs/speech/speecht5.ipynb #59f16c3f
 VARIANTS: tuple[str, ...] = ("m3", "f2")
@@ -62,7 +62,7 @@ def text_pool(n: int, seed: int, min_words: int = 1, max_words: int = 3) -> list
 # %% ../../nbs/speech/speecht5.ipynb #b0028f31
 BOS, EOS, MASK = "<s>", "</s>", "<mask>"
 
-def make_vocab() -> Vocab:
+def speecht5_vocab() -> Vocab:
     "Characters of the word list (blank at 0), then `<s>`, `</s>`, `<mask>`."
     chars = sorted(set(" ".join(WORDS["en"])))
     return Vocab([*chars, BOS, EOS, MASK])
@@ -325,32 +325,39 @@ class SpeechT5Config:
                      "n_speakers", "vq_groups", "vq_vars", "prenet_hidden", "postnet_channels", "postnet_layers"):
             if getattr(self, name) < 1: raise ValueError(f"SpeechT5Config.{name} must be positive, got {getattr(self, name)}")
 
-class SpeechT5(nn.Module):
-    "Shared encoder and decoder (core `TransformerLM`s) with speech/text pre-nets and post-nets and a shared codebook."
+    def seq2seq(self) -> Seq2SeqConfig:
+        "The shared encoder-decoder's shape: a `SpeechSeq2Seq` with one vocabulary and the speech pre-net's 4× subsampling."
+        return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
+                             enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads, d_ff=self.d_ff,
+                             subsample=UNIT_STACK)
+
+def _renamed_prenet_keys(module, state_dict, prefix, *args) -> None:
+    "Load-time key map: weights saved before SpeechT5 subclassed `SpeechSeq2Seq` call the speech pre-net `speech_prenet`."
+    for key in [k for k in state_dict if k.startswith(prefix + "speech_prenet.")]:
+        state_dict[prefix + "subsample." + key[len(prefix + "speech_prenet."):]] = state_dict.pop(key)
+
+class SpeechT5(SpeechSeq2Seq):
+    """Shared encoder and decoder (the `SpeechSeq2Seq` pair, with its CTC head) with speech/text pre-nets and post-nets
+    and a shared codebook. The speech encoder pre-net is `SpeechSeq2Seq.subsample`; there is no log-mel front end
+    inside (the features carry the speech pool's global statistics, computed outside)."""
     def __init__(self, cfg: SpeechT5Config):
-        super().__init__()
+        super().__init__(cfg.seq2seq(), frontend=False, subsample_last=True)
         self.cfg = cfg
         d = cfg.d_model
-        self.encoder = TransformerLM(LMConfig(vocab_size=cfg.vocab_size, d_model=d, n_layers=cfg.enc_layers,
-                                              n_heads=cfg.n_heads, d_ff=cfg.d_ff))
-        self.decoder = TransformerLM(LMConfig(vocab_size=cfg.vocab_size, d_model=d, n_layers=cfg.dec_layers,
-                                              n_heads=cfg.n_heads, d_ff=cfg.d_ff, cross_attention=True))
         self.decoder.embed_tokens.weight = self.encoder.embed_tokens.weight   # text pre-nets and post-net share
         self.decoder.lm_head.weight = self.encoder.embed_tokens.weight        # one embedding matrix
-        self.speech_prenet = ConvSubsampling(cfg.n_mels, d, factor=UNIT_STACK)
         self.mask_embed = nn.Parameter(torch.randn(d) * 0.1)
         self.unit_head = nn.Linear(d, cfg.n_units)
         self.speech_dec_prenet = SpeechDecoderPrenet(cfg.n_mels, cfg.r, d, cfg.prenet_hidden, cfg.n_speakers)
         self.speech_postnet = SpeechDecoderPostnet(d, cfg.n_mels, cfg.r, cfg.postnet_channels, cfg.postnet_layers)
         self.quantizer = GumbelVQ(d, cfg.vq_groups, cfg.vq_vars)
+        self.register_load_state_dict_pre_hook(_renamed_prenet_keys)
 
     # --- encoder side ---
     def encode_speech(self, mel: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d]` and lengths of log-mels `[B, F, n_mels]`; `mask` `[B, S]` hides pre-net frames."
-        x, xlen = self.speech_prenet(mel, lengths)
-        if mask is not None: x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
-        return encode(self.encoder, x, xlen), xlen
+        return self.encode_features(mel, lengths, mask, self.mask_embed)
 
     def encode_text(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d]` and lengths of token sequences (padded with the blank id, which is never attended)."
@@ -360,10 +367,6 @@ class SpeechT5(nn.Module):
         tok = torch.zeros(len(sequences), int(lens.max()), dtype=torch.long, device=dev)
         for i, s in enumerate(sequences): tok[i, :len(s)] = torch.tensor(list(s), dtype=torch.long, device=dev)
         return encode(self.encoder, self.encoder.embed_tokens(tok), lens), lens
-
-    def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        "CTC logits `[B, S, vocab]` of speech encoder states."
-        return self.encoder.lm_head(hidden)
 
     # --- the interface between encoder and decoder ---
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor, swap_prob: float = 0.0,
@@ -436,7 +439,7 @@ def speech_pretrain_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tenso
                            units: Sequence[torch.Tensor], cfg: PretrainConfig,
                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     "Masked unit prediction and mel reconstruction (and the codebook's diversity loss) on one speech batch."
-    slen = model.speech_prenet.out_lengths(flen)
+    slen = model.subsample.out_lengths(flen)
     mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, generator)
     hidden, hlen = model.encode_speech(mel, flen, mask)
     labels = pad_units(units, hlen, hidden.shape[1])
@@ -553,7 +556,7 @@ def finetune_asr(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneC
         mel, flen, _ = data.batch(idx, dev)
         mask = None
         if cfg.mask_prob > 0:
-            slen = model.speech_prenet.out_lengths(flen)
+            slen = model.subsample.out_lengths(flen)
             mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, gen)
         return asr_losses(model, mel, flen, [data.texts[i] for i in idx], vocab, cfg.ctc_weight, mask)["total"]
     return _finetune(model, data, cfg, seed, step_loss, progress)
@@ -568,8 +571,8 @@ def finetune_tts(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneC
 
 # %% ../../nbs/speech/speecht5.ipynb #219d1aca
 @torch.no_grad()
-def transcribe(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, ctc_weight: float = 0.5,
-               batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
+def transcribe_dataset(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, ctc_weight: float = 0.5,
+                       batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
     "Transcripts of every clip of `data` by joint CTC/attention beam search (`beam=1, ctc_weight=0`: greedy)."
     dev = next(model.parameters()).device
     model.eval()
@@ -578,14 +581,9 @@ def transcribe(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, c
         idx = list(range(s, min(s + batch_size, len(data))))
         mel, flen, _ = data.batch(idx, dev)
         hidden, hlen = model.encode_speech(mel, flen)
-        memory = model.decoder.encode_memory(hidden, hlen)
-        prompts = [[vocab.index[BOS]]] * len(idx)
-        if beam == 1 and ctc_weight == 0:
-            ids = greedy_decode(model.decoder, memory, prompts, max_new_tokens, vocab.index[EOS])
-        else:
-            lp = F.log_softmax(model.ctc_logits(hidden).float(), -1)
-            ids = joint_beam_search(model.decoder, memory, prompts, vocab.index[EOS], beam=beam, ctc_log_probs=lp,
-                                    ctc_lengths=hlen, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
+        ids = attention_decode(model.decoder, model.decoder.encode_memory(hidden, hlen), [[vocab.index[BOS]]] * len(idx),
+                               vocab.index[EOS], max_new_tokens, beam, ctc_weight,
+                               model.ctc_logits(hidden) if ctc_weight > 0 else None, hlen)
         out += [strip_specials(vocab, t) for t in ids]
     return out
 
@@ -618,8 +616,8 @@ def generate_frames(model: SpeechT5, sequences: Sequence[Sequence[int]], speaker
     return torch.cat(frames, 1), stop_at
 
 @torch.no_grad()
-def synthesize(model: SpeechT5, sequences: Sequence[Sequence[int]], speakers: torch.Tensor, max_steps: int = 60,
-               threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def synthesize_mels(model: SpeechT5, sequences: Sequence[Sequence[int]], speakers: torch.Tensor, max_steps: int = 60,
+                    threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     "Log-mels `[B, F, n_mels]` (after the post-net) and frame lengths `[B]` generated from token sequences."
     mel, lengths = generate_frames(model, sequences, speakers, max_steps, threshold)
     return model.speech_postnet.refine(mel, lengths), lengths
