@@ -4,7 +4,7 @@ import torch
 
 from paper_repro.speech.features import length_mask
 from paper_repro.speech.stateful_conformer import (AttContext, CausalConv1d, ConformerEncoder, EncoderConfig,
-                                                   StreamingASR, context_mask, stream_encode, words_to_ids)
+                                                   StreamingASR, context_mask, stream_encode)
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -120,8 +120,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="feats must be"): enc(torch.zeros(1, 8, 5), torch.tensor([8]), AttContext())
     with pytest.raises(ValueError, match="power of 2"): ConformerEncoder(EncoderConfig(subsampling=6))
     model = StreamingASR(DIGITS, EncoderConfig(n_mels=12, d=24, layers=1))
-    assert words_to_ids(model.vocab, "three one") == [4, 2]
-    with pytest.raises(ValueError, match="not a token"): words_to_ids(model.vocab, "three eleven")
+    assert model.vocab.encode_words("three one") == [4, 2]
+    with pytest.raises(ValueError, match="not in the vocabulary"): model.vocab.encode_words("three eleven")
     enc_out = torch.zeros(1, 4, 24)
     with pytest.raises(ValueError, match="valid: 'ctc', 'rnnt'"): model.decode(enc_out, torch.tensor([4]), "attn")
     with pytest.raises(ValueError, match="ctc_weight"):

@@ -4,10 +4,11 @@ import pytest
 import sacrebleu
 import torch
 
-from paper_repro.speech.subtitle_asr import (ADVERBS, ARCHS, FILLERS, NUMBERS, SPECIALS, Clip, ScriptConfig,
-                                             SubtitleASR, SubtitleASRConfig, TrainConfig, collate, condense, ids_to_text,
-                                             lexicon, make_script, make_scripts, make_vocab, script_corpus_spec,
-                                             subtitle_bleu, train_subtitle_asr, transcribe, words_to_ids)
+from paper_repro.speech.subtitle_asr import (ADVERBS, ARCHS, FILLERS, NUMBERS, SPECIALS, ScriptConfig, SubtitleASR,
+                                             SubtitleASRConfig, SubtitleClip, SubtitleTrainConfig, collate, condense,
+                                             ids_to_text, lexicon, make_script, make_scripts, script_corpus_spec,
+                                             subtitle_bleu, subtitle_vocab, train_subtitle_asr,
+                                             transcribe_and_subtitle)
 
 
 # ---------------------------------------------------------------- verbatim -> subtitle rules
@@ -60,8 +61,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="p_drop"): condense(["a"], "nl", p_drop=1.5)
     with pytest.raises(ValueError, match="p_repeat"): ScriptConfig(p_repeat=-0.1)
     with pytest.raises(ValueError, match="at least 1"): make_scripts(0)
-    with pytest.raises(ValueError, match="not in the vocabulary"): words_to_ids("ik heb xylofoon", make_vocab("nl"))
-    with pytest.raises(ValueError, match="not in the vocabulary"): words_to_ids("ik <eos>", make_vocab("nl"))
+    v = subtitle_vocab("nl")
+    with pytest.raises(ValueError, match="not in the vocabulary"): v.encode_words("ik heb xylofoon", SPECIALS)
+    with pytest.raises(ValueError, match="not in the vocabulary"): v.encode_words("ik <eos>", SPECIALS)
     with pytest.raises(ValueError, match="at least one script"): script_corpus_spec([])
     with pytest.raises(ValueError, match="references but"): subtitle_bleu(["a b"], [])
     with pytest.raises(ValueError, match="valid: verbatim, pooled, shared, cascade"): _cfg("dual")
@@ -71,12 +73,12 @@ def test_bad_inputs():
 
 # ---------------------------------------------------------------- tokens, corpus spec, metrics
 def test_vocab_layout_and_round_trip():
-    v = make_vocab("nl")
+    v = subtitle_vocab("nl")
     assert v.blank == 0 and v.tokens[-len(SPECIALS):] == list(SPECIALS)
     s = make_scripts(20, "nl", 0)
     for x in s:
-        assert ids_to_text(words_to_ids(x.subtitle, v), v) == x.subtitle
-    ids = words_to_ids(s[0].verbatim, v)
+        assert ids_to_text(v.encode_words(x.subtitle, SPECIALS), v) == x.subtitle
+    ids = v.encode_words(s[0].verbatim, SPECIALS)
     assert ids_to_text([v.index["<verbatim>"], 0, *ids, v.index["<eos>"]], v) == s[0].verbatim
     spec = script_corpus_spec(s[:3], variants=(None,), speeds=(175,), pitches=(50,))
     assert spec.kind == "texts" and spec.n == 3 and spec.texts[1] == ("nl", s[1].verbatim)
@@ -89,7 +91,7 @@ def test_bleu_is_sacrebleu_corpus_bleu():
 
 
 # ---------------------------------------------------------------- the model
-VOCAB = make_vocab("nl")
+VOCAB = subtitle_vocab("nl")
 
 
 def _cfg(arch, **kw):
@@ -109,11 +111,12 @@ def _batch(lengths=(17, 9, 13, 6), seed=1):
     g = torch.Generator().manual_seed(seed)
     clips = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in lengths]
     s = make_scripts(len(lengths), "nl", seed)
-    return clips, [words_to_ids(x.verbatim, VOCAB)[:3] for x in s], [words_to_ids(x.subtitle, VOCAB)[:3] for x in s]
+    return (clips, [VOCAB.encode_words(x.verbatim, SPECIALS)[:3] for x in s],
+            [VOCAB.encode_words(x.subtitle, SPECIALS)[:3] for x in s])
 
 
 def _loss(model, clips, verb, sub):
-    feats, flen = collate([Clip(f, None, None) for f in clips])
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
     return model.loss(feats, flen, verb, sub)
 
 
@@ -174,7 +177,7 @@ def test_shared_subtitle_decoder_reads_encoder_one():
     m = _model("shared")
     assert not hasattr(m, "sub_encoder")
     clips, _, _ = _batch()
-    feats, flen = collate([Clip(f, None, None) for f in clips])
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
     h, hl = m.encode_features(feats, flen)
     assert m.subtitle_states(h, hl) is h
     c = _model("cascade")
@@ -200,8 +203,9 @@ def _brute_greedy(decoder, memory_states, hl, start, eos, n):
 def test_transcribe_greedy_matches_brute_force(arch):
     m = _model(arch, seed=2)
     clips, _, _ = _batch((11, 5, 8))
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    verb, sub = transcribe(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=6)   # λ = 0: greedy
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    # λ = 0: greedy
+    verb, sub = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=6)
     with torch.no_grad():
         h, hl = m.encode_features(feats, flen)
         c = m.cfg
@@ -216,8 +220,8 @@ def test_transcribe_greedy_matches_brute_force(arch):
 def test_transcribe_joint_beam_runs_and_stays_in_vocabulary():
     m = _model("cascade", seed=3)
     clips, _, _ = _batch((15, 7))
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    verb, sub = transcribe(m, feats, flen, beam=3, ctc_weight=0.3, sub_beam=2, max_new_tokens=5)
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    verb, sub = transcribe_and_subtitle(m, feats, flen, beam=3, ctc_weight=0.3, sub_beam=2, max_new_tokens=5)
     assert len(verb) == len(sub) == 2
     specials = {VOCAB.index[s] for s in SPECIALS}
     for v in verb: assert all(1 <= t < len(VOCAB) and t not in specials for t in v)   # CTC: no specials but eos
@@ -227,15 +231,15 @@ def test_transcribe_joint_beam_runs_and_stays_in_vocabulary():
 def test_training_reduces_the_loss_and_skips_subtitles_for_verbatim_only():
     torch.manual_seed(0)
     clips, verb, sub = _batch((10, 12, 8, 9, 11, 7))
-    vclips = [Clip(f.float(), v, None) for f, v in zip(clips[:3], verb[:3])]
-    sclips = [Clip(f.float(), None, s) for f, s in zip(clips[3:], sub[3:])]
-    cfg = TrainConfig(steps=60, n_verbatim=3, n_subtitle=3, lr=3e-3, warmup=5)
+    vclips = [SubtitleClip(f.float(), v, None) for f, v in zip(clips[:3], verb[:3])]
+    sclips = [SubtitleClip(f.float(), None, s) for f, s in zip(clips[3:], sub[3:])]
+    cfg = SubtitleTrainConfig(steps=60, n_verbatim=3, n_subtitle=3, lr=3e-3, warmup=5)
     m = SubtitleASR(_cfg("cascade"))
     hist = train_subtitle_asr(m, vclips, sclips, cfg, seed=0)
     assert [h["step"] for h in hist] == [50, 60] and hist[-1]["total"] < hist[0]["total"] and hist[-1]["att_subtitle"] > 0
     assert not m.training
     v = SubtitleASR(_cfg("verbatim"))
-    hist = train_subtitle_asr(v, vclips, sclips, TrainConfig(steps=3, n_verbatim=3, warmup=1), seed=0)
+    hist = train_subtitle_asr(v, vclips, sclips, SubtitleTrainConfig(steps=3, n_verbatim=3, warmup=1), seed=0)
     assert all(h["att_subtitle"] == 0 for h in hist)
     with pytest.raises(ValueError, match="at least one verbatim clip"): train_subtitle_asr(v, [], sclips, cfg)
 
@@ -248,7 +252,7 @@ def test_attention_only_subtitle_branch():
     out = _loss(m, clips, [None] * 4, sub)
     assert float(out["ctc_subtitle"]) == 0.0
     torch.testing.assert_close(out["total"], out["att_subtitle"], rtol=1e-12, atol=1e-12)
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    _, s_beam = transcribe(m, feats, flen, beam=1, ctc_weight=0.3, sub_beam=1, max_new_tokens=5)
-    _, s_greedy = transcribe(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=5)
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    _, s_beam = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.3, sub_beam=1, max_new_tokens=5)
+    _, s_greedy = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=5)
     assert s_beam == s_greedy    # the subtitle branch ignores λ when it has no CTC head

@@ -25,8 +25,8 @@ from .features import LogMel, length_mask
 # %% auto #0
 __all__ = ['AttContext', 'context_mask', 'CausalConv1d', 'CausalSubsampling', 'RelPosSelfAttention', 'FeedForward', 'ConvModule',
            'ConformerLayer', 'LayerCache', 'StreamState', 'EncoderConfig', 'ConformerEncoder', 'stream_encode',
-           'words_to_ids', 'StreamingASR', 'TrainConfig', 'length_buckets', 'evaluate_asr', 'train_asr',
-           'buffered_encode', 'buffered_setting']
+           'StreamingASR', 'StreamingTrainConfig', 'length_buckets', 'evaluate_asr', 'train_asr', 'buffered_encode',
+           'buffered_setting']
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #5104d484
 @dataclass(frozen=True)
@@ -302,15 +302,6 @@ def stream_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch
     return torch.cat(outs, 1)[:, :int(out_len.max())], out_len
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #8bf74fad
-def words_to_ids(vocab: Vocab, text: str) -> list[int]:
-    "Token ids of a text whose words are all vocabulary tokens."
-    ids = []
-    for w in text.split():
-        if w not in vocab.index or w == vocab.tokens[vocab.blank]:
-            raise ValueError(f"word {w!r} of {text!r} is not a token; valid: {vocab.tokens[1:]}")
-        ids.append(vocab.index[w])
-    return ids
-
 class StreamingASR(nn.Module):
     "Log-mel front end + cache-aware Conformer encoder + CTC head + RNN-T predictor/joiner (a hybrid model)."
     def __init__(self, tokens: list[str], enc: EncoderConfig = EncoderConfig(), pred_dim: int = 64, joint_dim: int = 64):
@@ -329,7 +320,7 @@ class StreamingASR(nn.Module):
 
     def targets(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         "Padded token ids `[B, U]` and lengths of transcripts."
-        seqs = [words_to_ids(self.vocab, t) for t in texts]
+        seqs = [self.vocab.encode_words(t) for t in texts]
         lens = torch.tensor([len(s) for s in seqs], device=device)
         out = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=device)
         for i, s in enumerate(seqs): out[i, :len(s)] = torch.tensor(s, device=device)
@@ -358,7 +349,7 @@ class StreamingASR(nn.Module):
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #dee98e91
 @dataclass
-class TrainConfig:
+class StreamingTrainConfig:
     "Optimisation settings of `train_asr`."
     steps: int = 600
     batch: int = 32
@@ -406,7 +397,8 @@ def evaluate_asr(model: StreamingASR, corpus, ctx: AttContext, decoders=("ctc", 
     out.update(ctc_loss=ctc_l / len(corpus), rnnt_loss=rnnt_l / len(corpus))
     return out
 
-def train_asr(model: StreamingASR, corpus, contexts: list[AttContext], cfg: TrainConfig = TrainConfig(),
+def train_asr(model: StreamingASR, corpus, contexts: list[AttContext],
+              cfg: StreamingTrainConfig = StreamingTrainConfig(),
               dev_corpus=None, seed: int = 0, progress=None) -> list[dict]:
     "Train `model` on `corpus`; each batch uses one context drawn from `contexts`. Returns the evaluation history."
     if not contexts: raise ValueError("contexts must hold at least one AttContext")
