@@ -350,3 +350,44 @@ def test_example_stats_sum_to_the_headline_metric_and_bootstrap():
     assert d == pytest.approx(0.5) and 0 < lo <= d <= hi
     assert paired_bootstrap(bad, good, False)[0] == pytest.approx(0.5)   # lower is better: B's higher value loses
     with pytest.raises(ValueError, match="equally long"): paired_bootstrap(good, bad[:3], True)
+
+
+def _pre_fit_train_model(model, vocab, clips, examples, scheme, cfg, seed=0, eval_fn=None):
+    "The training loop of this notebook before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.core.train import warmup_cosine
+    by_task = {t: [ex for ex in examples if ex.task == t] for t in TASKS}
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup))
+    history = []
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        loss = batch_loss(model, vocab, clips, sample_task_batch(by_task, cfg.batch, rng), scheme, cfg.ctc_weight)
+        opt.zero_grad(set_to_none=True)
+        loss["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step(); sched.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rec = dict(step=step, **{k: float(v.detach()) for k, v in loss.items()})
+            if eval_fn is not None: rec["eval"] = eval_fn(step)
+            history.append(rec)
+    model.eval()
+    return history
+
+
+def test_train_model_on_fit_takes_the_steps_of_the_pre_fit_loop(setup):
+    "The notebook's model size and optimiser settings, a few steps: bit-identical parameters and history."
+    clips, vocab, _ = setup
+    cfg = QwenAudioTrainConfig(steps=7, batch=16, lr=2e-3, warmup=3, eval_every=3, clip_norm=0.5)
+    exs = clips.examples()
+    runs = []
+    for train in (_pre_fit_train_model, train_model):
+        torch.manual_seed(0)
+        m = SpeechSeq2Seq(Seq2SeqConfig(len(vocab), n_mels=40, d_model=80, enc_layers=3, dec_layers=2, n_heads=4,
+                                        d_ff=192))
+        ev = lambda step: evaluate(m, vocab, clips, exs[:6], "hierarchical", ("transcribe", "language_id"))
+        hist = train(m, vocab, clips, exs, "hierarchical", cfg, seed=3, eval_fn=ev)
+        runs.append((m, hist))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and [h["step"] for h in h_new] == [3, 6, 7] and not new.training
+    for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name

@@ -13,7 +13,7 @@ from paper_repro.speech.features import length_mask
 from paper_repro.speech.speecht5 import (BOS, EOS, MASK, SPEAKERS, FinetuneConfig, GumbelVQ, KMeansUnits,
                                          PretrainConfig, SpeechData, SpeechT5, SpeechT5Config,
                                          decoder_sequence, dtw_l1, finetune_asr, finetune_tts, generate_frames,
-                                         group_frames, lr_at, pad_units, pretrain, span_mask,
+                                         group_frames, pad_units, pretrain, span_mask,
                                          speaker_index, speech_decoder_loss, strip_specials, swap_with_codes,
                                          speecht5_vocab, synthesize_mels, text_infill, text_pool,
                                          transcribe_dataset, unit_features)
@@ -277,8 +277,11 @@ def test_dtw_l1_ignores_timing_only():
 
 
 def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1) and lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(99, 100, 10, 1.0) == pytest.approx(0.1, abs=0.01) and lr_at(55, 100, 10, 1.0) < 1.0
+    for cfg in (PretrainConfig(warmup=10), FinetuneConfig(warmup=10)):
+        lr_at = lambda step: cfg.schedule()(step, 100, 1.0)
+        assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
+        assert lr_at(99) == pytest.approx(0.1, abs=0.01) and lr_at(55) < 1.0
+        assert cfg.optim().betas == (0.9, 0.98) and cfg.optim().clip_norm == 1.0
 
 
 # ---------------------------------------------------------------- the ablation is wired as described
@@ -313,6 +316,118 @@ def test_finetuning_lowers_the_loss_on_a_tiny_set():
                                                                     mask_prob=0.0))
     tts = finetune_tts(copy.deepcopy(m), d, VOCAB, FinetuneConfig(steps=40, batch=4, lr=1e-2, warmup=5))
     assert np.mean(asr[-5:]) < 0.5 * np.mean(asr[:5]) and np.mean(tts[-5:]) < 0.8 * np.mean(tts[:5])
+
+
+# ---------------------------------------------------------------- fit takes the steps of the loops before it
+def _pre_fit_lr(step, steps, warmup, peak):
+    from paper_repro.core.train import warmup_cosine
+    return warmup_cosine(step, steps, warmup, peak, 0.1, decay_after_warmup=True)
+
+
+def _pre_fit_pretrain(model, speech, texts, vocab, cfg, seed=0):
+    "`pretrain` before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.speech.speecht5 import speech_pretrain_losses, text_pretrain_losses
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    model.train()
+    history, acc = [], {}
+    for step in range(cfg.steps):
+        for g in opt.param_groups: g["lr"] = _pre_fit_lr(step, cfg.steps, cfg.warmup, cfg.lr)
+        model.quantizer.temp = cfg.temp[0] * (cfg.temp[1] / cfg.temp[0]) ** (step / max(1, cfg.steps - 1))
+        parts, total = {}, 0.0
+        if cfg.speech:
+            idx = rng.integers(0, len(speech), cfg.speech_batch)
+            mel, flen, spk = speech.batch(idx, dev)
+            s = speech_pretrain_losses(model, mel, flen, spk, [speech.units[i] for i in idx], cfg, gen)
+            total = total + s["total"]
+            parts.update({f"speech_{k}": v for k, v in s.items() if k != "total"})
+        if cfg.text:
+            batch = [texts[i] for i in rng.integers(0, len(texts), cfg.text_batch)]
+            t = text_pretrain_losses(model, batch, vocab, cfg, rng, gen)
+            total = total + t["total"]
+            parts.update({f"text_{k}": v for k, v in t.items() if k != "total"})
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        for k, v in parts.items(): acc[k] = acc.get(k, 0.0) + v.detach()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = (step % cfg.log_every) + 1
+            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
+    model.eval()
+    return history
+
+
+def _pre_fit_finetune(model, data, cfg, seed, step_loss):
+    "`_finetune` before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    model.train()
+    losses = []
+    for step in range(cfg.steps):
+        for g in opt.param_groups: g["lr"] = _pre_fit_lr(step, cfg.steps, cfg.warmup, cfg.lr)
+        idx = rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
+        loss = step_loss(idx, dev)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        losses.append(loss.detach())
+    model.eval()
+    return torch.stack(losses).tolist()
+
+
+def _real_size_model_and_data(seed=0):
+    "The cpu run's model (default sizes, 50 units, 40 mel bands) and a few random clips with unit labels."
+    torch.manual_seed(seed)
+    m = SpeechT5(SpeechT5Config(vocab_size=len(VOCAB), n_units=50))
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(40, 90, (10,), generator=g)
+    mels = [torch.randn(int(L), 40, generator=g) for L in lens]
+    units = [torch.randint(0, 50, (int(L) // 4,), generator=g) for L in lens]
+    return m, SpeechData(mels, text_pool(10, 1), torch.randint(0, len(SPEAKERS), (10,), generator=g), units)
+
+
+def _same_parameters(a, b):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()): assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("spec", [dict(), dict(speech=False)])
+def test_pretrain_on_fit_takes_the_steps_of_the_pre_fit_loop(spec):
+    cfg = PretrainConfig(steps=5, speech_batch=4, text_batch=6, warmup=2, log_every=2, **spec)
+    runs = []
+    for train in (_pre_fit_pretrain, pretrain):
+        m, d = _real_size_model_and_data()
+        torch.manual_seed(7)      # the decoder pre-net's dropout draws from the global generator
+        runs.append((m, train(m, d, text_pool(30, 2), VOCAB, cfg, seed=3)))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and [h["step"] for h in h_new] == [2, 4, 5] and not new.training
+    assert new.quantizer.temp == old.quantizer.temp
+    _same_parameters(old, new)
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_finetune_on_fit_takes_the_steps_of_the_pre_fit_loop(task):
+    from paper_repro.speech.speecht5 import asr_losses, tts_losses
+    cfg = FinetuneConfig(steps=5, batch=4, warmup=2, mask_prob=0.1 if task == "asr" else 0.0)
+    m0, d = _real_size_model_and_data()
+    old, new = copy.deepcopy(m0), copy.deepcopy(m0)
+    gen = torch.Generator().manual_seed(3)
+    def step_loss(idx, dev):         # what finetune_asr / finetune_tts compute, on the reference model
+        mel, flen, spk = d.batch(idx, dev)
+        if task == "tts": return tts_losses(old, [d.texts[i] for i in idx], mel, flen, spk, VOCAB)["total"]
+        slen = old.subsample.out_lengths(flen)
+        mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, gen)
+        return asr_losses(old, mel, flen, [d.texts[i] for i in idx], VOCAB, cfg.ctc_weight, mask)["total"]
+    torch.manual_seed(7)
+    l_old = _pre_fit_finetune(old, d, cfg, 3, step_loss)
+    torch.manual_seed(7)
+    l_new = (finetune_asr if task == "asr" else finetune_tts)(new, d, VOCAB, cfg, seed=3)
+    assert l_new == l_old and len(l_new) == 5 and not new.training
+    _same_parameters(old, new)
 
 
 # ---------------------------------------------------------------- committed weights after the SpeechSeq2Seq refactor

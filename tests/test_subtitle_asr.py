@@ -256,3 +256,55 @@ def test_attention_only_subtitle_branch():
     _, s_beam = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.3, sub_beam=1, max_new_tokens=5)
     _, s_greedy = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=5)
     assert s_beam == s_greedy    # the subtitle branch ignores λ when it has no CTC head
+
+
+def _pre_fit_train_subtitle_asr(model, verbatim_clips, subtitle_clips, cfg, seed=0):
+    "The training loop of this notebook before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.core.train import warmup_cosine
+    if model.cfg.arch == "verbatim": subtitle_clips = []
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1, decay_after_warmup=True))
+    history, acc = [], {}
+    model.train()
+    for step in range(cfg.steps):
+        batch = [verbatim_clips[i] for i in rng.choice(len(verbatim_clips), min(cfg.n_verbatim, len(verbatim_clips)),
+                                                        replace=False)]
+        if subtitle_clips:
+            batch += [subtitle_clips[i] for i in rng.choice(len(subtitle_clips),
+                                                             min(cfg.n_subtitle, len(subtitle_clips)), replace=False)]
+        feats, flen = collate(batch, dev)
+        out = model.loss(feats, flen, [c.verbatim for c in batch], [c.subtitle for c in batch])
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step(); sched.step()
+        for k, v in out.items(): acc[k] = acc.get(k, 0.0) + v.detach()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            n = (step % 50) + 1
+            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
+    model.eval()
+    return history
+
+
+@pytest.mark.parametrize("sizes, steps", [
+    (dict(n_mels=40, d_model=64, enc_layers=3, enc2_layers=2, dec_layers=1, n_heads=4, d_ff=128, subsample=8), 6),
+    (dict(n_mels=12, d_model=16, enc_layers=1, enc2_layers=1, dec_layers=1, n_heads=2, d_ff=32, subsample=2), 53)])
+def test_training_on_fit_takes_the_steps_of_the_pre_fit_loop(sizes, steps):
+    "The notebook's model (a few steps) and a tiny one (two log intervals): bit-identical parameters and history."
+    g = torch.Generator().manual_seed(0)
+    s = make_scripts(30, "nl", 4)
+    feats = [torch.randn(int(n), sizes["n_mels"], generator=g) for n in torch.randint(30, 90, (30,), generator=g)]
+    vclips = [SubtitleClip(f, VOCAB.encode_words(x.verbatim, SPECIALS), None) for f, x in zip(feats[:10], s)]
+    sclips = [SubtitleClip(f, None, VOCAB.encode_words(x.subtitle, SPECIALS)) for f, x in zip(feats[10:], s[10:])]
+    cfg = SubtitleTrainConfig(steps=steps, n_verbatim=4, n_subtitle=6, lr=3e-3, warmup=3, clip_norm=0.5)
+    runs = []
+    for train in (_pre_fit_train_subtitle_asr, train_subtitle_asr):
+        torch.manual_seed(0)
+        m = SubtitleASR(SubtitleASRConfig.for_vocab("cascade", VOCAB, **sizes))
+        runs.append((m, train(m, vclips, sclips, cfg, seed=2)))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and len(h_new) == (2 if steps > 50 else 1)
+    for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name

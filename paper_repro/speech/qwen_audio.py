@@ -14,14 +14,14 @@ import difflib
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import sacrebleu
 import torch
 
 from ..core.data import load_parallel_corpus
-from ..core.zoo import warmup_cosine
+from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, wer
 from .corpus import LANGS, WORDS
 
@@ -485,12 +485,20 @@ class QwenAudioTrainConfig:
     clip_norm: float = 1.0
     eval_every: int = 250
 
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up, cosine decay to 0, as a factor of the base rate (the form `LambdaLR` computed before `fit`)."
+        return WarmupCosine(self.warmup, multiplicative=True)
+
 def data_matched(cfg: QwenAudioTrainConfig, n_tasks: int) -> QwenAudioTrainConfig:
     "`cfg` compressed to `steps / n_tasks` updates (warm-up and evaluation interval alike; at least one step each)."
     if n_tasks < 1: raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     shrink = lambda n: max(1, int(round(n / n_tasks)))
     return QwenAudioTrainConfig(**{**asdict(cfg), "steps": shrink(cfg.steps), "warmup": shrink(cfg.warmup),
-                          "eval_every": shrink(cfg.eval_every)})
+                                   "eval_every": shrink(cfg.eval_every)})
 
 def sample_task_batch(by_task: dict[str, list[TaskExample]], batch: int, rng: random.Random) -> list[TaskExample]:
     "`batch` examples: a task uniformly from `by_task`'s keys, then one of its examples uniformly."
@@ -499,25 +507,27 @@ def sample_task_batch(by_task: dict[str, list[TaskExample]], batch: int, rng: ra
     return [rng.choice(by_task[t]) for t in (rng.choice(tasks) for _ in range(batch))]
 
 def train_model(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Sequence[TaskExample], scheme: str,
-                cfg: QwenAudioTrainConfig, seed: int = 0, eval_fn=None, progress=None) -> list[dict]:
-    "Train `model` on `examples` under `scheme`; returns the loss / evaluation history."
+                cfg: QwenAudioTrainConfig, seed: int = 0, eval_fn: Callable[[int], dict] | None = None,
+                progress: bool | None = None, desc: str = "train") -> list[dict]:
+    """Train `model` on `examples` under `scheme` with the core loop (`fit`); returns one row per `cfg.eval_every`
+    steps (and the last): the step, that step's losses and, with `eval_fn`, `eval_fn(step)` under `eval`."""
     if scheme not in SCHEMES: raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     by_task = {t: [ex for ex in examples if ex.task == t] for t in TASKS}
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup))
+
+    def loss_fn(m: SpeechSeq2Seq, batch: list[TaskExample]) -> dict[str, torch.Tensor]:
+        out = batch_loss(m, vocab, clips, batch, scheme, cfg.ctc_weight)
+        return dict(loss=out["total"], att=out["att"], ctc=out["ctc"])
+
     history = []
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        loss = batch_loss(model, vocab, clips, sample_task_batch(by_task, cfg.batch, rng), scheme, cfg.ctc_weight)
-        opt.zero_grad(set_to_none=True)
-        loss["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step(); sched.step()
-        if progress is not None: progress.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec = dict(step=step, **{k: float(v.detach()) for k, v in loss.items()})
-            if eval_fn is not None: rec["eval"] = eval_fn(step)
-            history.append(rec)
-    model.eval()
+    def record(learner) -> None:
+        step = learner.step + 1
+        if step % cfg.eval_every and step != cfg.steps: return
+        rec = dict(step=step, total=float(learner.loss.detach()),
+                   **{k: float(v.detach()) for k, v in learner.parts.items()})
+        if eval_fn is not None: rec["eval"] = eval_fn(step)
+        history.append(rec)
+
+    fit(model, loss_fn, lambda i: sample_task_batch(by_task, cfg.batch, rng), cfg.steps, cfg.optim(), cfg.schedule(),
+        callbacks=[LambdaCallback(after_step=record)], progress=progress, desc=desc)
     return history

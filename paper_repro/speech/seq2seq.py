@@ -19,12 +19,13 @@ from torch import nn
 
 from ..core.decoding import batch_greedy_decode
 from ..core.lm import ConditionedLM, CrossMemory, LMConfig, TransformerLM
+from ..core.train import Callback
 from .asr import ctc_loss
 from .features import LogMel, length_mask
 
 # %% auto #0
 __all__ = ['ConvSubsampling', 'padding_attn_mask', 'encode', 'decoder_loss', 'attention_greedy_decode', 'CTCPrefixScorer',
-           'joint_beam_search', 'attention_decode', 'Seq2SeqConfig', 'SpeechSeq2Seq']
+           'joint_beam_search', 'attention_decode', 'Seq2SeqConfig', 'SpeechSeq2Seq', 'IntervalMeans']
 
 # %% ../../nbs/speech/seq2seq.ipynb #d9596c70
 class ConvSubsampling(nn.Module):
@@ -346,3 +347,22 @@ class SpeechSeq2Seq(nn.Module):
         hidden, hlen = self.encode(wave, lengths)
         return attention_decode(self.decoder, self.decoder.encode_memory(hidden, hlen), prompts, eos_id, max_new_tokens,
                                 beam, ctc_weight, self.ctc_logits(hidden) if ctc_weight > 0 else None, hlen, length_bonus)
+
+# %% ../../nbs/speech/seq2seq.ipynb #920bf899
+class IntervalMeans(Callback):
+    """`fit` callback: one row per `every` steps (and one for a last, shorter interval) with the last step and the means
+    over the interval of every loss part, and of the objective as `loss_key` (None: not logged); `rows` holds them."""
+    def __init__(self, every: int, loss_key: str | None = "total"):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (steps per logged interval), got {every!r}")
+        self.every, self.loss_key, self.rows, self._sums = every, loss_key, [], {}
+
+    def after_step(self, learner) -> None:
+        values = {**({self.loss_key: learner.loss} if self.loss_key else {}), **learner.parts}
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        done = learner.step + 1
+        if done % self.every == 0 or done == learner.steps:
+            n = learner.step % self.every + 1
+            self.rows.append(dict(step=done, **{k: float(v) / n for k, v in self._sums.items()}))
+            self._sums = {}

@@ -20,18 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.lm import count_parameters
-from ..core.zoo import warmup_cosine
+from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, ctc_loss
 from .corpus import LANG_VOICES, WORDS, CorpusSpec, SpeechCorpus
 from .features import LogMel, length_mask, mfcc
-from .seq2seq import Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss, encode
+from .seq2seq import (IntervalMeans, Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss,
+                                        encode)
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SPEEDS', 'SPEAKERS', 'BOS', 'EOS', 'MASK', 'N_MELS', 'UNIT_STACK', 'words_spec', 'speaker_index',
            'text_pool', 'speecht5_vocab', 'decoder_sequence', 'strip_specials', 'text_infill', 'SpeechData',
            'make_frontend', 'featurize', 'unit_features', 'KMeansUnits', 'add_units', 'span_mask', 'GumbelVQ',
            'swap_with_codes', 'SpeechDecoderPrenet', 'SpeechDecoderPostnet', 'group_frames', 'SpeechT5Config',
-           'SpeechT5', 'speech_decoder_loss', 'PretrainConfig', 'lr_at', 'pad_units', 'speech_pretrain_losses',
+           'SpeechT5', 'speech_decoder_loss', 'PretrainConfig', 'pad_units', 'speech_pretrain_losses',
            'text_pretrain_losses', 'pretrain', 'FinetuneConfig', 'asr_losses', 'tts_losses', 'finetune_asr',
            'finetune_tts', 'transcribe_dataset', 'generate_frames', 'synthesize_mels', 'teacher_forced_l1', 'dtw_l1']
 
@@ -413,7 +414,7 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    clip_norm: float = 1.0
     speech: bool = True           # masked unit prediction + mel reconstruction on the speech pool
     text: bool = True             # BART text infilling on the text pool
     swap_prob: float = 0.1        # joint VQ pre-training: fraction of encoder states swapped for codes (0: off)
@@ -423,9 +424,13 @@ class PretrainConfig:
     mask_span: int = 5
     log_every: int = 100
 
-def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.1) -> float:
-    "Linear warm-up to `peak`, then a cosine down to `floor × peak` at `steps` (the core schedule, decaying after warm-up)."
-    return warmup_cosine(step, steps, warmup, peak, floor, decay_after_warmup=True)
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
 
 def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> torch.Tensor:
     "Unit labels `[B, S]` aligned to encoder states (−100 = no label: past a clip's end or its last full unit)."
@@ -460,43 +465,44 @@ def text_pretrain_losses(model: SpeechT5, texts: Sequence[str], vocab: Vocab, cf
     return dict(text=text, diversity=diversity, perplexity=ppl, total=text + cfg.diversity_weight * diversity)
 
 def pretrain(model: SpeechT5, speech: SpeechData | None, texts: Sequence[str], vocab: Vocab, cfg: PretrainConfig,
-             seed: int = 0, progress=None) -> list[dict]:
-    "Pre-train `model` in place on unpaired speech (with unit labels) and text; returns the logged loss history."
+             seed: int = 0, progress: bool | None = None, desc: str = "pre-training") -> list[dict]:
+    """Pre-train `model` in place on unpaired speech (with unit labels) and text with the core loop (`fit`); returns
+    the logged loss history (the parts' means over every `cfg.log_every` steps)."""
     if cfg.speech and (speech is None or speech.units is None):
         raise ValueError("speech pre-training needs SpeechData with unit labels (see add_units)")
     if not (cfg.speech or cfg.text): raise ValueError("nothing to pre-train on: set speech=True and/or text=True")
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    model.train()
-    history, acc = [], {}
-    for step in range(cfg.steps):
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        model.quantizer.temp = cfg.temp[0] * (cfg.temp[1] / cfg.temp[0]) ** (step / max(1, cfg.steps - 1))
-        parts, total = {}, 0.0
+
+    def draw(step: int) -> dict:
+        "The step's speech clips (log-mels, lengths, speakers, unit labels) and text strings, drawn with replacement."
+        batch = {}
         if cfg.speech:
             idx = rng.integers(0, len(speech), cfg.speech_batch)
-            mel, flen, spk = speech.batch(idx, dev)
-            s = speech_pretrain_losses(model, mel, flen, spk, [speech.units[i] for i in idx], cfg, gen)
+            batch["speech"] = (*speech.batch(idx, dev), [speech.units[i] for i in idx])
+        if cfg.text: batch["text"] = [texts[i] for i in rng.integers(0, len(texts), cfg.text_batch)]
+        return batch
+
+    def loss_fn(m: SpeechT5, batch: dict) -> dict[str, torch.Tensor]:
+        parts, total = {}, 0.0
+        if "speech" in batch:
+            s = speech_pretrain_losses(m, *batch["speech"], cfg, gen)
             total = total + s["total"]
             parts.update({f"speech_{k}": v for k, v in s.items() if k != "total"})
-        if cfg.text:
-            batch = [texts[i] for i in rng.integers(0, len(texts), cfg.text_batch)]
-            t = text_pretrain_losses(model, batch, vocab, cfg, rng, gen)
+        if "text" in batch:
+            t = text_pretrain_losses(m, batch["text"], vocab, cfg, rng, gen)
             total = total + t["total"]
             parts.update({f"text_{k}": v for k, v in t.items() if k != "total"})
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        for k, v in parts.items(): acc[k] = acc.get(k, 0.0) + v.detach()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:   # host syncs only when logging
-            n = (step % cfg.log_every) + 1
-            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
-        if progress is not None: progress.update(1)
-    model.eval()
-    return history
+        return dict(loss=total, **parts)
+
+    def anneal(learner) -> None:   # the Gumbel temperature, geometrically from temp[0] to temp[1]
+        model.quantizer.temp = cfg.temp[0] * (cfg.temp[1] / cfg.temp[0]) ** (learner.step / max(1, cfg.steps - 1))
+
+    log = IntervalMeans(cfg.log_every, loss_key=None)
+    fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(),
+        callbacks=[LambdaCallback(before_step=anneal), log], progress=progress, desc=desc)
+    return log.rows
 
 # %% ../../nbs/speech/speecht5.ipynb #5053dc31
 @dataclass
@@ -507,10 +513,18 @@ class FinetuneConfig:
     lr: float = 1e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    clip_norm: float = 1.0
     ctc_weight: float = 0.5        # ASR: λ · CTC + (1 − λ) · CE
     mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off, see below)
     mask_span: int = 5
+
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
 
 def asr_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tensor, texts: Sequence[str], vocab: Vocab,
                ctc_weight: float = 0.5, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -529,45 +543,36 @@ def tts_losses(model: SpeechT5, texts: Sequence[str], mel: torch.Tensor, flen: t
     memory = model.decoder.encode_memory(hidden, hlen)
     return speech_decoder_loss(*model.speech_decode(memory, mel, speakers), mel, flen)
 
-def _finetune(model: SpeechT5, data: SpeechData, cfg: FinetuneConfig, seed: int, step_loss, progress=None) -> list[float]:
+def _finetune(model: SpeechT5, data: SpeechData, cfg: FinetuneConfig, seed: int, step_loss, progress: bool | None,
+              desc: str) -> list[float]:
+    "`fit` on batches of distinct clips drawn with a generator seeded by `seed`; `step_loss(model, idx, device)`."
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    model.train()
-    losses = []
-    for step in range(cfg.steps):
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        idx = rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
-        loss = step_loss(idx, dev)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.detach())
-        if progress is not None: progress.update(1)
-    model.eval()
-    return torch.stack(losses).tolist()
+    draw = lambda step: rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
+    hist = fit(model, lambda m, idx: step_loss(m, idx, dev), draw, cfg.steps, cfg.optim(), cfg.schedule(),
+               progress=progress, desc=desc)
+    return hist.loss
 
 def finetune_asr(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneConfig, seed: int = 0,
-                 progress=None) -> list[float]:
+                 progress: bool | None = None, desc: str = "ASR fine-tuning") -> list[float]:
     "Fine-tune `model` in place for ASR on paired clips; per-step losses."
     gen = torch.Generator().manual_seed(seed)
-    def step_loss(idx, dev):
+    def step_loss(m, idx, dev):
         mel, flen, _ = data.batch(idx, dev)
         mask = None
         if cfg.mask_prob > 0:
-            slen = model.subsample.out_lengths(flen)
+            slen = m.subsample.out_lengths(flen)
             mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, gen)
-        return asr_losses(model, mel, flen, [data.texts[i] for i in idx], vocab, cfg.ctc_weight, mask)["total"]
-    return _finetune(model, data, cfg, seed, step_loss, progress)
+        return asr_losses(m, mel, flen, [data.texts[i] for i in idx], vocab, cfg.ctc_weight, mask)["total"]
+    return _finetune(model, data, cfg, seed, step_loss, progress, desc)
 
 def finetune_tts(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneConfig, seed: int = 0,
-                 progress=None) -> list[float]:
+                 progress: bool | None = None, desc: str = "TTS fine-tuning") -> list[float]:
     "Fine-tune `model` in place for TTS on paired clips; per-step losses."
-    def step_loss(idx, dev):
+    def step_loss(m, idx, dev):
         mel, flen, spk = data.batch(idx, dev)
-        return tts_losses(model, [data.texts[i] for i in idx], mel, flen, spk, vocab)["total"]
-    return _finetune(model, data, cfg, seed, step_loss, progress)
+        return tts_losses(m, [data.texts[i] for i in idx], mel, flen, spk, vocab)["total"]
+    return _finetune(model, data, cfg, seed, step_loss, progress, desc)
 
 # %% ../../nbs/speech/speecht5.ipynb #219d1aca
 @torch.no_grad()

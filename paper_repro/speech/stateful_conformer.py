@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import (Joiner, LSTMPredictor, Vocab, ctc_greedy_decode, ctc_loss, rnnt_greedy_decode,
                                     rnnt_loss)
-from ..core.zoo import warmup_cosine
 from .features import LogMel, length_mask
 
 # %% auto #0
@@ -359,6 +359,15 @@ class StreamingTrainConfig:
     ctc_weight: float = 0.3
     eval_every: int = 100
     spec_augment: bool = True
+    clip_norm: float = 5.0
+
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up and cosine decay to a tenth, multiplied from step 0, as a factor of the base rate (`LambdaLR`)."
+        return WarmupCosine(self.warmup, floor=0.1, multiplicative=True)
 
 def length_buckets(lengths, batch: int, generator: torch.Generator) -> list[list[int]]:
     "Batches of indices of similar length (sorted, cut into batches, shuffled batch order; a little jitter)."
@@ -399,38 +408,37 @@ def evaluate_asr(model: StreamingASR, corpus, ctx: AttContext, decoders=("ctc", 
 
 def train_asr(model: StreamingASR, corpus, contexts: list[AttContext],
               cfg: StreamingTrainConfig = StreamingTrainConfig(),
-              dev_corpus=None, seed: int = 0, progress=None) -> list[dict]:
-    "Train `model` on `corpus`; each batch uses one context drawn from `contexts`. Returns the evaluation history."
+              dev_corpus=None, seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
+    """Train `model` on `corpus` with the core loop (`fit`); each batch uses one context drawn from `contexts`. Returns
+    the evaluation history: every `cfg.eval_every` steps (and at the end) the step's training loss and `evaluate_asr`
+    on `dev_corpus` (none without one)."""
     if not contexts: raise ValueError("contexts must hold at least one AttContext")
     from paper_repro.speech.features import spec_augment
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1))
     texts = [r["text"] for r in corpus.records]
-    history, batches, step = [], [], 0
-    eval_ctx = contexts[0]
-    while step < cfg.steps:
-        if not batches: batches = length_buckets(corpus.lengths, cfg.batch, g)
+    batches: list[list[int]] = []
+
+    def draw(step: int):
+        "The next length bucket's features (SpecAugmented), a random attention context and the targets."
+        if not batches: batches.extend(length_buckets(corpus.lengths, cfg.batch, g))
         idx = batches.pop()
-        model.train()
         feats, flen = _batch_features(model, corpus, idx, dev)
         if cfg.spec_augment:
             feats = spec_augment(feats, flen, n_freq_masks=2, freq_width=12, n_time_masks=2, time_width=20,
                                  time_frac=0.05, generator=g)
         ctx = contexts[int(torch.randint(len(contexts), (1,), generator=g))]
-        enc, elen = model.encoder(feats, flen, ctx)
-        tg, tl = model.targets([texts[i] for i in idx], dev)
-        loss = model.loss(enc, elen, tg, tl, cfg.ctc_weight)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step(); sched.step(); step += 1
-        if progress is not None: progress.update(1)
-        if dev_corpus is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            history.append(dict(step=step, train_loss=float(loss.detach()), **evaluate_asr(model, dev_corpus, eval_ctx)))
-    model.eval()
-    return history
+        return feats, flen, ctx, *model.targets([texts[i] for i in idx], dev)
+
+    def loss_fn(m: StreamingASR, batch) -> torch.Tensor:
+        feats, flen, ctx, tg, tl = batch
+        return m.loss(*m.encoder(feats, flen, ctx), tg, tl, cfg.ctc_weight)["total"]
+
+    evaluate = None if dev_corpus is None else (lambda m: evaluate_asr(m, dev_corpus, contexts[0]))
+    hist = fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(), eval_fn=evaluate,
+               eval_every=None if dev_corpus is None else cfg.eval_every, progress=progress, desc=desc)
+    return [dict(step=r["step"], train_loss=hist.loss[r["step"] - 1], **{k: v for k, v in r.items() if k != "step"})
+            for r in hist.evals]
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #751e8bb9
 def buffered_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch.Tensor, chunk: int, right: int,

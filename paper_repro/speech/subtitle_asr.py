@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import sacrebleu
 
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import Vocab, wer
-from ..core.zoo import warmup_cosine
 from .corpus import CorpusSpec, check_lang
 
 # %% auto #0
@@ -213,7 +213,8 @@ from torch import nn
 
 from ..core.lm import LMConfig, TransformerLM
 from .asr import ctc_loss
-from .seq2seq import Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss, encode
+from .seq2seq import (IntervalMeans, Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss,
+                                        encode)
 
 ARCHS: tuple[str, ...] = ("verbatim", "pooled", "shared", "cascade")
 
@@ -379,35 +380,36 @@ class SubtitleTrainConfig:
     weight_decay: float = 0.01
     clip_norm: float = 5.0
 
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up, then a cosine to a tenth of the rate, as a factor of the base rate (the `LambdaLR` form)."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True, multiplicative=True)
+
 def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[SubtitleClip],
                        subtitle_clips: Sequence[SubtitleClip], cfg: SubtitleTrainConfig = SubtitleTrainConfig(),
-                       seed: int = 0, progress=None) -> list[dict]:
-    "Train `model` in place; returns the loss history (one dict per 50 steps)."
+                       seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
+    "Train `model` in place with the core loop (`fit`); returns the loss history (means over each 50 steps)."
     if not verbatim_clips: raise ValueError("need at least one verbatim clip")
     if model.cfg.arch == "verbatim": subtitle_clips = []
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1, decay_after_warmup=True))
-    history, acc = [], {}
-    model.train()
-    for step in range(cfg.steps):
+
+    def draw(step: int) -> list[SubtitleClip]:
+        "A fixed number of verbatim clips, then of subtitle-only clips, each drawn without replacement."
         batch = [verbatim_clips[i] for i in rng.choice(len(verbatim_clips), min(cfg.n_verbatim, len(verbatim_clips)),
                                                         replace=False)]
         if subtitle_clips:
             batch += [subtitle_clips[i] for i in rng.choice(len(subtitle_clips),
                                                              min(cfg.n_subtitle, len(subtitle_clips)), replace=False)]
-        feats, flen = collate(batch, dev)
-        out = model.loss(feats, flen, [c.verbatim for c in batch], [c.subtitle for c in batch])
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step(); sched.step()
-        for k, v in out.items(): acc[k] = acc.get(k, 0.0) + v.detach()   # summed on the device: no sync per step
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            n = (step % 50) + 1
-            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
-        if progress is not None: progress.update(1)
-    model.eval()
-    return history
+        return batch
+
+    def loss_fn(m: SubtitleASR, batch: list[SubtitleClip]) -> dict[str, torch.Tensor]:
+        out = m.loss(*collate(batch, dev), [c.verbatim for c in batch], [c.subtitle for c in batch])
+        return dict(loss=out["total"], **{k: v for k, v in out.items() if k != "total"})
+
+    log = IntervalMeans(50)
+    fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(), callbacks=[log], progress=progress, desc=desc)
+    return log.rows
