@@ -351,7 +351,8 @@ class SpeechSeq2Seq(nn.Module):
 # %% ../../nbs/speech/seq2seq.ipynb #920bf899
 class IntervalMeans(Callback):
     """`fit` callback: one row per `every` steps (and one for a last, shorter interval) with the last step and the means
-    over the interval of every loss part, and of the objective as `loss_key` (None: not logged); `rows` holds them."""
+    over the interval of every loss part, and of the objective as `loss_key` (None: not logged); `rows` holds them.
+    A step's values are those of its last micro-batch (all of it without gradient accumulation, as these papers train)."""
     def __init__(self, every: int, loss_key: str | None = "total"):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (steps per logged interval), got {every!r}")

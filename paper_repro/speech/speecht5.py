@@ -405,8 +405,18 @@ def speech_decoder_loss(before: torch.Tensor, after: torch.Tensor, stop: torch.T
     return dict(l1=l1, bce=bce, total=l1 + bce)
 
 # %% ../../nbs/speech/speecht5.ipynb #32b5ff2e
+class _AdamWWarmupCosine:
+    "Pre-training's and fine-tuning's optimiser and schedule, from a config's `lr`, `weight_decay`, `clip_norm`, `warmup`."
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_AdamWWarmupCosine):
     "What `pretrain` trains on and how."
     steps: int = 3000
     speech_batch: int = 16
@@ -423,14 +433,6 @@ class PretrainConfig:
     mask_prob: float = 0.065
     mask_span: int = 5
     log_every: int = 100
-
-    def optim(self) -> OptimConfig:
-        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
-        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
-
-    def schedule(self) -> WarmupCosine:
-        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
-        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
 
 def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> torch.Tensor:
     "Unit labels `[B, S]` aligned to encoder states (−100 = no label: past a clip's end or its last full unit)."
@@ -506,7 +508,7 @@ def pretrain(model: SpeechT5, speech: SpeechData | None, texts: Sequence[str], v
 
 # %% ../../nbs/speech/speecht5.ipynb #5053dc31
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_AdamWWarmupCosine):
     "How `finetune_asr` / `finetune_tts` train."
     steps: int = 300
     batch: int = 8
@@ -517,14 +519,6 @@ class FinetuneConfig:
     ctc_weight: float = 0.5        # ASR: λ · CTC + (1 − λ) · CE
     mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off, see below)
     mask_span: int = 5
-
-    def optim(self) -> OptimConfig:
-        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
-        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
-
-    def schedule(self) -> WarmupCosine:
-        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
-        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
 
 def asr_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tensor, texts: Sequence[str], vocab: Vocab,
                ctc_weight: float = 0.5, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
