@@ -203,3 +203,38 @@ def test_inference_shapes_and_bad_inputs(clips):
         oneavm_loss(model, clips.images[:1], clips.audio[:1], clips.labels[:1])
     with pytest.raises(ValueError, match="images must be"): model.visual(clips.images[:, :1])
     with pytest.raises(ValueError, match=r"images must be \[B, S"): separate(model, clips.audio[:2], clips.images[:2])
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+def _pre_fit_train_combo(model, train, steps, batch, losses, seed):
+    "The notebook's training loop before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    log = []
+    for step in range(steps):
+        idx = torch.randint(0, len(train), (batch,), generator=g)
+        out = oneavm_loss(model, train.images[idx], train.audio[idx], train.labels[idx], losses, generator=g)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            log.append({"step": step, **{k: v.item() for k, v in out.items()}})
+    return log
+
+
+def test_train_oneavm_on_fit_takes_the_steps_of_the_pre_fit_loop():
+    "The notebook's model and settings (batch 48, Adam at 2e-3), a dozen steps: bit-identical parameters and log."
+    from paper_repro.speech.oneavm import train_oneavm
+    train, losses = make_clips(96, seed=1000), LOSSES
+    runs = []
+    for new in (False, True):
+        torch.manual_seed(0)
+        m = OneAVM()
+        log = train_oneavm(m, train, 12, 48, losses, lr=2e-3, seed=0) if new else \
+            _pre_fit_train_combo(m, train, 12, 48, losses, seed=0)
+        runs.append((m, log))
+    (old, log_old), (new, log_new) = runs
+    assert log_new == log_old and [r["step"] for r in log_new] == [0, 10, 11]
+    for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):   # BatchNorm statistics too
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="batch must be at least 2"): train_oneavm(new, train, 2, 1)

@@ -5,15 +5,15 @@ import pytest
 
 from paper_repro.speech.corpus import LANGS, espeak_available
 from paper_repro.speech.qwen_audio import (EOT, LANG_NAMES, NOTIMESTAMPS, SCHEMES, SOA, SOT, TASKS, TIMESTAMPS,
-                                           UNKNOWN, Clip, Phrase, TaskExample, build_vocab, caption_text,
+                                           UNKNOWN, ClipInfo, Phrase, TaskExample, build_vocab, caption_text,
                                            candidate_phrases, clip_tasks, decode_output, encode_example,
                                            example_tokens, parse_timestamps, reference, score_task, select_phrases,
                                            special_tokens, task_prompt, time_token, time_tokens, timestamp_errors,
                                            timestamp_target)
 
 PHRASE = Phrase("open file", "datei öffnen", "ouvrir le fichier")
-CLIPS = [Clip("de", "zwei rot", "f2", 210, 65, (0.118, 0.563), (0.402, 0.84)),
-         Clip("en", "open file", "m3", 140, 35, (0.1, 0.52), (0.4, 0.9), PHRASE)]
+CLIPS = [ClipInfo("de", "zwei rot", "f2", 210, 65, (0.118, 0.563), (0.402, 0.84)),
+         ClipInfo("en", "open file", "m3", 140, 35, (0.1, 0.52), (0.4, 0.9), PHRASE)]
 TEXTS = ["zwei rot open file datei öffnen ouvrir le fichier", *LANG_NAMES.values(),
          *(caption_text(v, s, p) for v in ("m3", "f2") for s in (140, 175, 210) for p in (35, 50, 65))]
 
@@ -176,9 +176,9 @@ import numpy as np
 import torch
 
 from paper_repro.speech.corpus import CorpusSpec, SpeechCorpus
-from paper_repro.speech.qwen_audio import (ClipSet, TrainConfig, batch_loss, corpus_specs, encode_clips, evaluate,
-                                           run_examples, sample_batch, train_model)
-from paper_repro.speech.seq2seq import Seq2SeqConfig, SpeechSeq2Seq, greedy_decode
+from paper_repro.speech.qwen_audio import (ClipSet, QwenAudioTrainConfig, batch_loss, corpus_specs, encode_clips,
+                                           evaluate, run_examples, sample_task_batch, train_model)
+from paper_repro.speech.seq2seq import Seq2SeqConfig, SpeechSeq2Seq, attention_greedy_decode
 
 
 def fake_corpus(kind, texts, seed=0, lang="de"):
@@ -283,16 +283,16 @@ def test_batch_loss_uses_ctc_only_on_transcription_rows(setup):
 def test_task_uniform_sampling():
     by_task = {"transcribe": [TaskExample(i, "transcribe") for i in range(50)], "caption": [TaskExample(0, "caption")],
                "translate": []}
-    batch = sample_batch(by_task, 4000, random.Random(0))
+    batch = sample_task_batch(by_task, 4000, random.Random(0))
     share = sum(e.task == "caption" for e in batch) / len(batch)
     assert 0.45 < share < 0.55 and not any(e.task == "translate" for e in batch)
-    with pytest.raises(ValueError, match="no examples"): sample_batch({"caption": []}, 2, random.Random(0))
+    with pytest.raises(ValueError, match="no examples"): sample_task_batch({"caption": []}, 2, random.Random(0))
 
 
 def test_data_matched_single_task_sees_as_many_examples_of_its_task():
     from dataclasses import asdict
     from paper_repro.speech.qwen_audio import data_matched
-    cfg = TrainConfig(steps=2500, batch=16, warmup=100, eval_every=250)
+    cfg = QwenAudioTrainConfig(steps=2500, batch=16, warmup=100, eval_every=250)
     dm = data_matched(cfg, len(TASKS))
     assert (dm.steps, dm.warmup, dm.eval_every) == (500, 20, 50)
     assert {k: v for k, v in asdict(dm).items() if k not in ("steps", "warmup", "eval_every")} == \
@@ -302,9 +302,9 @@ def test_data_matched_single_task_sees_as_many_examples_of_its_task():
     rng = random.Random(0)
     counts = {t: 0 for t in TASKS}
     for _ in range(cfg.steps):
-        for e in sample_batch(by_task, cfg.batch, rng): counts[e.task] += 1
+        for e in sample_task_batch(by_task, cfg.batch, rng): counts[e.task] += 1
     assert all(abs(n / (dm.steps * dm.batch) - 1) < 0.05 for n in counts.values()), counts
-    assert data_matched(TrainConfig(steps=4, warmup=100, eval_every=2), 5).steps == 1     # never zero steps
+    assert data_matched(QwenAudioTrainConfig(steps=4, warmup=100, eval_every=2), 5).steps == 1     # never zero steps
     with pytest.raises(ValueError, match="n_tasks"): data_matched(cfg, 0)
 
 
@@ -314,12 +314,13 @@ def test_training_learns_the_prefix(setup):
     torch.manual_seed(0)
     m = SpeechSeq2Seq(Seq2SeqConfig(len(vocab), n_mels=16, d_model=32, enc_layers=1, dec_layers=1, n_heads=2, d_ff=64))
     exs = [e for e in clips.examples(["language_id", "caption", "transcribe"]) if e.clip in (0, 4)]
-    hist = train_model(m, vocab, clips, exs, "hierarchical", TrainConfig(steps=80, batch=8, lr=1e-2, warmup=5,
-                                                                       eval_every=40), seed=0)
+    hist = train_model(m, vocab, clips, exs, "hierarchical",
+                       QwenAudioTrainConfig(steps=80, batch=8, lr=1e-2, warmup=5, eval_every=40), seed=0)
     assert [h["step"] for h in hist] == [40, 80] and hist[-1]["att"] < 0.2
     res = evaluate(m, vocab, clips, exs, "hierarchical", ("language_id", "caption", "transcribe"))
     assert res["language_id"]["accuracy"] == 1 and res["caption"]["accuracy"] == 1 and res["transcribe"]["WER"] == 0
-    with pytest.raises(ValueError, match="unknown scheme"): train_model(m, vocab, clips, exs, "tree", TrainConfig())
+    with pytest.raises(ValueError, match="unknown scheme"):
+        train_model(m, vocab, clips, exs, "tree", QwenAudioTrainConfig())
 
 
 def test_example_stats_sum_to_the_headline_metric_and_bootstrap():
@@ -349,3 +350,44 @@ def test_example_stats_sum_to_the_headline_metric_and_bootstrap():
     assert d == pytest.approx(0.5) and 0 < lo <= d <= hi
     assert paired_bootstrap(bad, good, False)[0] == pytest.approx(0.5)   # lower is better: B's higher value loses
     with pytest.raises(ValueError, match="equally long"): paired_bootstrap(good, bad[:3], True)
+
+
+def _pre_fit_train_model(model, vocab, clips, examples, scheme, cfg, seed=0, eval_fn=None):
+    "The training loop of this notebook before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.core.train import warmup_cosine
+    by_task = {t: [ex for ex in examples if ex.task == t] for t in TASKS}
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup))
+    history = []
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        loss = batch_loss(model, vocab, clips, sample_task_batch(by_task, cfg.batch, rng), scheme, cfg.ctc_weight)
+        opt.zero_grad(set_to_none=True)
+        loss["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step(); sched.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rec = dict(step=step, **{k: float(v.detach()) for k, v in loss.items()})
+            if eval_fn is not None: rec["eval"] = eval_fn(step)
+            history.append(rec)
+    model.eval()
+    return history
+
+
+def test_train_model_on_fit_takes_the_steps_of_the_pre_fit_loop(setup):
+    "The notebook's model size and optimiser settings, a few steps: bit-identical parameters and history."
+    clips, vocab, _ = setup
+    cfg = QwenAudioTrainConfig(steps=7, batch=16, lr=2e-3, warmup=3, eval_every=3, clip_norm=0.5)
+    exs = clips.examples()
+    runs = []
+    for train in (_pre_fit_train_model, train_model):
+        torch.manual_seed(0)
+        m = SpeechSeq2Seq(Seq2SeqConfig(len(vocab), n_mels=40, d_model=80, enc_layers=3, dec_layers=2, n_heads=4,
+                                        d_ff=192))
+        ev = lambda step: evaluate(m, vocab, clips, exs[:6], "hierarchical", ("transcribe", "language_id"))
+        hist = train(m, vocab, clips, exs, "hierarchical", cfg, seed=3, eval_fn=ev)
+        runs.append((m, hist))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and [h["step"] for h in h_new] == [3, 6, 7] and not new.training
+    for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name

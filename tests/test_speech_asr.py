@@ -240,6 +240,15 @@ def test_vocab_round_trip_and_errors():
     with pytest.raises(ValueError, match="out of range"): v.decode([len(v)])
 
 
+def test_vocab_encode_words_looks_up_whole_words():
+    v = Vocab(["one", "two", "four", "<eos>", "<sub>"])
+    assert v.encode_words(" four one\ttwo ") == [3, 1, 2] and v.encode_words("") == []
+    assert v.encode_words("one <eos>") == [1, 4]                                   # allowed unless excluded
+    for bad in ("one three", "<blank>", "one <eos>", "onetwo"):
+        with pytest.raises(ValueError, match="is not in the vocabulary; valid words: \\['one', 'two', 'four'\\]"):
+            v.encode_words(bad, exclude=("<eos>", "<sub>"))
+
+
 def test_wer_cer_counts():
     assert wer(["a b c"], ["a x c d"]) == pytest.approx(2 / 3)
     assert cer("abcd", "abd") == pytest.approx(1 / 4)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from paper_repro.speech.seq2seq import (ConvSubsampling, CTCPrefixScorer, Seq2SeqConfig, SpeechSeq2Seq, decoder_loss,
-                                        encode, greedy_decode, joint_beam_search, padding_attn_mask)
+                                        attention_decode, attention_greedy_decode, encode, joint_beam_search,
+                                        padding_attn_mask)
 from paper_repro.core.lm import LMConfig, TransformerLM
 
 
@@ -120,7 +121,7 @@ def test_beam_one_without_ctc_is_greedy_and_batch_equals_alone():
     greedy = model.transcribe(wave, wlen, prompts, eos_id=7, max_new_tokens=5)
     h, hl = model.encode(wave, wlen)
     mem = model.decoder.encode_memory(h, hl)
-    assert greedy == greedy_decode(model.decoder, mem, prompts, 5, 7)
+    assert greedy == attention_greedy_decode(model.decoder, mem, prompts, 5, 7)
     assert greedy == joint_beam_search(model.decoder, mem, prompts, 7, beam=1, ctc_weight=0.0, max_new_tokens=5)
     joint = model.transcribe(wave, wlen, prompts, eos_id=7, max_new_tokens=5, beam=3, ctc_weight=0.4)
     for i in range(3):
@@ -171,3 +172,42 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="eos_id=9"): joint_beam_search(model.decoder, mem, [[6]] * 3, 9, ctc_weight=0)
     with pytest.raises(ValueError, match="ctc_vocab must be"): Seq2SeqConfig(vocab_size=8, ctc_vocab=9)
     with pytest.raises(ValueError, match="log_probs must be"): CTCPrefixScorer(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="needs the CTC head's ctc_logits"):
+        attention_decode(model.decoder, mem, [[6]] * 3, 7, ctc_weight=0.5)
+
+
+def test_attention_decode_is_greedy_or_joint_beam():
+    "The one greedy-or-beam dispatch: greedy iff beam 1 and λ 0, else the joint beam search over the CTC log-softmax."
+    model = _model(3)
+    wave, wlen = _batch(3)
+    h, hl = model.encode(wave, wlen)
+    mem, logits = model.decoder.encode_memory(h, hl), model.ctc_logits(h)
+    prompts = [[6]] * 3
+    assert attention_decode(model.decoder, mem, prompts, 7, 5) == attention_greedy_decode(model.decoder, mem, prompts, 5, 7)
+    assert attention_decode(model.decoder, mem, prompts, 7, 5, beam=1, ctc_weight=0.0, ctc_logits=logits) == \
+        attention_greedy_decode(model.decoder, mem, prompts, 5, 7)          # unused logits change nothing
+    for beam, lam in ((3, 0.0), (1, 0.4), (3, 0.4)):
+        want = joint_beam_search(model.decoder, mem, prompts, 7, beam=beam, ctc_log_probs=F.log_softmax(logits, -1),
+                                 ctc_lengths=hl, ctc_weight=lam, max_new_tokens=5, length_bonus=0.1)
+        assert attention_decode(model.decoder, mem, prompts, 7, 5, beam=beam, ctc_weight=lam, ctc_logits=logits,
+                                ctc_lengths=hl, length_bonus=0.1) == want
+        assert model.transcribe(wave, wlen, prompts, 7, 5, beam=beam, ctc_weight=lam, length_bonus=0.1) == want
+
+
+def test_model_without_front_end_and_frame_mask():
+    "frontend=False reads features only; subsample_last changes the module order, not the function; masks replace frames."
+    cfg = Seq2SeqConfig(vocab_size=8, n_mels=16, d_model=16, enc_layers=1, dec_layers=1, n_heads=2, d_ff=32)
+    bare = SpeechSeq2Seq(cfg, frontend=False, subsample_last=True).double()
+    assert bare.frontend is None and list(dict(bare.named_children())) == ["encoder", "decoder", "subsample"]
+    assert list(dict(SpeechSeq2Seq(cfg).named_children())) == ["frontend", "subsample", "encoder", "decoder"]
+    with pytest.raises(ValueError, match="no log-mel front end"): bare.encode(torch.zeros(1, 800), torch.tensor([800]))
+    feats, flen = torch.randn(2, 30, 16, dtype=torch.float64), torch.tensor([30, 17])
+    h, hl = bare.encode_features(feats, flen)
+    x, xl = bare.subsample(feats, flen)
+    assert torch.equal(h, encode(bare.encoder, x, xl)) and torch.equal(hl, xl)
+    mask = torch.zeros(2, x.shape[1], dtype=torch.bool)
+    mask[:, 1:3] = True
+    vec = torch.randn(16, dtype=torch.float64)
+    hm, _ = bare.encode_features(feats, flen, mask, vec)
+    assert torch.equal(hm, encode(bare.encoder, torch.where(mask[..., None], vec, x), xl))
+    with pytest.raises(ValueError, match="needs the mask_embed"): bare.encode_features(feats, flen, mask)

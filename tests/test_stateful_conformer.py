@@ -1,10 +1,11 @@
 "Cache-aware streaming Conformer: the streamed output must equal the masked full pass."
+import numpy as np
 import pytest
 import torch
 
 from paper_repro.speech.features import length_mask
 from paper_repro.speech.stateful_conformer import (AttContext, CausalConv1d, ConformerEncoder, EncoderConfig,
-                                                   StreamingASR, context_mask, stream_encode, words_to_ids)
+                                                   StreamingASR, context_mask, stream_encode)
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -120,8 +121,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="feats must be"): enc(torch.zeros(1, 8, 5), torch.tensor([8]), AttContext())
     with pytest.raises(ValueError, match="power of 2"): ConformerEncoder(EncoderConfig(subsampling=6))
     model = StreamingASR(DIGITS, EncoderConfig(n_mels=12, d=24, layers=1))
-    assert words_to_ids(model.vocab, "three one") == [4, 2]
-    with pytest.raises(ValueError, match="not a token"): words_to_ids(model.vocab, "three eleven")
+    assert model.vocab.encode_words("three one") == [4, 2]
+    with pytest.raises(ValueError, match="not in the vocabulary"): model.vocab.encode_words("three eleven")
     enc_out = torch.zeros(1, 4, 24)
     with pytest.raises(ValueError, match="valid: 'ctc', 'rnnt'"): model.decode(enc_out, torch.tensor([4]), "attn")
     with pytest.raises(ValueError, match="ctc_weight"):
@@ -142,3 +143,73 @@ def test_hybrid_loss_weights_and_decoders_agree_on_streaming():
         assert model.loss(enc, elen, tg, tl, 1.0)["rnnt"] == 0 and model.loss(enc, elen, tg, tl, 0.0)["ctc"] == 0
         for d in ("ctc", "rnnt"):
             assert model.decode(enc, elen, d) == model.decode(senc, elen, d)
+
+
+class _NoiseCorpus:
+    "What `train_asr` reads of a SpeechCorpus (lengths, records, padded batches), with noise for audio."
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.waves = [torch.randn(int(L), generator=g) * 0.1 for L in torch.randint(2000, 6000, (n,), generator=g)]
+        self.lengths = np.array([len(w) for w in self.waves])
+        self.records = [dict(text=" ".join(DIGITS[int(d)] for d in torch.randint(0, 10, (int(k),), generator=g)))
+                        for k in torch.randint(1, 4, (n,), generator=g)]
+
+    def __len__(self) -> int: return len(self.waves)
+
+    def batch(self, idx, device="cpu"):
+        out = torch.zeros(len(idx), int(self.lengths[list(idx)].max()))
+        for r, i in enumerate(idx): out[r, :len(self.waves[i])] = self.waves[i]
+        return out.to(device), torch.tensor(self.lengths[list(idx)]).to(device)
+
+
+def _pre_fit_train_asr(model, corpus, contexts, cfg, dev_corpus=None, seed=0):
+    "The training loop of this notebook before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.core.train import warmup_cosine
+    from paper_repro.speech.features import spec_augment
+    from paper_repro.speech.stateful_conformer import _batch_features, evaluate_asr, length_buckets
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1))
+    texts = [r["text"] for r in corpus.records]
+    history, batches, step = [], [], 0
+    eval_ctx = contexts[0]
+    while step < cfg.steps:
+        if not batches: batches = length_buckets(corpus.lengths, cfg.batch, g)
+        idx = batches.pop()
+        model.train()
+        feats, flen = _batch_features(model, corpus, idx, dev)
+        if cfg.spec_augment:
+            feats = spec_augment(feats, flen, n_freq_masks=2, freq_width=12, n_time_masks=2, time_width=20,
+                                 time_frac=0.05, generator=g)
+        ctx = contexts[int(torch.randint(len(contexts), (1,), generator=g))]
+        enc, elen = model.encoder(feats, flen, ctx)
+        tg, tl = model.targets([texts[i] for i in idx], dev)
+        loss = model.loss(enc, elen, tg, tl, cfg.ctc_weight)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step(); sched.step(); step += 1
+        if dev_corpus is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            history.append(dict(step=step, train_loss=float(loss.detach()), **evaluate_asr(model, dev_corpus, eval_ctx)))
+    model.eval()
+    return history
+
+
+@pytest.mark.parametrize("spec_augment", [False, True])
+def test_train_asr_on_fit_takes_the_steps_of_the_pre_fit_loop(spec_augment):
+    "The notebook's encoder and settings (multi-latency, dropout on), a few steps: bit-identical parameters and history."
+    from paper_repro.speech.stateful_conformer import StreamingTrainConfig, train_asr
+    corpus, dev = _NoiseCorpus(20, 0), _NoiseCorpus(6, 1)
+    enc = EncoderConfig(n_mels=80, d=96, heads=4, layers=4, ff_mult=2, kernel=9, subsampling=8, dropout=0.05)
+    cfg = StreamingTrainConfig(steps=7, batch=6, lr=1e-3, warmup=3, eval_every=3, spec_augment=spec_augment)
+    contexts = [AttContext(16, r) for r in (0, 1, 3, 7)]
+    runs = []
+    for train in (_pre_fit_train_asr, train_asr):
+        torch.manual_seed(0)
+        m = StreamingASR(DIGITS, enc)
+        runs.append((m, train(m, corpus, contexts, cfg, dev, seed=5)))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and [h["step"] for h in h_new] == [3, 6, 7] and not new.training
+    for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name
+    assert train_asr(new, corpus, contexts[:1], StreamingTrainConfig(steps=2, batch=6)) == []    # no dev corpus

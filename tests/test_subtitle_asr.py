@@ -4,10 +4,11 @@ import pytest
 import sacrebleu
 import torch
 
-from paper_repro.speech.subtitle_asr import (ADVERBS, ARCHS, FILLERS, NUMBERS, SPECIALS, Clip, ScriptConfig,
-                                             SubtitleASR, SubtitleASRConfig, TrainConfig, collate, condense, ids_to_text,
-                                             lexicon, make_script, make_scripts, make_vocab, script_corpus_spec,
-                                             subtitle_bleu, train_subtitle_asr, transcribe, words_to_ids)
+from paper_repro.speech.subtitle_asr import (ADVERBS, ARCHS, FILLERS, NUMBERS, SPECIALS, ScriptConfig, SubtitleASR,
+                                             SubtitleASRConfig, SubtitleClip, SubtitleTrainConfig, collate, condense,
+                                             ids_to_text, lexicon, make_script, make_scripts, script_corpus_spec,
+                                             subtitle_bleu, subtitle_vocab, train_subtitle_asr,
+                                             transcribe_and_subtitle)
 
 
 # ---------------------------------------------------------------- verbatim -> subtitle rules
@@ -60,8 +61,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="p_drop"): condense(["a"], "nl", p_drop=1.5)
     with pytest.raises(ValueError, match="p_repeat"): ScriptConfig(p_repeat=-0.1)
     with pytest.raises(ValueError, match="at least 1"): make_scripts(0)
-    with pytest.raises(ValueError, match="not in the vocabulary"): words_to_ids("ik heb xylofoon", make_vocab("nl"))
-    with pytest.raises(ValueError, match="not in the vocabulary"): words_to_ids("ik <eos>", make_vocab("nl"))
+    v = subtitle_vocab("nl")
+    with pytest.raises(ValueError, match="not in the vocabulary"): v.encode_words("ik heb xylofoon", SPECIALS)
+    with pytest.raises(ValueError, match="not in the vocabulary"): v.encode_words("ik <eos>", SPECIALS)
     with pytest.raises(ValueError, match="at least one script"): script_corpus_spec([])
     with pytest.raises(ValueError, match="references but"): subtitle_bleu(["a b"], [])
     with pytest.raises(ValueError, match="valid: verbatim, pooled, shared, cascade"): _cfg("dual")
@@ -71,12 +73,12 @@ def test_bad_inputs():
 
 # ---------------------------------------------------------------- tokens, corpus spec, metrics
 def test_vocab_layout_and_round_trip():
-    v = make_vocab("nl")
+    v = subtitle_vocab("nl")
     assert v.blank == 0 and v.tokens[-len(SPECIALS):] == list(SPECIALS)
     s = make_scripts(20, "nl", 0)
     for x in s:
-        assert ids_to_text(words_to_ids(x.subtitle, v), v) == x.subtitle
-    ids = words_to_ids(s[0].verbatim, v)
+        assert ids_to_text(v.encode_words(x.subtitle, SPECIALS), v) == x.subtitle
+    ids = v.encode_words(s[0].verbatim, SPECIALS)
     assert ids_to_text([v.index["<verbatim>"], 0, *ids, v.index["<eos>"]], v) == s[0].verbatim
     spec = script_corpus_spec(s[:3], variants=(None,), speeds=(175,), pitches=(50,))
     assert spec.kind == "texts" and spec.n == 3 and spec.texts[1] == ("nl", s[1].verbatim)
@@ -89,7 +91,7 @@ def test_bleu_is_sacrebleu_corpus_bleu():
 
 
 # ---------------------------------------------------------------- the model
-VOCAB = make_vocab("nl")
+VOCAB = subtitle_vocab("nl")
 
 
 def _cfg(arch, **kw):
@@ -109,11 +111,12 @@ def _batch(lengths=(17, 9, 13, 6), seed=1):
     g = torch.Generator().manual_seed(seed)
     clips = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in lengths]
     s = make_scripts(len(lengths), "nl", seed)
-    return clips, [words_to_ids(x.verbatim, VOCAB)[:3] for x in s], [words_to_ids(x.subtitle, VOCAB)[:3] for x in s]
+    return (clips, [VOCAB.encode_words(x.verbatim, SPECIALS)[:3] for x in s],
+            [VOCAB.encode_words(x.subtitle, SPECIALS)[:3] for x in s])
 
 
 def _loss(model, clips, verb, sub):
-    feats, flen = collate([Clip(f, None, None) for f in clips])
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
     return model.loss(feats, flen, verb, sub)
 
 
@@ -174,7 +177,7 @@ def test_shared_subtitle_decoder_reads_encoder_one():
     m = _model("shared")
     assert not hasattr(m, "sub_encoder")
     clips, _, _ = _batch()
-    feats, flen = collate([Clip(f, None, None) for f in clips])
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
     h, hl = m.encode_features(feats, flen)
     assert m.subtitle_states(h, hl) is h
     c = _model("cascade")
@@ -200,8 +203,9 @@ def _brute_greedy(decoder, memory_states, hl, start, eos, n):
 def test_transcribe_greedy_matches_brute_force(arch):
     m = _model(arch, seed=2)
     clips, _, _ = _batch((11, 5, 8))
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    verb, sub = transcribe(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=6)   # λ = 0: greedy
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    # λ = 0: greedy
+    verb, sub = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=6)
     with torch.no_grad():
         h, hl = m.encode_features(feats, flen)
         c = m.cfg
@@ -216,8 +220,8 @@ def test_transcribe_greedy_matches_brute_force(arch):
 def test_transcribe_joint_beam_runs_and_stays_in_vocabulary():
     m = _model("cascade", seed=3)
     clips, _, _ = _batch((15, 7))
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    verb, sub = transcribe(m, feats, flen, beam=3, ctc_weight=0.3, sub_beam=2, max_new_tokens=5)
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    verb, sub = transcribe_and_subtitle(m, feats, flen, beam=3, ctc_weight=0.3, sub_beam=2, max_new_tokens=5)
     assert len(verb) == len(sub) == 2
     specials = {VOCAB.index[s] for s in SPECIALS}
     for v in verb: assert all(1 <= t < len(VOCAB) and t not in specials for t in v)   # CTC: no specials but eos
@@ -227,15 +231,15 @@ def test_transcribe_joint_beam_runs_and_stays_in_vocabulary():
 def test_training_reduces_the_loss_and_skips_subtitles_for_verbatim_only():
     torch.manual_seed(0)
     clips, verb, sub = _batch((10, 12, 8, 9, 11, 7))
-    vclips = [Clip(f.float(), v, None) for f, v in zip(clips[:3], verb[:3])]
-    sclips = [Clip(f.float(), None, s) for f, s in zip(clips[3:], sub[3:])]
-    cfg = TrainConfig(steps=60, n_verbatim=3, n_subtitle=3, lr=3e-3, warmup=5)
+    vclips = [SubtitleClip(f.float(), v, None) for f, v in zip(clips[:3], verb[:3])]
+    sclips = [SubtitleClip(f.float(), None, s) for f, s in zip(clips[3:], sub[3:])]
+    cfg = SubtitleTrainConfig(steps=60, n_verbatim=3, n_subtitle=3, lr=3e-3, warmup=5)
     m = SubtitleASR(_cfg("cascade"))
     hist = train_subtitle_asr(m, vclips, sclips, cfg, seed=0)
     assert [h["step"] for h in hist] == [50, 60] and hist[-1]["total"] < hist[0]["total"] and hist[-1]["att_subtitle"] > 0
     assert not m.training
     v = SubtitleASR(_cfg("verbatim"))
-    hist = train_subtitle_asr(v, vclips, sclips, TrainConfig(steps=3, n_verbatim=3, warmup=1), seed=0)
+    hist = train_subtitle_asr(v, vclips, sclips, SubtitleTrainConfig(steps=3, n_verbatim=3, warmup=1), seed=0)
     assert all(h["att_subtitle"] == 0 for h in hist)
     with pytest.raises(ValueError, match="at least one verbatim clip"): train_subtitle_asr(v, [], sclips, cfg)
 
@@ -248,7 +252,59 @@ def test_attention_only_subtitle_branch():
     out = _loss(m, clips, [None] * 4, sub)
     assert float(out["ctc_subtitle"]) == 0.0
     torch.testing.assert_close(out["total"], out["att_subtitle"], rtol=1e-12, atol=1e-12)
-    feats, flen = collate([Clip(f, None, None) for f in clips])
-    _, s_beam = transcribe(m, feats, flen, beam=1, ctc_weight=0.3, sub_beam=1, max_new_tokens=5)
-    _, s_greedy = transcribe(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=5)
+    feats, flen = collate([SubtitleClip(f, None, None) for f in clips])
+    _, s_beam = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.3, sub_beam=1, max_new_tokens=5)
+    _, s_greedy = transcribe_and_subtitle(m, feats, flen, beam=1, ctc_weight=0.0, sub_beam=1, max_new_tokens=5)
     assert s_beam == s_greedy    # the subtitle branch ignores λ when it has no CTC head
+
+
+def _pre_fit_train_subtitle_asr(model, verbatim_clips, subtitle_clips, cfg, seed=0):
+    "The training loop of this notebook before it moved onto `core.train.fit` (commit d0e4065), kept as the reference."
+    from paper_repro.core.train import warmup_cosine
+    if model.cfg.arch == "verbatim": subtitle_clips = []
+    dev = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1, decay_after_warmup=True))
+    history, acc = [], {}
+    model.train()
+    for step in range(cfg.steps):
+        batch = [verbatim_clips[i] for i in rng.choice(len(verbatim_clips), min(cfg.n_verbatim, len(verbatim_clips)),
+                                                        replace=False)]
+        if subtitle_clips:
+            batch += [subtitle_clips[i] for i in rng.choice(len(subtitle_clips),
+                                                             min(cfg.n_subtitle, len(subtitle_clips)), replace=False)]
+        feats, flen = collate(batch, dev)
+        out = model.loss(feats, flen, [c.verbatim for c in batch], [c.subtitle for c in batch])
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step(); sched.step()
+        for k, v in out.items(): acc[k] = acc.get(k, 0.0) + v.detach()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            n = (step % 50) + 1
+            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
+    model.eval()
+    return history
+
+
+@pytest.mark.parametrize("sizes, steps", [
+    (dict(n_mels=40, d_model=64, enc_layers=3, enc2_layers=2, dec_layers=1, n_heads=4, d_ff=128, subsample=8), 6),
+    (dict(n_mels=12, d_model=16, enc_layers=1, enc2_layers=1, dec_layers=1, n_heads=2, d_ff=32, subsample=2), 53)])
+def test_training_on_fit_takes_the_steps_of_the_pre_fit_loop(sizes, steps):
+    "The notebook's model (a few steps) and a tiny one (two log intervals): bit-identical parameters and history."
+    g = torch.Generator().manual_seed(0)
+    s = make_scripts(30, "nl", 4)
+    feats = [torch.randn(int(n), sizes["n_mels"], generator=g) for n in torch.randint(30, 90, (30,), generator=g)]
+    vclips = [SubtitleClip(f, VOCAB.encode_words(x.verbatim, SPECIALS), None) for f, x in zip(feats[:10], s)]
+    sclips = [SubtitleClip(f, None, VOCAB.encode_words(x.subtitle, SPECIALS)) for f, x in zip(feats[10:], s[10:])]
+    cfg = SubtitleTrainConfig(steps=steps, n_verbatim=4, n_subtitle=6, lr=3e-3, warmup=3, clip_norm=0.5)
+    runs = []
+    for train in (_pre_fit_train_subtitle_asr, train_subtitle_asr):
+        torch.manual_seed(0)
+        m = SubtitleASR(SubtitleASRConfig.for_vocab("cascade", VOCAB, **sizes))
+        runs.append((m, train(m, vclips, sclips, cfg, seed=2)))
+    (old, h_old), (new, h_new) = runs
+    assert h_new == h_old and len(h_new) == (2 if steps > 50 else 1)
+    for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name

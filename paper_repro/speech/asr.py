@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Collection, Protocol, Sequence
 
 import jiwer
 import torch
@@ -56,6 +56,19 @@ class Vocab:
                 raise ValueError(f"character {text[i]!r} of {text!r} is not in the vocabulary; valid tokens: "
                                  f"{''.join(t for t in self.tokens[1:] if len(t) == 1)!r} and "
                                  f"{[t for t in self.tokens[1:] if len(t) > 1]}")
+        return ids
+
+    def encode_words(self, text: str, exclude: Collection[str] = ()) -> list[int]:
+        """Token ids of the whitespace-separated words of `text`, each a whole token (a word vocabulary); a word
+        that is no token, the blank, or one of `exclude` (e.g. special tokens a transcript may not contain) is a
+        `ValueError`."""
+        ids = []
+        for w in text.split():
+            i = self.index.get(w)
+            if not i or w in exclude:
+                raise ValueError(f"word {w!r} of {text!r} is not in the vocabulary; valid words: "
+                                 f"{[t for t in self.tokens[1:] if t not in exclude]}")
+            ids.append(i)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.train import OptimConfig, fit
 from .features import LogMel
 
 # %% auto #0
@@ -24,7 +25,7 @@ __all__ = ['N_CLASSES', 'SAMPLE_RATE', 'N_SAMPLES', 'IMG_SIZE', 'ICON_COLOURS', 
            'TONE_ENVELOPE', 'LOSSES', 'icon_mask', 'harmonic_tone', 'AVClips', 'make_clips', 'AudioFrontEnd',
            'target_masks', 'apply_masks', 'box_map', 'ciou', 'si_sdr', 'VisualEncoder', 'AudioUNet', 'OneAVM',
            'similarity_maps', 'avl_loss', 'mva_loss', 'separation_logits', 'avs_loss', 'oneavm_loss', 'localise',
-           'separate', 'recognition_embeddings', 'nn_accuracy']
+           'separate', 'recognition_embeddings', 'nn_accuracy', 'train_oneavm']
 
 # %% ../../nbs/speech/oneavm.ipynb #36ac9a20
 N_CLASSES = 10
@@ -392,3 +393,25 @@ def nn_accuracy(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: to
         raise ValueError(f"gallery and queries must have the same width, got {gallery.shape[1]} and {queries.shape[1]}")
     sims = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
     return float((gallery_labels[sims.argmax(1)] == query_labels).double().mean())
+
+# %% ../../nbs/speech/oneavm.ipynb #86683ed5
+def train_oneavm(model: OneAVM, clips: AVClips, steps: int, batch: int, losses: tuple[str, ...] = LOSSES,
+                 lr: float = 2e-3, seed: int = 0, log_every: int = 10, progress: bool | None = None) -> list[dict]:
+    """Train `model` in place on `losses` over `clips` (see above); returns `{"step", <each loss>, "total"}` rows for
+    every `log_every`-th step (0-based) and the last one."""
+    if batch < 2: raise ValueError(f"batch must be at least 2 (a contrastive batch needs negatives), got {batch}")
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(clips), (batch,), generator=g)
+        return clips.images[idx].to(dev), clips.audio[idx].to(dev), clips.labels[idx].to(dev)
+
+    def loss_fn(m: OneAVM, b) -> dict[str, torch.Tensor]:
+        out = oneavm_loss(m, *b, losses, generator=g)
+        return dict(loss=out.pop("total"), **out)
+
+    hist = fit(model, loss_fn, draw, steps, OptimConfig(lr=lr, clip_norm=None), progress=progress,
+               desc="+".join(losses))
+    return [{"step": s, **{k: v[s] for k, v in hist.parts.items()}, "total": hist.loss[s]}
+            for s in range(steps) if s % log_every == 0 or s == steps - 1]

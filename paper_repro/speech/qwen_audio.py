@@ -14,14 +14,14 @@ import difflib
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import sacrebleu
 import torch
 
 from ..core.data import load_parallel_corpus
-from ..core.zoo import warmup_cosine
+from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, wer
 from .corpus import LANGS, WORDS
 
@@ -31,10 +31,10 @@ __all__ = ['SOT', 'SOA', 'EOT', 'UNKNOWN', 'TIMESTAMPS', 'NOTIMESTAMPS', 'TASKS'
            'HEADLINE', 'VARIANTS', 'SPEEDS', 'PITCHES', 'ASR_TASKS', 'lang_tag', 'time_token', 'time_tokens',
            'flat_token', 'special_tokens', 'build_vocab', 'task_prompt', 'caption_text', 'timestamp_target',
            'parse_timestamps', 'timestamp_errors', 'Phrase', 'normalize_text', 'candidate_phrases', 'select_phrases',
-           'Clip', 'TaskExample', 'clip_tasks', 'reference', 'example_tokens', 'encode_example', 'decode_output',
+           'ClipInfo', 'TaskExample', 'clip_tasks', 'reference', 'example_tokens', 'encode_example', 'decode_output',
            'plain_text', 'score_task', 'example_stats', 'paired_bootstrap', 'corpus_specs', 'ClipSet', 'build_clips',
-           'all_texts', 'encode_clips', 'batch_loss', 'run_examples', 'evaluate', 'TrainConfig', 'data_matched',
-           'sample_batch', 'train_model']
+           'all_texts', 'encode_clips', 'batch_loss', 'run_examples', 'evaluate', 'QwenAudioTrainConfig',
+           'data_matched', 'sample_task_batch', 'train_model']
 
 # %% ../../nbs/speech/qwen_audio.ipynb #81eb5c87
 SOT, SOA, EOT, UNKNOWN = "<|startoftranscription|>", "<|startofanalysis|>", "<|endoftext|>", "<|unknown|>"
@@ -192,7 +192,7 @@ def select_phrases(n: int, seed: int = 0) -> list[Phrase]:
 
 # %% ../../nbs/speech/qwen_audio.ipynb #07645e8c
 @dataclass(frozen=True)
-class Clip:
+class ClipInfo:
     "Metadata of one utterance (from `SpeechCorpus.records`) that the tasks need."
     lang: str
     text: str
@@ -204,7 +204,7 @@ class Clip:
     phrase: Phrase | None = None     # set when the clip speaks a gettext message
 
     @classmethod
-    def from_record(cls, rec: dict, phrase: Phrase | None = None) -> "Clip":
+    def from_record(cls, rec: dict, phrase: Phrase | None = None) -> "ClipInfo":
         return cls(rec["lang"], rec["text"], rec["variant"], int(rec["speed"]), int(rec["pitch"]),
                    tuple(rec["word_starts"]), tuple(rec["word_ends"]), phrase)
 
@@ -215,13 +215,13 @@ class TaskExample:
     task: str
     text_lang: str | None = None
 
-def clip_tasks(clip: Clip) -> list[tuple[str, str | None]]:
+def clip_tasks(clip: ClipInfo) -> list[tuple[str, str | None]]:
     "The (task, text_lang) pairs a clip supports."
     out = [("transcribe", None), ("timestamps", None), ("language_id", None), ("caption", None)]
     if clip.phrase is not None: out += [("translate", l) for l in TRANSLATION_LANGS]
     return out
 
-def reference(clip: Clip, task: str, text_lang: str | None = None) -> list[str]:
+def reference(clip: ClipInfo, task: str, text_lang: str | None = None) -> list[str]:
     "The reference output of `task` on `clip` as tokens (whole words and time tokens, before `<|endoftext|>`)."
     if task == "transcribe": return [clip.text]
     if task == "timestamps": return timestamp_target(clip.text.split(), clip.word_starts, clip.word_ends)
@@ -234,12 +234,12 @@ def reference(clip: Clip, task: str, text_lang: str | None = None) -> list[str]:
     if task == "caption": return [caption_text(clip.variant, clip.speed, clip.pitch)]
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
-def example_tokens(clip: Clip, ex: TaskExample, scheme: str) -> tuple[list[str], list[str]]:
+def example_tokens(clip: ClipInfo, ex: TaskExample, scheme: str) -> tuple[list[str], list[str]]:
     "Prompt and target token strings of `ex` under `scheme` (the target ends with `<|endoftext|>`)."
     prompt = task_prompt(scheme, ex.task, clip.lang, ex.text_lang)
     return prompt, [*reference(clip, ex.task, ex.text_lang), EOT]
 
-def encode_example(vocab: Vocab, clip: Clip, ex: TaskExample, scheme: str) -> tuple[list[int], int]:
+def encode_example(vocab: Vocab, clip: ClipInfo, ex: TaskExample, scheme: str) -> tuple[list[int], int]:
     "Token ids of prompt + target, and the prompt length."
     prompt, target = example_tokens(clip, ex, scheme)
     p = [i for t in prompt for i in vocab.encode(t)]
@@ -261,7 +261,7 @@ def plain_text(tokens: Sequence[str]) -> str:
     "The text of output tokens without special tokens, whitespace collapsed."
     return " ".join("".join(t for t in tokens if not t.startswith("<|")).split())
 
-def score_task(task: str, clips: Sequence[Clip], examples: Sequence[TaskExample],
+def score_task(task: str, clips: Sequence[ClipInfo], examples: Sequence[TaskExample],
                outputs: Sequence[Sequence[str]]) -> dict[str, float]:
     "The task's metrics over `examples` (all of `task`), given each example's output tokens."
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -298,7 +298,7 @@ def score_task(task: str, clips: Sequence[Clip], examples: Sequence[TaskExample]
 HEADLINE = {"transcribe": ("WER", False), "timestamps": ("timestamp error (ms)", False),
             "translate": ("exact match", True), "language_id": ("accuracy", True), "caption": ("accuracy", True)}
 
-def example_stats(task: str, clip: Clip, ex: TaskExample, output: Sequence[str]) -> tuple[float, float]:
+def example_stats(task: str, clip: ClipInfo, ex: TaskExample, output: Sequence[str]) -> tuple[float, float]:
     """One example's share of the task's headline metric as (numerator, denominator): the metric over a set of
     examples is sum(numerators) / sum(denominators) (word errors / reference words; summed boundary errors in ms /
     boundaries; correct / 1). This is what the paired bootstrap resamples."""
@@ -362,7 +362,7 @@ class ClipSet:
         for c, corpus in enumerate(self.corpora):
             for i, rec in enumerate(corpus.records):
                 phrase = by_en.get(rec["text"]) if corpus.spec.kind == "texts" else None
-                self.where.append((c, i)); self.clips.append(Clip.from_record(rec, phrase))
+                self.where.append((c, i)); self.clips.append(ClipInfo.from_record(rec, phrase))
 
     def __len__(self) -> int: return len(self.clips)
 
@@ -416,7 +416,7 @@ import random
 import torch.nn.functional as F
 
 from .asr import ctc_loss
-from .seq2seq import Seq2SeqConfig, SpeechSeq2Seq, decoder_loss, greedy_decode
+from .seq2seq import Seq2SeqConfig, SpeechSeq2Seq, attention_greedy_decode, decoder_loss
 
 ASR_TASKS = ("transcribe", "timestamps")     # the examples that also train the CTC head
 
@@ -456,8 +456,8 @@ def run_examples(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: S
         part = examples[a:a + batch_size]
         prompts = [encode_example(vocab, clips.clips[ex.clip], ex, scheme) for ex in part]
         hidden, hlen = encode_clips(model, clips, [ex.clip for ex in part])
-        ids = greedy_decode(model.decoder, model.decoder.encode_memory(hidden, hlen), [s[:n] for s, n in prompts],
-                            max_new_tokens, eot)
+        memory = model.decoder.encode_memory(hidden, hlen)
+        ids = attention_greedy_decode(model.decoder, memory, [s[:n] for s, n in prompts], max_new_tokens, eot)
         outs += [decode_output(vocab, i) for i in ids]
     model.train(was_training)
     return outs
@@ -474,7 +474,7 @@ def evaluate(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Seque
 
 # %% ../../nbs/speech/qwen_audio.ipynb #8c18266e
 @dataclass
-class TrainConfig:
+class QwenAudioTrainConfig:
     "Optimisation settings of one model."
     steps: int = 1500
     batch: int = 16
@@ -485,39 +485,49 @@ class TrainConfig:
     clip_norm: float = 1.0
     eval_every: int = 250
 
-def data_matched(cfg: TrainConfig, n_tasks: int) -> TrainConfig:
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up, cosine decay to 0, as a factor of the base rate (the form `LambdaLR` computed before `fit`)."
+        return WarmupCosine(self.warmup, multiplicative=True)
+
+def data_matched(cfg: QwenAudioTrainConfig, n_tasks: int) -> QwenAudioTrainConfig:
     "`cfg` compressed to `steps / n_tasks` updates (warm-up and evaluation interval alike; at least one step each)."
     if n_tasks < 1: raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     shrink = lambda n: max(1, int(round(n / n_tasks)))
-    return TrainConfig(**{**asdict(cfg), "steps": shrink(cfg.steps), "warmup": shrink(cfg.warmup),
-                          "eval_every": shrink(cfg.eval_every)})
+    return QwenAudioTrainConfig(**{**asdict(cfg), "steps": shrink(cfg.steps), "warmup": shrink(cfg.warmup),
+                                   "eval_every": shrink(cfg.eval_every)})
 
-def sample_batch(by_task: dict[str, list[TaskExample]], batch: int, rng: random.Random) -> list[TaskExample]:
+def sample_task_batch(by_task: dict[str, list[TaskExample]], batch: int, rng: random.Random) -> list[TaskExample]:
     "`batch` examples: a task uniformly from `by_task`'s keys, then one of its examples uniformly."
     tasks = [t for t, exs in by_task.items() if exs]
     if not tasks: raise ValueError("no examples to sample from")
     return [rng.choice(by_task[t]) for t in (rng.choice(tasks) for _ in range(batch))]
 
 def train_model(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Sequence[TaskExample], scheme: str,
-                cfg: TrainConfig, seed: int = 0, eval_fn=None, progress=None) -> list[dict]:
-    "Train `model` on `examples` under `scheme`; returns the loss / evaluation history."
+                cfg: QwenAudioTrainConfig, seed: int = 0, eval_fn: Callable[[int], dict] | None = None,
+                progress: bool | None = None, desc: str = "train") -> list[dict]:
+    """Train `model` on `examples` under `scheme` with the core loop (`fit`); returns one row per `cfg.eval_every`
+    steps (and the last): the step, that step's losses and, with `eval_fn`, `eval_fn(step)` under `eval`."""
     if scheme not in SCHEMES: raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     by_task = {t: [ex for ex in examples if ex.task == t] for t in TASKS}
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup))
+
+    def loss_fn(m: SpeechSeq2Seq, batch: list[TaskExample]) -> dict[str, torch.Tensor]:
+        out = batch_loss(m, vocab, clips, batch, scheme, cfg.ctc_weight)
+        return dict(loss=out["total"], att=out["att"], ctc=out["ctc"])
+
     history = []
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        loss = batch_loss(model, vocab, clips, sample_batch(by_task, cfg.batch, rng), scheme, cfg.ctc_weight)
-        opt.zero_grad(set_to_none=True)
-        loss["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step(); sched.step()
-        if progress is not None: progress.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec = dict(step=step, **{k: float(v.detach()) for k, v in loss.items()})
-            if eval_fn is not None: rec["eval"] = eval_fn(step)
-            history.append(rec)
-    model.eval()
+    def record(learner) -> None:
+        step = learner.step + 1
+        if step % cfg.eval_every and step != cfg.steps: return
+        rec = dict(step=step, total=float(learner.loss.detach()),
+                   **{k: float(v.detach()) for k, v in learner.parts.items()})
+        if eval_fn is not None: rec["eval"] = eval_fn(step)
+        history.append(rec)
+
+    fit(model, loss_fn, lambda i: sample_task_batch(by_task, cfg.batch, rng), cfg.steps, cfg.optim(), cfg.schedule(),
+        callbacks=[LambdaCallback(after_step=record)], progress=progress, desc=desc)
     return history

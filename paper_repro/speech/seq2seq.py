@@ -19,12 +19,13 @@ from torch import nn
 
 from ..core.decoding import batch_greedy_decode
 from ..core.lm import ConditionedLM, CrossMemory, LMConfig, TransformerLM
+from ..core.train import Callback
 from .asr import ctc_loss
 from .features import LogMel, length_mask
 
 # %% auto #0
-__all__ = ['ConvSubsampling', 'padding_attn_mask', 'encode', 'decoder_loss', 'greedy_decode', 'CTCPrefixScorer',
-           'joint_beam_search', 'Seq2SeqConfig', 'SpeechSeq2Seq']
+__all__ = ['ConvSubsampling', 'padding_attn_mask', 'encode', 'decoder_loss', 'attention_greedy_decode', 'CTCPrefixScorer',
+           'joint_beam_search', 'attention_decode', 'Seq2SeqConfig', 'SpeechSeq2Seq', 'IntervalMeans']
 
 # %% ../../nbs/speech/seq2seq.ipynb #d9596c70
 class ConvSubsampling(nn.Module):
@@ -95,8 +96,8 @@ def decoder_loss(decoder: TransformerLM, memory: CrossMemory, sequences: Sequenc
 
 # %% ../../nbs/speech/seq2seq.ipynb #71136cfa
 @torch.no_grad()
-def greedy_decode(decoder: TransformerLM, memory: CrossMemory, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  eos_id: int) -> list[list[int]]:
+def attention_greedy_decode(decoder: TransformerLM, memory: CrossMemory, prompts: Sequence[Sequence[int]],
+                            max_new_tokens: int, eos_id: int) -> list[list[int]]:
     "Greedy outputs after each row's prompt (batched, KV-cached), without the end token."
     if len(prompts) != memory.batch_size:
         raise ValueError(f"{len(prompts)} prompts for a memory of batch {memory.batch_size}")
@@ -239,6 +240,22 @@ def _beam_group(decoder, memory, prompts, utts, eos_id, beam, K, scorer, lam, ma
         logp = F.log_softmax(decoder(nxt, cache=cache)[:, -1].float(), -1)
     return [max(finished[g] or [h for h in hyps if h.utt == g], key=lambda h: h.score).tokens for g in range(G)]
 
+# %% ../../nbs/speech/seq2seq.ipynb #0ab36ee2
+@torch.no_grad()
+def attention_decode(decoder: TransformerLM, memory: CrossMemory, prompts: Sequence[Sequence[int]], eos_id: int,
+                     max_new_tokens: int = 64, beam: int = 1, ctc_weight: float = 0.0,
+                     ctc_logits: torch.Tensor | None = None, ctc_lengths: torch.Tensor | None = None,
+                     length_bonus: float = 0.0) -> list[list[int]]:
+    """Token ids after each prompt (without the end token): `attention_greedy_decode` when `beam == 1` and
+    `ctc_weight == 0`, else `joint_beam_search` with λ = `ctc_weight` over the CTC head's `ctc_logits` `[B, T, V_ctc]`
+    (needed when `ctc_weight > 0`) of `ctc_lengths` frames."""
+    if ctc_weight > 0 and ctc_logits is None:
+        raise ValueError(f"ctc_weight={ctc_weight} > 0 needs the CTC head's ctc_logits (or use ctc_weight=0)")
+    if beam == 1 and ctc_weight == 0: return attention_greedy_decode(decoder, memory, prompts, max_new_tokens, eos_id)
+    lp = F.log_softmax(ctc_logits.float(), -1) if ctc_weight > 0 else None
+    return joint_beam_search(decoder, memory, prompts, eos_id, beam, lp, ctc_lengths, ctc_weight, max_new_tokens,
+                             length_bonus)
+
 # %% ../../nbs/speech/seq2seq.ipynb #e50a0a11
 @dataclass(frozen=True)
 class Seq2SeqConfig:
@@ -268,22 +285,35 @@ class Seq2SeqConfig:
                         n_heads=self.n_heads, d_ff=self.d_ff, cross_attention=True)
 
 class SpeechSeq2Seq(nn.Module):
-    "Log-mel → conv subsampling → bidirectional transformer encoder (+ CTC head) → cross-attention transformer decoder."
-    def __init__(self, cfg: Seq2SeqConfig):
+    """Log-mel → conv subsampling → bidirectional transformer encoder (+ CTC head) → cross-attention transformer decoder.
+    `frontend=False`: no log-mel front end (the model reads features computed outside it, e.g. with global statistics).
+    `subsample_last=True` builds the subsampling after the encoder and decoder: the module order, and so the random
+    initialisation and the parameter order, of SpeechT5, which subclasses this model."""
+    def __init__(self, cfg: Seq2SeqConfig, frontend: bool = True, subsample_last: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.frontend = LogMel(n_mels=cfg.n_mels)
-        self.subsample = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsample)
+        self.frontend = LogMel(n_mels=cfg.n_mels) if frontend else None
+        if not subsample_last: self.subsample = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsample)
         self.encoder = TransformerLM(cfg.encoder_config())
         self.decoder = TransformerLM(cfg.decoder_config())
+        if subsample_last: self.subsample = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsample)
 
     def encode(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d_model]` and their lengths for waveforms `[B, N]` of `lengths` samples."
+        if self.frontend is None:
+            raise ValueError(f"this {type(self).__name__} has no log-mel front end (frontend=False): pass features to "
+                             "encode_features instead of waveforms")
         return self.encode_features(*self.frontend(wave, lengths))
 
-    def encode_features(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Encoder states and lengths from log-mel features `[B, T, n_mels]` of `lengths` frames (e.g. cached ones)."
+    def encode_features(self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,
+                        mask_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states and lengths from log-mel features `[B, T, n_mels]` of `lengths` frames (e.g. cached ones);
+        `mask` `[B, S]` replaces the subsampled frames where it is True by the vector `mask_embed` `[d_model]`
+        (masked prediction, as SpeechT5 pre-trains)."""
         x, xlen = self.subsample(feats.to(self.encoder.dtype), lengths)
+        if mask is not None:
+            if mask_embed is None: raise ValueError("a frame mask needs the mask_embed vector that replaces the frames")
+            x = torch.where(mask[..., None], mask_embed.to(x.dtype), x)
         return encode(self.encoder, x, xlen), xlen
 
     def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -315,8 +345,25 @@ class SpeechSeq2Seq(nn.Module):
                    ) -> list[list[int]]:
         "Token ids after each prompt: greedy when `beam == 1` and `ctc_weight == 0`, else joint CTC/attention beam search."
         hidden, hlen = self.encode(wave, lengths)
-        memory = self.decoder.encode_memory(hidden, hlen)
-        if beam == 1 and ctc_weight == 0: return greedy_decode(self.decoder, memory, prompts, max_new_tokens, eos_id)
-        lp = F.log_softmax(self.ctc_logits(hidden).float(), -1) if ctc_weight > 0 else None
-        return joint_beam_search(self.decoder, memory, prompts, eos_id, beam, lp, hlen, ctc_weight, max_new_tokens,
-                                 length_bonus)
+        return attention_decode(self.decoder, self.decoder.encode_memory(hidden, hlen), prompts, eos_id, max_new_tokens,
+                                beam, ctc_weight, self.ctc_logits(hidden) if ctc_weight > 0 else None, hlen, length_bonus)
+
+# %% ../../nbs/speech/seq2seq.ipynb #920bf899
+class IntervalMeans(Callback):
+    """`fit` callback: one row per `every` steps (and one for a last, shorter interval) with the last step and the means
+    over the interval of every loss part, and of the objective as `loss_key` (None: not logged); `rows` holds them.
+    A step's values are those of its last micro-batch (all of it without gradient accumulation, as these papers train)."""
+    def __init__(self, every: int, loss_key: str | None = "total"):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (steps per logged interval), got {every!r}")
+        self.every, self.loss_key, self.rows, self._sums = every, loss_key, [], {}
+
+    def after_step(self, learner) -> None:
+        values = {**({self.loss_key: learner.loss} if self.loss_key else {}), **learner.parts}
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        done = learner.step + 1
+        if done % self.every == 0 or done == learner.steps:
+            n = learner.step % self.every + 1
+            self.rows.append(dict(step=done, **{k: float(v) / n for k, v in self._sums.items()}))
+            self._sums = {}

@@ -19,21 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.lm import LMConfig, TransformerLM, count_parameters
-from ..core.zoo import warmup_cosine
+from ..core.lm import count_parameters
+from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, ctc_loss
 from .corpus import LANG_VOICES, WORDS, CorpusSpec, SpeechCorpus
 from .features import LogMel, length_mask, mfcc
-from .seq2seq import ConvSubsampling, decoder_loss, encode, greedy_decode, joint_beam_search
+from .seq2seq import (IntervalMeans, Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss,
+                                        encode)
 
 # %% auto #0
 __all__ = ['VARIANTS', 'SPEEDS', 'SPEAKERS', 'BOS', 'EOS', 'MASK', 'N_MELS', 'UNIT_STACK', 'words_spec', 'speaker_index',
-           'text_pool', 'make_vocab', 'decoder_sequence', 'strip_specials', 'text_infill', 'SpeechData',
+           'text_pool', 'speecht5_vocab', 'decoder_sequence', 'strip_specials', 'text_infill', 'SpeechData',
            'make_frontend', 'featurize', 'unit_features', 'KMeansUnits', 'add_units', 'span_mask', 'GumbelVQ',
            'swap_with_codes', 'SpeechDecoderPrenet', 'SpeechDecoderPostnet', 'group_frames', 'SpeechT5Config',
-           'SpeechT5', 'speech_decoder_loss', 'PretrainConfig', 'lr_at', 'pad_units', 'speech_pretrain_losses',
+           'SpeechT5', 'speech_decoder_loss', 'PretrainConfig', 'pad_units', 'speech_pretrain_losses',
            'text_pretrain_losses', 'pretrain', 'FinetuneConfig', 'asr_losses', 'tts_losses', 'finetune_asr',
-           'finetune_tts', 'transcribe', 'generate_frames', 'synthesize', 'teacher_forced_l1', 'dtw_l1']
+           'finetune_tts', 'transcribe_dataset', 'generate_frames', 'synthesize_mels', 'teacher_forced_l1', 'dtw_l1']
 
 # %% ../../nbs/speech/speecht5.ipynb #59f16c3f
 VARIANTS: tuple[str, ...] = ("m3", "f2")
@@ -62,7 +63,7 @@ def text_pool(n: int, seed: int, min_words: int = 1, max_words: int = 3) -> list
 # %% ../../nbs/speech/speecht5.ipynb #b0028f31
 BOS, EOS, MASK = "<s>", "</s>", "<mask>"
 
-def make_vocab() -> Vocab:
+def speecht5_vocab() -> Vocab:
     "Characters of the word list (blank at 0), then `<s>`, `</s>`, `<mask>`."
     chars = sorted(set(" ".join(WORDS["en"])))
     return Vocab([*chars, BOS, EOS, MASK])
@@ -325,32 +326,39 @@ class SpeechT5Config:
                      "n_speakers", "vq_groups", "vq_vars", "prenet_hidden", "postnet_channels", "postnet_layers"):
             if getattr(self, name) < 1: raise ValueError(f"SpeechT5Config.{name} must be positive, got {getattr(self, name)}")
 
-class SpeechT5(nn.Module):
-    "Shared encoder and decoder (core `TransformerLM`s) with speech/text pre-nets and post-nets and a shared codebook."
+    def seq2seq(self) -> Seq2SeqConfig:
+        "The shared encoder-decoder's shape: a `SpeechSeq2Seq` with one vocabulary and the speech pre-net's 4× subsampling."
+        return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
+                             enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads, d_ff=self.d_ff,
+                             subsample=UNIT_STACK)
+
+def _renamed_prenet_keys(module, state_dict, prefix, *args) -> None:
+    "Load-time key map: weights saved before SpeechT5 subclassed `SpeechSeq2Seq` call the speech pre-net `speech_prenet`."
+    for key in [k for k in state_dict if k.startswith(prefix + "speech_prenet.")]:
+        state_dict[prefix + "subsample." + key[len(prefix + "speech_prenet."):]] = state_dict.pop(key)
+
+class SpeechT5(SpeechSeq2Seq):
+    """Shared encoder and decoder (the `SpeechSeq2Seq` pair, with its CTC head) with speech/text pre-nets and post-nets
+    and a shared codebook. The speech encoder pre-net is `SpeechSeq2Seq.subsample`; there is no log-mel front end
+    inside (the features carry the speech pool's global statistics, computed outside)."""
     def __init__(self, cfg: SpeechT5Config):
-        super().__init__()
+        super().__init__(cfg.seq2seq(), frontend=False, subsample_last=True)
         self.cfg = cfg
         d = cfg.d_model
-        self.encoder = TransformerLM(LMConfig(vocab_size=cfg.vocab_size, d_model=d, n_layers=cfg.enc_layers,
-                                              n_heads=cfg.n_heads, d_ff=cfg.d_ff))
-        self.decoder = TransformerLM(LMConfig(vocab_size=cfg.vocab_size, d_model=d, n_layers=cfg.dec_layers,
-                                              n_heads=cfg.n_heads, d_ff=cfg.d_ff, cross_attention=True))
         self.decoder.embed_tokens.weight = self.encoder.embed_tokens.weight   # text pre-nets and post-net share
         self.decoder.lm_head.weight = self.encoder.embed_tokens.weight        # one embedding matrix
-        self.speech_prenet = ConvSubsampling(cfg.n_mels, d, factor=UNIT_STACK)
         self.mask_embed = nn.Parameter(torch.randn(d) * 0.1)
         self.unit_head = nn.Linear(d, cfg.n_units)
         self.speech_dec_prenet = SpeechDecoderPrenet(cfg.n_mels, cfg.r, d, cfg.prenet_hidden, cfg.n_speakers)
         self.speech_postnet = SpeechDecoderPostnet(d, cfg.n_mels, cfg.r, cfg.postnet_channels, cfg.postnet_layers)
         self.quantizer = GumbelVQ(d, cfg.vq_groups, cfg.vq_vars)
+        self.register_load_state_dict_pre_hook(_renamed_prenet_keys)
 
     # --- encoder side ---
     def encode_speech(self, mel: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d]` and lengths of log-mels `[B, F, n_mels]`; `mask` `[B, S]` hides pre-net frames."
-        x, xlen = self.speech_prenet(mel, lengths)
-        if mask is not None: x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
-        return encode(self.encoder, x, xlen), xlen
+        return self.encode_features(mel, lengths, mask, self.mask_embed)
 
     def encode_text(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d]` and lengths of token sequences (padded with the blank id, which is never attended)."
@@ -360,10 +368,6 @@ class SpeechT5(nn.Module):
         tok = torch.zeros(len(sequences), int(lens.max()), dtype=torch.long, device=dev)
         for i, s in enumerate(sequences): tok[i, :len(s)] = torch.tensor(list(s), dtype=torch.long, device=dev)
         return encode(self.encoder, self.encoder.embed_tokens(tok), lens), lens
-
-    def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        "CTC logits `[B, S, vocab]` of speech encoder states."
-        return self.encoder.lm_head(hidden)
 
     # --- the interface between encoder and decoder ---
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor, swap_prob: float = 0.0,
@@ -401,8 +405,18 @@ def speech_decoder_loss(before: torch.Tensor, after: torch.Tensor, stop: torch.T
     return dict(l1=l1, bce=bce, total=l1 + bce)
 
 # %% ../../nbs/speech/speecht5.ipynb #32b5ff2e
+class _AdamWWarmupCosine:
+    "Pre-training's and fine-tuning's optimiser and schedule, from a config's `lr`, `weight_decay`, `clip_norm`, `warmup`."
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit` (β₂ = 0.98, as the official fine-tuning and pre-training use)."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98), clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_AdamWWarmupCosine):
     "What `pretrain` trains on and how."
     steps: int = 3000
     speech_batch: int = 16
@@ -410,7 +424,7 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    clip_norm: float = 1.0
     speech: bool = True           # masked unit prediction + mel reconstruction on the speech pool
     text: bool = True             # BART text infilling on the text pool
     swap_prob: float = 0.1        # joint VQ pre-training: fraction of encoder states swapped for codes (0: off)
@@ -419,10 +433,6 @@ class PretrainConfig:
     mask_prob: float = 0.065
     mask_span: int = 5
     log_every: int = 100
-
-def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.1) -> float:
-    "Linear warm-up to `peak`, then a cosine down to `floor × peak` at `steps` (the core schedule, decaying after warm-up)."
-    return warmup_cosine(step, steps, warmup, peak, floor, decay_after_warmup=True)
 
 def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> torch.Tensor:
     "Unit labels `[B, S]` aligned to encoder states (−100 = no label: past a clip's end or its last full unit)."
@@ -436,7 +446,7 @@ def speech_pretrain_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tenso
                            units: Sequence[torch.Tensor], cfg: PretrainConfig,
                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     "Masked unit prediction and mel reconstruction (and the codebook's diversity loss) on one speech batch."
-    slen = model.speech_prenet.out_lengths(flen)
+    slen = model.subsample.out_lengths(flen)
     mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, generator)
     hidden, hlen = model.encode_speech(mel, flen, mask)
     labels = pad_units(units, hlen, hidden.shape[1])
@@ -457,54 +467,55 @@ def text_pretrain_losses(model: SpeechT5, texts: Sequence[str], vocab: Vocab, cf
     return dict(text=text, diversity=diversity, perplexity=ppl, total=text + cfg.diversity_weight * diversity)
 
 def pretrain(model: SpeechT5, speech: SpeechData | None, texts: Sequence[str], vocab: Vocab, cfg: PretrainConfig,
-             seed: int = 0, progress=None) -> list[dict]:
-    "Pre-train `model` in place on unpaired speech (with unit labels) and text; returns the logged loss history."
+             seed: int = 0, progress: bool | None = None, desc: str = "pre-training") -> list[dict]:
+    """Pre-train `model` in place on unpaired speech (with unit labels) and text with the core loop (`fit`); returns
+    the logged loss history (the parts' means over every `cfg.log_every` steps)."""
     if cfg.speech and (speech is None or speech.units is None):
         raise ValueError("speech pre-training needs SpeechData with unit labels (see add_units)")
     if not (cfg.speech or cfg.text): raise ValueError("nothing to pre-train on: set speech=True and/or text=True")
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    model.train()
-    history, acc = [], {}
-    for step in range(cfg.steps):
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        model.quantizer.temp = cfg.temp[0] * (cfg.temp[1] / cfg.temp[0]) ** (step / max(1, cfg.steps - 1))
-        parts, total = {}, 0.0
+
+    def draw(step: int) -> dict:
+        "The step's speech clips (log-mels, lengths, speakers, unit labels) and text strings, drawn with replacement."
+        batch = {}
         if cfg.speech:
             idx = rng.integers(0, len(speech), cfg.speech_batch)
-            mel, flen, spk = speech.batch(idx, dev)
-            s = speech_pretrain_losses(model, mel, flen, spk, [speech.units[i] for i in idx], cfg, gen)
+            batch["speech"] = (*speech.batch(idx, dev), [speech.units[i] for i in idx])
+        if cfg.text: batch["text"] = [texts[i] for i in rng.integers(0, len(texts), cfg.text_batch)]
+        return batch
+
+    def loss_fn(m: SpeechT5, batch: dict) -> dict[str, torch.Tensor]:
+        parts, total = {}, 0.0
+        if "speech" in batch:
+            s = speech_pretrain_losses(m, *batch["speech"], cfg, gen)
             total = total + s["total"]
             parts.update({f"speech_{k}": v for k, v in s.items() if k != "total"})
-        if cfg.text:
-            batch = [texts[i] for i in rng.integers(0, len(texts), cfg.text_batch)]
-            t = text_pretrain_losses(model, batch, vocab, cfg, rng, gen)
+        if "text" in batch:
+            t = text_pretrain_losses(m, batch["text"], vocab, cfg, rng, gen)
             total = total + t["total"]
             parts.update({f"text_{k}": v for k, v in t.items() if k != "total"})
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        for k, v in parts.items(): acc[k] = acc.get(k, 0.0) + v.detach()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:   # host syncs only when logging
-            n = (step % cfg.log_every) + 1
-            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
-        if progress is not None: progress.update(1)
-    model.eval()
-    return history
+        return dict(loss=total, **parts)
+
+    def anneal(learner) -> None:   # the Gumbel temperature, geometrically from temp[0] to temp[1]
+        model.quantizer.temp = cfg.temp[0] * (cfg.temp[1] / cfg.temp[0]) ** (learner.step / max(1, cfg.steps - 1))
+
+    log = IntervalMeans(cfg.log_every, loss_key=None)
+    fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(),
+        callbacks=[LambdaCallback(before_step=anneal), log], progress=progress, desc=desc)
+    return log.rows
 
 # %% ../../nbs/speech/speecht5.ipynb #5053dc31
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_AdamWWarmupCosine):
     "How `finetune_asr` / `finetune_tts` train."
     steps: int = 300
     batch: int = 8
     lr: float = 1e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    clip_norm: float = 1.0
     ctc_weight: float = 0.5        # ASR: λ · CTC + (1 − λ) · CE
     mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off, see below)
     mask_span: int = 5
@@ -526,50 +537,41 @@ def tts_losses(model: SpeechT5, texts: Sequence[str], mel: torch.Tensor, flen: t
     memory = model.decoder.encode_memory(hidden, hlen)
     return speech_decoder_loss(*model.speech_decode(memory, mel, speakers), mel, flen)
 
-def _finetune(model: SpeechT5, data: SpeechData, cfg: FinetuneConfig, seed: int, step_loss, progress=None) -> list[float]:
+def _finetune(model: SpeechT5, data: SpeechData, cfg: FinetuneConfig, seed: int, step_loss, progress: bool | None,
+              desc: str) -> list[float]:
+    "`fit` on batches of distinct clips drawn with a generator seeded by `seed`; `step_loss(model, idx, device)`."
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    model.train()
-    losses = []
-    for step in range(cfg.steps):
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-        idx = rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
-        loss = step_loss(idx, dev)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.detach())
-        if progress is not None: progress.update(1)
-    model.eval()
-    return torch.stack(losses).tolist()
+    draw = lambda step: rng.choice(len(data), size=min(cfg.batch, len(data)), replace=False)
+    hist = fit(model, lambda m, idx: step_loss(m, idx, dev), draw, cfg.steps, cfg.optim(), cfg.schedule(),
+               progress=progress, desc=desc)
+    return hist.loss
 
 def finetune_asr(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneConfig, seed: int = 0,
-                 progress=None) -> list[float]:
+                 progress: bool | None = None, desc: str = "ASR fine-tuning") -> list[float]:
     "Fine-tune `model` in place for ASR on paired clips; per-step losses."
     gen = torch.Generator().manual_seed(seed)
-    def step_loss(idx, dev):
+    def step_loss(m, idx, dev):
         mel, flen, _ = data.batch(idx, dev)
         mask = None
         if cfg.mask_prob > 0:
-            slen = model.speech_prenet.out_lengths(flen)
+            slen = m.subsample.out_lengths(flen)
             mask = span_mask(slen, int(slen.max()), cfg.mask_prob, cfg.mask_span, gen)
-        return asr_losses(model, mel, flen, [data.texts[i] for i in idx], vocab, cfg.ctc_weight, mask)["total"]
-    return _finetune(model, data, cfg, seed, step_loss, progress)
+        return asr_losses(m, mel, flen, [data.texts[i] for i in idx], vocab, cfg.ctc_weight, mask)["total"]
+    return _finetune(model, data, cfg, seed, step_loss, progress, desc)
 
 def finetune_tts(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneConfig, seed: int = 0,
-                 progress=None) -> list[float]:
+                 progress: bool | None = None, desc: str = "TTS fine-tuning") -> list[float]:
     "Fine-tune `model` in place for TTS on paired clips; per-step losses."
-    def step_loss(idx, dev):
+    def step_loss(m, idx, dev):
         mel, flen, spk = data.batch(idx, dev)
-        return tts_losses(model, [data.texts[i] for i in idx], mel, flen, spk, vocab)["total"]
-    return _finetune(model, data, cfg, seed, step_loss, progress)
+        return tts_losses(m, [data.texts[i] for i in idx], mel, flen, spk, vocab)["total"]
+    return _finetune(model, data, cfg, seed, step_loss, progress, desc)
 
 # %% ../../nbs/speech/speecht5.ipynb #219d1aca
 @torch.no_grad()
-def transcribe(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, ctc_weight: float = 0.5,
-               batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
+def transcribe_dataset(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, ctc_weight: float = 0.5,
+                       batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
     "Transcripts of every clip of `data` by joint CTC/attention beam search (`beam=1, ctc_weight=0`: greedy)."
     dev = next(model.parameters()).device
     model.eval()
@@ -578,14 +580,9 @@ def transcribe(model: SpeechT5, data: SpeechData, vocab: Vocab, beam: int = 4, c
         idx = list(range(s, min(s + batch_size, len(data))))
         mel, flen, _ = data.batch(idx, dev)
         hidden, hlen = model.encode_speech(mel, flen)
-        memory = model.decoder.encode_memory(hidden, hlen)
-        prompts = [[vocab.index[BOS]]] * len(idx)
-        if beam == 1 and ctc_weight == 0:
-            ids = greedy_decode(model.decoder, memory, prompts, max_new_tokens, vocab.index[EOS])
-        else:
-            lp = F.log_softmax(model.ctc_logits(hidden).float(), -1)
-            ids = joint_beam_search(model.decoder, memory, prompts, vocab.index[EOS], beam=beam, ctc_log_probs=lp,
-                                    ctc_lengths=hlen, ctc_weight=ctc_weight, max_new_tokens=max_new_tokens)
+        ids = attention_decode(model.decoder, model.decoder.encode_memory(hidden, hlen), [[vocab.index[BOS]]] * len(idx),
+                               vocab.index[EOS], max_new_tokens, beam, ctc_weight,
+                               model.ctc_logits(hidden) if ctc_weight > 0 else None, hlen)
         out += [strip_specials(vocab, t) for t in ids]
     return out
 
@@ -618,8 +615,8 @@ def generate_frames(model: SpeechT5, sequences: Sequence[Sequence[int]], speaker
     return torch.cat(frames, 1), stop_at
 
 @torch.no_grad()
-def synthesize(model: SpeechT5, sequences: Sequence[Sequence[int]], speakers: torch.Tensor, max_steps: int = 60,
-               threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def synthesize_mels(model: SpeechT5, sequences: Sequence[Sequence[int]], speakers: torch.Tensor, max_steps: int = 60,
+                    threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     "Log-mels `[B, F, n_mels]` (after the post-net) and frame lengths `[B]` generated from token sequences."
     mel, lengths = generate_frames(model, sequences, speakers, max_steps, threshold)
     return model.speech_postnet.refine(mel, lengths), lengths

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import (Joiner, LSTMPredictor, Vocab, ctc_greedy_decode, ctc_loss, rnnt_greedy_decode,
                                     rnnt_loss)
-from ..core.zoo import warmup_cosine
 from .features import LogMel, length_mask
 
 # %% auto #0
 __all__ = ['AttContext', 'context_mask', 'CausalConv1d', 'CausalSubsampling', 'RelPosSelfAttention', 'FeedForward', 'ConvModule',
            'ConformerLayer', 'LayerCache', 'StreamState', 'EncoderConfig', 'ConformerEncoder', 'stream_encode',
-           'words_to_ids', 'StreamingASR', 'TrainConfig', 'length_buckets', 'evaluate_asr', 'train_asr',
-           'buffered_encode', 'buffered_setting']
+           'StreamingASR', 'StreamingTrainConfig', 'length_buckets', 'evaluate_asr', 'train_asr', 'buffered_encode',
+           'buffered_setting']
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #5104d484
 @dataclass(frozen=True)
@@ -302,15 +302,6 @@ def stream_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch
     return torch.cat(outs, 1)[:, :int(out_len.max())], out_len
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #8bf74fad
-def words_to_ids(vocab: Vocab, text: str) -> list[int]:
-    "Token ids of a text whose words are all vocabulary tokens."
-    ids = []
-    for w in text.split():
-        if w not in vocab.index or w == vocab.tokens[vocab.blank]:
-            raise ValueError(f"word {w!r} of {text!r} is not a token; valid: {vocab.tokens[1:]}")
-        ids.append(vocab.index[w])
-    return ids
-
 class StreamingASR(nn.Module):
     "Log-mel front end + cache-aware Conformer encoder + CTC head + RNN-T predictor/joiner (a hybrid model)."
     def __init__(self, tokens: list[str], enc: EncoderConfig = EncoderConfig(), pred_dim: int = 64, joint_dim: int = 64):
@@ -329,7 +320,7 @@ class StreamingASR(nn.Module):
 
     def targets(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         "Padded token ids `[B, U]` and lengths of transcripts."
-        seqs = [words_to_ids(self.vocab, t) for t in texts]
+        seqs = [self.vocab.encode_words(t) for t in texts]
         lens = torch.tensor([len(s) for s in seqs], device=device)
         out = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=device)
         for i, s in enumerate(seqs): out[i, :len(s)] = torch.tensor(s, device=device)
@@ -358,7 +349,7 @@ class StreamingASR(nn.Module):
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #dee98e91
 @dataclass
-class TrainConfig:
+class StreamingTrainConfig:
     "Optimisation settings of `train_asr`."
     steps: int = 600
     batch: int = 32
@@ -368,6 +359,15 @@ class TrainConfig:
     ctc_weight: float = 0.3
     eval_every: int = 100
     spec_augment: bool = True
+    clip_norm: float = 5.0
+
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up and cosine decay to a tenth, multiplied from step 0, as a factor of the base rate (`LambdaLR`)."
+        return WarmupCosine(self.warmup, floor=0.1, multiplicative=True)
 
 def length_buckets(lengths, batch: int, generator: torch.Generator) -> list[list[int]]:
     "Batches of indices of similar length (sorted, cut into batches, shuffled batch order; a little jitter)."
@@ -406,39 +406,39 @@ def evaluate_asr(model: StreamingASR, corpus, ctx: AttContext, decoders=("ctc", 
     out.update(ctc_loss=ctc_l / len(corpus), rnnt_loss=rnnt_l / len(corpus))
     return out
 
-def train_asr(model: StreamingASR, corpus, contexts: list[AttContext], cfg: TrainConfig = TrainConfig(),
-              dev_corpus=None, seed: int = 0, progress=None) -> list[dict]:
-    "Train `model` on `corpus`; each batch uses one context drawn from `contexts`. Returns the evaluation history."
+def train_asr(model: StreamingASR, corpus, contexts: list[AttContext],
+              cfg: StreamingTrainConfig = StreamingTrainConfig(),
+              dev_corpus=None, seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
+    """Train `model` on `corpus` with the core loop (`fit`); each batch uses one context drawn from `contexts`. Returns
+    the evaluation history: every `cfg.eval_every` steps (and at the end) the step's training loss and `evaluate_asr`
+    on `dev_corpus` (none without one)."""
     if not contexts: raise ValueError("contexts must hold at least one AttContext")
     from paper_repro.speech.features import spec_augment
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1))
     texts = [r["text"] for r in corpus.records]
-    history, batches, step = [], [], 0
-    eval_ctx = contexts[0]
-    while step < cfg.steps:
-        if not batches: batches = length_buckets(corpus.lengths, cfg.batch, g)
+    batches: list[list[int]] = []
+
+    def draw(step: int):
+        "The next length bucket's features (SpecAugmented), a random attention context and the targets."
+        if not batches: batches.extend(length_buckets(corpus.lengths, cfg.batch, g))
         idx = batches.pop()
-        model.train()
         feats, flen = _batch_features(model, corpus, idx, dev)
         if cfg.spec_augment:
             feats = spec_augment(feats, flen, n_freq_masks=2, freq_width=12, n_time_masks=2, time_width=20,
                                  time_frac=0.05, generator=g)
         ctx = contexts[int(torch.randint(len(contexts), (1,), generator=g))]
-        enc, elen = model.encoder(feats, flen, ctx)
-        tg, tl = model.targets([texts[i] for i in idx], dev)
-        loss = model.loss(enc, elen, tg, tl, cfg.ctc_weight)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step(); sched.step(); step += 1
-        if progress is not None: progress.update(1)
-        if dev_corpus is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            history.append(dict(step=step, train_loss=float(loss.detach()), **evaluate_asr(model, dev_corpus, eval_ctx)))
-    model.eval()
-    return history
+        return feats, flen, ctx, *model.targets([texts[i] for i in idx], dev)
+
+    def loss_fn(m: StreamingASR, batch) -> torch.Tensor:
+        feats, flen, ctx, tg, tl = batch
+        return m.loss(*m.encoder(feats, flen, ctx), tg, tl, cfg.ctc_weight)["total"]
+
+    evaluate = None if dev_corpus is None else (lambda m: evaluate_asr(m, dev_corpus, contexts[0]))
+    hist = fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(), eval_fn=evaluate,
+               eval_every=None if dev_corpus is None else cfg.eval_every, progress=progress, desc=desc)
+    return [dict(step=r["step"], train_loss=hist.loss[r["step"] - 1], **{k: v for k, v in r.items() if k != "step"})
+            for r in hist.evals]
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #751e8bb9
 def buffered_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch.Tensor, chunk: int, right: int,

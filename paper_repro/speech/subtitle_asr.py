@@ -18,15 +18,15 @@ from typing import Sequence
 import numpy as np
 import sacrebleu
 
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import Vocab, wer
-from ..core.zoo import warmup_cosine
 from .corpus import CorpusSpec, check_lang
 
 # %% auto #0
 __all__ = ['FILLERS', 'NUMBERS', 'DIALECT', 'ADVERBS', 'PARAPHRASES', 'SPECIALS', 'ARCHS', 'Targets', 'check_lang_supported',
-           'condense', 'ScriptConfig', 'Script', 'make_script', 'make_scripts', 'lexicon', 'make_vocab', 'words_to_ids',
-           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'SubtitleASRConfig', 'SubtitleASR', 'transcribe',
-           'Clip', 'collate', 'TrainConfig', 'train_subtitle_asr']
+           'condense', 'ScriptConfig', 'Script', 'make_script', 'make_scripts', 'lexicon', 'subtitle_vocab',
+           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'SubtitleASRConfig', 'SubtitleASR',
+           'transcribe_and_subtitle', 'SubtitleClip', 'collate', 'SubtitleTrainConfig', 'train_subtitle_asr']
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #370c3dce
 FILLERS: dict[str, tuple[str, ...]] = {"nl": ("euh", "ehm", "allee"), "en": ("uh", "um", "hmm")}
@@ -185,19 +185,10 @@ def lexicon(lang: str = "nl") -> list[str]:
 # %% ../../nbs/speech/subtitle_asr.ipynb #7199f5db
 SPECIALS: tuple[str, ...] = ("<eos>", "<verbatim>", "<subtitle>")
 
-def make_vocab(lang: str = "nl") -> Vocab:
-    "The word vocabulary of `lang` (blank at 0, then the lexicon), with `SPECIALS` appended at the end."
+def subtitle_vocab(lang: str = "nl") -> Vocab:
+    """The word vocabulary of `lang` (blank at 0, then the lexicon), with `SPECIALS` appended at the end. A script's
+    words encode with `vocab.encode_words(text, exclude=SPECIALS)` (the substrate's word lookup)."""
     return Vocab([*lexicon(lang), *SPECIALS])
-
-def words_to_ids(text: str, vocab: Vocab) -> list[int]:
-    "Token ids of the words of `text`; `ValueError` naming the unknown word."
-    ids = []
-    for w in text.split():
-        i = vocab.index.get(w)
-        if i is None or i == vocab.blank or w in SPECIALS:
-            raise ValueError(f"word {w!r} is not in the vocabulary; valid words: {vocab.tokens[1:len(vocab) - len(SPECIALS)]}")
-        ids.append(i)
-    return ids
 
 def ids_to_text(ids: Sequence[int], vocab: Vocab) -> str:
     "Words of token ids, dropping the blank and the special tokens."
@@ -222,8 +213,8 @@ from torch import nn
 
 from ..core.lm import LMConfig, TransformerLM
 from .asr import ctc_loss
-from .seq2seq import (Seq2SeqConfig, SpeechSeq2Seq, decoder_loss, encode, greedy_decode,
-                                        joint_beam_search)
+from .seq2seq import (IntervalMeans, Seq2SeqConfig, SpeechSeq2Seq, attention_decode, decoder_loss,
+                                        encode)
 
 ARCHS: tuple[str, ...] = ("verbatim", "pooled", "shared", "cascade")
 
@@ -259,7 +250,7 @@ class SubtitleASRConfig:
 
     @classmethod
     def for_vocab(cls, arch: str, vocab: Vocab, **sizes) -> "SubtitleASRConfig":
-        "The config for `vocab` as built by `make_vocab` (special tokens at the end)."
+        "The config for `vocab` as built by `subtitle_vocab` (special tokens at the end)."
         return cls(arch=arch, vocab_size=len(vocab), ctc_vocab=len(vocab) - len(SPECIALS),
                    eos_id=vocab.index["<eos>"], verbatim_id=vocab.index["<verbatim>"],
                    subtitle_id=vocab.index["<subtitle>"], **sizes)
@@ -344,40 +335,33 @@ class SubtitleASR(nn.Module):
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #f3c41a72
 @torch.no_grad()
-def transcribe(model: SubtitleASR, feats: torch.Tensor, flen: torch.Tensor, beam: int = 4, ctc_weight: float = 0.3,
-               sub_beam: int = 4, max_new_tokens: int = 24) -> tuple[list[list[int]], list[list[int]]]:
+def transcribe_and_subtitle(model: SubtitleASR, feats: torch.Tensor, flen: torch.Tensor, beam: int = 4,
+                            ctc_weight: float = 0.3, sub_beam: int = 4, max_new_tokens: int = 24
+                            ) -> tuple[list[list[int]], list[list[int]]]:
     "Verbatim and subtitle word ids for a batch of features (joint CTC/attention beam search; see above)."
     c = model.cfg
     hidden, hlen = model.encode_features(feats, flen)
     B = feats.shape[0]
-    lp = F.log_softmax(model.asr.ctc_logits(hidden).float(), -1) if ctc_weight > 0 else None
-    memory = model.asr.decoder.encode_memory(hidden, hlen)
-    if beam == 1 and ctc_weight == 0:
-        verb = greedy_decode(model.asr.decoder, memory, [[c.verbatim_id]] * B, max_new_tokens, c.eos_id)
-    else:
-        verb = joint_beam_search(model.asr.decoder, memory, [[c.verbatim_id]] * B, c.eos_id, beam, lp, hlen, ctc_weight,
-                                 max_new_tokens)
+    verb = attention_decode(model.asr.decoder, model.asr.decoder.encode_memory(hidden, hlen), [[c.verbatim_id]] * B,
+                            c.eos_id, max_new_tokens, beam, ctc_weight,
+                            model.asr.ctc_logits(hidden) if ctc_weight > 0 else None, hlen)
     if not model.has_subtitle_branch: return verb, [list(v) for v in verb]
     hs = model.subtitle_states(hidden, hlen)
-    sub_mem = model.sub_decoder.encode_memory(hs, hlen)
     sub_lam = ctc_weight if c.sub_ctc_weight > 0 else 0.0
-    if sub_beam == 1 and sub_lam == 0:
-        sub = greedy_decode(model.sub_decoder, sub_mem, [[c.subtitle_id]] * B, max_new_tokens, c.eos_id)
-    else:
-        sub_lp = F.log_softmax(model.sub_ctc(hs).float(), -1) if sub_lam > 0 else None
-        sub = joint_beam_search(model.sub_decoder, sub_mem, [[c.subtitle_id]] * B, c.eos_id, sub_beam, sub_lp, hlen,
-                                sub_lam, max_new_tokens)
+    sub = attention_decode(model.sub_decoder, model.sub_decoder.encode_memory(hs, hlen), [[c.subtitle_id]] * B,
+                           c.eos_id, max_new_tokens, sub_beam, sub_lam,
+                           model.sub_ctc(hs) if sub_lam > 0 else None, hlen)
     return verb, sub
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #637db676
 @dataclass
-class Clip:
+class SubtitleClip:
     "One training or test clip: log-mel features `[T, n_mels]` and the word ids of the targets it has (None: absent)."
     feats: torch.Tensor
     verbatim: list[int] | None
     subtitle: list[int] | None
 
-def collate(clips: Sequence[Clip], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def collate(clips: Sequence[SubtitleClip], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     "Zero-padded features `[B, T, n_mels]` (the clips' dtype) and frame lengths `[B]`."
     if not clips: raise ValueError("collate needs at least one clip")
     lens = torch.tensor([c.feats.shape[0] for c in clips])
@@ -386,8 +370,8 @@ def collate(clips: Sequence[Clip], device: torch.device | str = "cpu") -> tuple[
     return out.to(device), lens.to(device)
 
 @dataclass(frozen=True)
-class TrainConfig:
-    "Optimisation settings."
+class SubtitleTrainConfig:
+    "Optimisation settings of `train_subtitle_asr`."
     steps: int = 1500
     n_verbatim: int = 8            # verbatim clips per batch
     n_subtitle: int = 24           # subtitle-only clips per batch (when the model has any)
@@ -396,34 +380,36 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_norm: float = 5.0
 
-def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[Clip], subtitle_clips: Sequence[Clip],
-                       cfg: TrainConfig = TrainConfig(), seed: int = 0, progress=None) -> list[dict]:
-    "Train `model` in place; returns the loss history (one dict per 50 steps)."
+    def optim(self) -> OptimConfig:
+        "The AdamW settings for `fit`."
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+    def schedule(self) -> WarmupCosine:
+        "Linear warm-up, then a cosine to a tenth of the rate, as a factor of the base rate (the `LambdaLR` form)."
+        return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True, multiplicative=True)
+
+def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[SubtitleClip],
+                       subtitle_clips: Sequence[SubtitleClip], cfg: SubtitleTrainConfig = SubtitleTrainConfig(),
+                       seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
+    "Train `model` in place with the core loop (`fit`); returns the loss history (means over each 50 steps)."
     if not verbatim_clips: raise ValueError("need at least one verbatim clip")
     if model.cfg.arch == "verbatim": subtitle_clips = []
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup, floor=0.1, decay_after_warmup=True))
-    history, acc = [], {}
-    model.train()
-    for step in range(cfg.steps):
+
+    def draw(step: int) -> list[SubtitleClip]:
+        "A fixed number of verbatim clips, then of subtitle-only clips, each drawn without replacement."
         batch = [verbatim_clips[i] for i in rng.choice(len(verbatim_clips), min(cfg.n_verbatim, len(verbatim_clips)),
                                                         replace=False)]
         if subtitle_clips:
             batch += [subtitle_clips[i] for i in rng.choice(len(subtitle_clips),
                                                              min(cfg.n_subtitle, len(subtitle_clips)), replace=False)]
-        feats, flen = collate(batch, dev)
-        out = model.loss(feats, flen, [c.verbatim for c in batch], [c.subtitle for c in batch])
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step(); sched.step()
-        for k, v in out.items(): acc[k] = acc.get(k, 0.0) + v.detach()   # summed on the device: no sync per step
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            n = (step % 50) + 1
-            history.append(dict(step=step + 1, **{k: float(v) / n for k, v in acc.items()})); acc = {}
-        if progress is not None: progress.update(1)
-    model.eval()
-    return history
+        return batch
+
+    def loss_fn(m: SubtitleASR, batch: list[SubtitleClip]) -> dict[str, torch.Tensor]:
+        out = m.loss(*collate(batch, dev), [c.verbatim for c in batch], [c.subtitle for c in batch])
+        return dict(loss=out["total"], **{k: v for k, v in out.items() if k != "total"})
+
+    log = IntervalMeans(50)
+    fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(), callbacks=[log], progress=progress, desc=desc)
+    return log.rows
