@@ -271,3 +271,26 @@ def test_zoo_train_lm_equals_its_old_hand_written_loop():
         assert same(old, new)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_round_fp16_leaves_non_persistent_buffers_and_matches_a_reload():
+    m = toy().float()
+    m.register_buffer("window", torch.linspace(0, 1, 7, dtype=torch.float64), persistent=False)
+    m.register_buffer("stat", torch.full((3,), 1 / 3))
+    state = fp16_state_dict(m)
+    round_fp16(m)
+    assert torch.equal(m.window, torch.linspace(0, 1, 7, dtype=torch.float64))
+    assert torch.equal(m.stat, torch.full((3,), 1 / 3).half().float())
+    m2 = toy(5).float()
+    m2.register_buffer("window", torch.zeros(7, dtype=torch.float64), persistent=False)
+    m2.register_buffer("stat", torch.zeros(3))
+    m2.load_state_dict(state)
+    assert same(m, m2) and torch.equal(m.stat, m2.stat)
+
+
+def test_history_keeps_float64_losses_exact():
+    model = toy()
+    hist = fit(model, mse, batch_at, 2, progress=False)
+    assert all(isinstance(v, float) for v in hist.loss)
+    x, y = batch_at(0)
+    assert hist.loss[0] == ((toy()(x) - y) ** 2).mean().item()  # the first step's loss, before any update

@@ -296,7 +296,7 @@ def _evaluate(self: Learner, eval_fn: Callable[[nn.Module], Mapping[str, float]]
 
 def _collect(self: Learner) -> None:
     done = len(self._losses)
-    if done: self.history.loss = torch.stack([l.float() for l in self._losses]).tolist()
+    if done: self.history.loss = torch.stack([l.double() for l in self._losses]).tolist()  # float64 keeps every dtype exact
     for k, vals in self._parts.items():
         self.history.parts[k] = [float(v) for v in vals]
     self.history.lr = self.history.lr[:done]
@@ -347,9 +347,11 @@ def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def round_fp16(module: nn.Module) -> nn.Module:
-    "Round every floating-point parameter and buffer of `module` to float16 and back, in place; returns `module`."
-    for t in (*module.parameters(), *module.buffers()):
-        if t.is_floating_point(): t.copy_(t.half().to(t.dtype))
+    """Round every floating-point tensor of `module`'s state dict (parameters and persistent buffers) to float16 and
+    back, in place; returns `module`. Non-persistent buffers (e.g. a front end's float64 filterbank) are not stored, so
+    they are left as they are: the rounded module then equals the one loaded back from `fp16_state_dict`."""
+    for t in module.state_dict(keep_vars=True).values():
+        if t.is_floating_point(): t.data.copy_(t.data.half().to(t.dtype))
     return module
 
 # %% ../../nbs/core/train.ipynb #f0469e23
