@@ -321,12 +321,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
     if args.suite == "dllm":
         from paper_repro.dllm.bench import run_dllm_bench
-        table = run_dllm_bench(args.scale, args.device, out, seed=args.seed)
+        table = run_dllm_bench(args.scale, args.device, out, args.seed)
         print(table.to_string(index=False))
         print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
         return 0
     from paper_repro.core.bench import run_decoding_bench
-    table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
+    table = run_decoding_bench(args.scale, args.device, out, args.seed, hf=not args.no_hf)
     print(table[table.category == "overall"].to_string(index=False))
     print(f"wrote {out / 'decoding.csv'}, decoding.md, decoding.png")
     return 0
