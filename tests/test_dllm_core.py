@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.dllm.core import (CACHES, PROB_SCORES, RULES, SCORES, DecodeConfig, OracleLM, Rule, Selection,
-                                   StepView, Threshold, TopK, Factor, diffusion_generate, llada_loss, load_dllm,
-                                   make_rule, prob_scores, register_rule, rule_factory, top_k_mask, topk_schedule)
+from paper_repro.dllm.core import (CACHES, PROB_SCORES, RULES, SCORES, DecodeConfig, DllmSpec, OracleLM, Rule,
+                                   Selection, StepView, Threshold, TopK, Factor, diffusion_generate, llada_batches,
+                                   llada_loss, load_dllm, make_rule, prob_scores, register_rule, rule_factory,
+                                   top_k_mask, topk_schedule, train_dllm)
 from paper_repro.dllm.tasks import EOS_ID, MASK_ID, VOCAB_SIZE, sample_examples
 
 torch.set_num_threads(1)
@@ -289,3 +290,27 @@ def test_register_rule_by_path_and_bad_registrations():
     with pytest.raises(ValueError, match="non-empty string"): register_rule("", TopK)
     with pytest.raises(ValueError, match="unknown rule 'nope'"): rule_factory("nope")
     assert "x" not in RULES
+
+
+# ---- training runs on core.train.fit ---------------------------------------------------------------------------------
+
+SMALL = DllmSpec(config=LMConfig(VOCAB_SIZE, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=64), steps=3,
+                 batch_size=4, warmup=1)
+
+
+def test_llada_batches_are_seeded_and_shaped():
+    a, b = llada_batches(SMALL, seed=2), llada_batches(SMALL, seed=2)
+    first, again = a(0), b(0)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    prompts, valid, answers, t, masked = first
+    assert answers.shape == masked.shape == (4, SMALL.gen_length) and t.shape == (4,) and valid.shape == prompts.shape
+    assert torch.allclose(torch.sort(t).values.diff(), torch.full((3,), 0.25))  # stratified: evenly spaced mod 1
+    assert not all(torch.equal(x, y) for x, y in zip(a(1), first))  # the next call draws the next batch
+
+
+def test_train_dllm_is_deterministic_and_logs_every_50_steps():
+    logs = [[], []]
+    a, b = (train_dllm(SMALL, seed=1, progress=False, log=log) for log in logs)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert logs[0] == logs[1] and [s for s, _ in logs[0]] == [0] and math.isfinite(logs[0][0][1])
+    assert not a.training

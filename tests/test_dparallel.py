@@ -138,6 +138,17 @@ def test_distill_student_trains_a_copy(tiny):
     assert not student.training
 
 
+def test_distill_student_is_deterministic_and_logs_the_loss_parts(tiny):
+    data = teacher_data(tiny, PROMPTS, DecodeConfig(gen_length=16, block_length=8, steps=16))
+    spec = replace(DISTILL_SPEC, steps=3, batch_size=4, block_length=8, warmup=1)
+    logs = [[], []]
+    a, b = (distill_student(tiny, data, spec, seed=4, progress=False, log=log) for log in logs)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and logs[0] == logs[1]
+    assert [row[0] for row in logs[0]] == [0, 2] and all(len(row) == 6 for row in logs[0])  # every 25 steps and the last
+    step, total, ce, ce_c, h, h_c = logs[0][0]
+    assert total == pytest.approx(ce + ce_c + spec.entropy_weight * (h + h_c), abs=5e-4)  # the parts are rounded
+
+
 def test_bad_inputs(tiny):
     with pytest.raises(ValueError, match="block_length=5"): sample_masks(2, 16, 5)
     with pytest.raises(ValueError, match="p_mask=0"): sample_masks(2, 16, 4, p_mask=0)

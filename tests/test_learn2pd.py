@@ -104,6 +104,9 @@ def test_filter_learns_a_confidence_cut_and_threshold_meets_fp():
     assert st["fp"] <= 0.05 and st["recall"] > 0.5
     # deterministic for a seed
     assert torch.equal(train_filter(tr, steps=50).net[0].weight, train_filter(tr, steps=50).net[0].weight)
+    log = []
+    train_filter(tr, steps=60, log=log)
+    assert [s for s, _ in log] == [0, 50, 59] and log[-1][1] < log[0][1]
 
 
 # ---- the rule: never fewer than top-k ------------------------------------------------------------------------------

@@ -22,21 +22,21 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
-from ..core.zoo import warmup_cosine
 from ..core.lm import KVCache, LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from ..core.repro import seed_everything
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .tasks import (EOS_ID, GEN_LENGTH, MASK_ID, TASKS, VOCAB_SIZE, Example, batch_answers,
                                     make_example, pad_prompts, sample_examples)
 
 # %% auto #0
 __all__ = ['CHECKPOINT', 'TRAIN_TASKS', 'DLLM_SPEC', 'PROB_SCORES', 'SCORES', 'CACHES', 'RuleFactory', 'RULES', 'BUILTIN_RULES',
-           'bidirectional_mask', 'row_positions', 'denoise_logits', 'llada_loss', 'DllmSpec', 'train_dllm', 'load_dllm',
-           'dllm_card', 'DecodeConfig', 'prob_scores', 'StepView', 'Selection', 'Rule', 'register_rule', 'rule_factory',
-           'make_rule', 'top_k_mask', 'topk_schedule', 'TopK', 'Threshold', 'Factor', 'EntropyThreshold',
-           'DiffusionResult', 'diffusion_generate', 'OracleLM', 'evaluate', 'train_checkpoint', 'save_checkpoint']
+           'bidirectional_mask', 'row_positions', 'denoise_logits', 'llada_loss', 'DllmSpec', 'llada_batches',
+           'train_dllm', 'load_dllm', 'dllm_card', 'DecodeConfig', 'prob_scores', 'StepView', 'Selection', 'Rule',
+           'register_rule', 'rule_factory', 'make_rule', 'top_k_mask', 'topk_schedule', 'TopK', 'Threshold', 'Factor',
+           'EntropyThreshold', 'DiffusionResult', 'diffusion_generate', 'OracleLM', 'evaluate', 'train_checkpoint',
+           'save_checkpoint']
 
 # %% ../../nbs/dllm/core.ipynb #f7a43c6b
 def bidirectional_mask(key_valid: torch.Tensor) -> torch.Tensor:
@@ -99,33 +99,32 @@ class DllmSpec:
 
 DLLM_SPEC = DllmSpec()
 
-def train_dllm(spec: DllmSpec = DLLM_SPEC, seed: int = 0, progress: bool = True, device: str | torch.device = "cpu",
-               log: list | None = None) -> TransformerLM:
-    "Train a fresh masked-diffusion LM per `spec` (deterministic on CPU for a given seed and thread count)."
-    seed_everything(seed)
-    model = TransformerLM(spec.config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+def llada_batches(spec: DllmSpec, seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int], tuple]:
+    """Training batches for `llada_loss`: `draw(step) -> (prompts, prompt_valid, answers, t, masked)`, `spec.batch_size`
+    seeded examples of `spec.tasks` per call (drawn in call order), with `t` stratified if `spec.stratified`."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(spec.steps), desc="dllm", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
+    def draw(step: int) -> tuple:
         exs = [make_example(rng.choice(spec.tasks), rng, gen_length=spec.gen_length, digits=spec.digits)
                for _ in range(spec.batch_size)]
         prompts, valid = pad_prompts([e.prompt for e in exs])
         t = torch.rand(spec.batch_size, generator=gen)
         if spec.stratified: t = (t[0] + torch.arange(spec.batch_size) / spec.batch_size) % 1.0
         masked = torch.rand(spec.batch_size, spec.gen_length, generator=gen) < ((1 - spec.eps) * t + spec.eps)[:, None]
-        loss = llada_loss(model, prompts.to(device), valid.to(device), batch_answers(exs, device), eps=spec.eps,
-                          t=t.to(device), masked=masked.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None: log.append((step, loss.item()))
-    return model.eval()
+        return prompts.to(device), valid.to(device), batch_answers(exs, device), t.to(device), masked.to(device)
+    return draw
+
+def train_dllm(spec: DllmSpec = DLLM_SPEC, seed: int = 0, progress: bool = True, device: str | torch.device = "cpu",
+               log: list | None = None) -> TransformerLM:
+    """Train a fresh masked-diffusion LM per `spec` with `paper_repro.core.train.fit` (deterministic on CPU for a given
+    seed and thread count); `log` receives `(step, loss)` every 50 steps."""
+    seed_everything(seed)
+    model = TransformerLM(spec.config).to(device)
+    loss_fn = lambda m, b: llada_loss(m, b[0], b[1], b[2], eps=spec.eps, t=b[3], masked=b[4])
+    history = fit(model, loss_fn, llada_batches(spec, seed, device), spec.steps,
+                  OptimConfig(lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=1.0),
+                  WarmupCosine(spec.warmup), progress=progress, desc="dllm", log_every=50)
+    if log is not None: log.extend((step, loss) for step, loss in enumerate(history.loss) if step % 50 == 0)
+    return model
 
 def load_dllm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, root: Path | None = None
               ) -> TransformerLM:

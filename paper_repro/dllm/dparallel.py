@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, read_manifest, register_file
-from ..core.zoo import warmup_cosine
 from ..core.lm import TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .core import CHECKPOINT, DLLM_SPEC, DecodeConfig, denoise_logits, diffusion_generate, load_dllm
 from .tasks import EOS_ID, GEN_LENGTH, MASK_ID, pad_prompts, sample_examples
 
@@ -164,29 +164,30 @@ def distill_prompts(spec: DistillSpec = DISTILL_SPEC) -> list[list[int]]:
 
 def distill_student(teacher: nn.Module, data: DistillData, spec: DistillSpec = DISTILL_SPEC, seed: int = 0,
                     progress: bool = True, log: list | None = None) -> nn.Module:
-    "A copy of `teacher` fine-tuned with the certainty-forcing loss on `data` (on the teacher's device and dtype)."
+    """A copy of `teacher` fine-tuned with the certainty-forcing loss on `data` (on the teacher's device and dtype) by
+    `paper_repro.core.train.fit`; `log` receives `(step, total, ce, ce_complement, entropy, entropy_complement)` every
+    25 steps and at the last."""
     seed_everything(seed)
     dev = next(teacher.parameters()).device
-    student = copy.deepcopy(teacher).train()
+    student = copy.deepcopy(teacher)
     for p in student.parameters(): p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(spec.steps), desc="distill", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
+    def batch(step: int) -> tuple:
         idx = torch.randint(len(data), (spec.batch_size,), generator=gen)
         masks = sample_masks(spec.batch_size, data.answers.shape[1], spec.block_length, gen, spec.p_mask)
-        loss = certainty_forcing_loss(student, data.prompts[idx].to(dev), data.prompt_valid[idx].to(dev),
-                                      data.answers[idx].to(dev), temperature=spec.temperature,
-                                      entropy_weight=spec.entropy_weight, masks=DistillMasks(*(m.to(dev) for m in masks)))
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0 or step == spec.steps - 1:
-            bar.set_postfix(loss=f"{loss.total.item():.3f}", H=f"{loss.entropy.item():.3f}")
-            if log is not None: log.append((step, *(round(v.item(), 4) for v in loss)))
-    return student.eval()
+        return (data.prompts[idx].to(dev), data.prompt_valid[idx].to(dev), data.answers[idx].to(dev),
+                DistillMasks(*(m.to(dev) for m in masks)))
+    def loss_fn(model: nn.Module, b: tuple) -> dict:
+        out = certainty_forcing_loss(model, b[0], b[1], b[2], temperature=spec.temperature,
+                                     entropy_weight=spec.entropy_weight, masks=b[3])
+        return dict(loss=out.total, **{k: v for k, v in out._asdict().items() if k != "total"})
+    history = fit(student, loss_fn, batch, spec.steps, OptimConfig(lr=spec.lr, betas=(0.9, 0.98), clip_norm=1.0),
+                  WarmupCosine(spec.warmup), progress=progress, desc="distill", log_every=25)
+    if log is not None:
+        rows = history.rows()
+        log.extend((r["step"], *(round(r[k], 4) for k in ("loss", *CFLoss._fields[1:])))
+                   for r in rows if r["step"] % 25 == 0 or r["step"] == spec.steps - 1)
+    return student
 
 # %% ../../nbs/dllm/dparallel.ipynb #08399f4c
 STUDENT = "dparallel_student.pt"

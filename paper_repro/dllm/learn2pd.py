@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.train import OptimConfig, fit
+
 from .core import (DecodeConfig, DiffusionResult, Rule, Selection, StepView, TopK, diffusion_generate,
                                    top_k_mask)
 from .tasks import EOS_ID, Example, sample_examples
@@ -117,21 +119,19 @@ class ConfidenceFilter(nn.Module):
 
 def train_filter(traces: Traces, hidden: int = 32, steps: int = 1000, lr: float = 3e-3, weight_decay: float = 0.01,
                  seed: int = 0, log: list | None = None) -> ConfidenceFilter:
-    "Fit a `ConfidenceFilter` full-batch (BCE on the masked positions, AdamW) to `traces`; deterministic for a seed."
+    """Fit a `ConfidenceFilter` full-batch (BCE on the masked positions, AdamW at a constant `lr`, no clipping) to
+    `traces` with `paper_repro.core.train.fit`; deterministic for a seed. `log` receives `(step, loss)` every 50 steps."""
     if len(traces) == 0 or not bool(traces.masked.any()): raise ValueError("traces hold no masked positions to learn from")
     if not isinstance(steps, int) or steps <= 0: raise ValueError(f"steps={steps!r} must be a positive integer")
     if not (lr > 0): raise ValueError(f"lr={lr!r} must be > 0")
     torch.manual_seed(seed)
     filt = ConfidenceFilter(traces.features.shape[-1], hidden)
-    opt = torch.optim.AdamW(filt.parameters(), lr=lr, weight_decay=weight_decay)
-    x, y, w = traces.features.float(), traces.labels.float(), traces.masked.float()
-    for step in range(steps):
-        loss = (F.binary_cross_entropy_with_logits(filt(x), y, reduction="none") * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log is not None and (step % 50 == 0 or step == steps - 1): log.append((step, loss.item()))
-    return filt.eval()
+    batch = (traces.features.float(), traces.labels.float(), traces.masked.float())  # full batch: the same every step
+    loss_fn = lambda f, b: (F.binary_cross_entropy_with_logits(f(b[0]), b[1], reduction="none") * b[2]).sum() / b[2].sum()
+    history = fit(filt, loss_fn, lambda step: batch, steps, OptimConfig(lr=lr, weight_decay=weight_decay, clip_norm=None),
+                  progress=False)
+    if log is not None: log.extend((s, l) for s, l in enumerate(history.loss) if s % 50 == 0 or s == steps - 1)
+    return filt
 
 @torch.no_grad()
 def filter_stats(filt: ConfidenceFilter, traces: Traces, threshold: float) -> dict[str, float]:
