@@ -493,12 +493,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         if args.suite == "dllm":
             from paper_repro.dllm.bench import run_dllm_bench
-            table = run_dllm_bench(args.scale, args.device, out, seed=args.seed)
+            table = run_dllm_bench(args.scale, args.device, out, args.seed)
             print(table.to_string(index=False))
             print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
             return 0
         from paper_repro.core.bench import run_decoding_bench
-        table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
+        table = run_decoding_bench(args.scale, args.device, out, args.seed, hf=not args.no_hf)
     except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
         raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
     print(table[table.category == "overall"].to_string(index=False))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.dllm.ccd import CCD, CCDDS, bench_rules, marginal_scores
-from paper_repro.dllm.core import DecodeConfig, OracleLM, TopK, generate, make_rule
+from paper_repro.dllm.ccd import BENCH_HEADLINE, CCD, CCDDS, bench_methods, marginal_scores
+from paper_repro.dllm.core import DecodeConfig, OracleLM, TopK, diffusion_generate, make_rule
 from paper_repro.dllm.tasks import VOCAB_SIZE
 
 PROMPTS = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29]]
@@ -29,7 +29,7 @@ def oracle(L=16, B=4, seed=0, scale=30.0):
 def test_oracle_reproduced(rule, block, steps):
     target, model = oracle()
     cfg = DecodeConfig(gen_length=16, block_length=block, steps=steps, rule=rule, score="entropy")
-    res = generate(model, PROMPTS, cfg)
+    res = diffusion_generate(model, PROMPTS, cfg)
     assert torch.equal(res.sequences, target)
     assert res.nfe <= steps  # CCD follows the schedule; CCD-DS commits at least the scheduled k per step
 
@@ -38,7 +38,7 @@ def test_oracle_reproduced(rule, block, steps):
 def test_ccd_ds_saves_steps_on_stable_predictions(depth):
     target, model = oracle(L=32)
     cfg = DecodeConfig(gen_length=32, steps=32, score="confidence")
-    res = generate(model, PROMPTS, cfg, rule=CCDDS(cfg, depth=depth))
+    res = diffusion_generate(model, PROMPTS, cfg, rule=CCDDS(cfg, depth=depth))
     assert torch.equal(res.sequences, target)
     assert res.nfe < 32
     # warm-up: the first 5 steps (and the first depth-1 ones, whose history is not full) commit one token each
@@ -46,8 +46,8 @@ def test_ccd_ds_saves_steps_on_stable_predictions(depth):
     counts = torch.stack([(res.commit_step == s).sum(-1) for s in range(first)], 1)
     assert (counts == 1).all()
     # and CCD-DS without ever verifying (warm-up longer than the block) is CCD
-    slow = generate(model, PROMPTS, cfg, rule=CCDDS(cfg, depth=depth, warmup=40))
-    plain = generate(model, PROMPTS, cfg, rule=CCD(cfg, depth=depth))
+    slow = diffusion_generate(model, PROMPTS, cfg, rule=CCDDS(cfg, depth=depth, warmup=40))
+    plain = diffusion_generate(model, PROMPTS, cfg, rule=CCD(cfg, depth=depth))
     assert slow.nfe == 32 and torch.equal(slow.commit_step, plain.commit_step)
 
 
@@ -66,7 +66,7 @@ class Recorder(CCD):
 def test_averaged_marginal_is_brute_force_mean(tiny, depth):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=16, score="confidence")
     rule = Recorder(cfg, depth=depth)
-    generate(tiny, PROMPTS, cfg, rule=rule)
+    diffusion_generate(tiny, PROMPTS, cfg, rule=rule)
     assert len(rule.pbars) == 16
     for t, pbar in enumerate(rule.pbars):
         same_block = [s for s in range(t + 1) if rule.blocks[s] == rule.blocks[t]]
@@ -80,14 +80,14 @@ def test_averaged_marginal_is_brute_force_mean(tiny, depth):
 @pytest.mark.parametrize("steps", [16, 8, 4])
 def test_depth_one_is_the_plain_ranking(tiny, score, steps):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=steps, score=score)
-    a = generate(tiny, PROMPTS, cfg, rule=CCD(cfg, depth=1))
-    b = generate(tiny, PROMPTS, cfg, rule=TopK(cfg))
+    a = diffusion_generate(tiny, PROMPTS, cfg, rule=CCD(cfg, depth=1))
+    b = diffusion_generate(tiny, PROMPTS, cfg, rule=TopK(cfg))
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.commit_step, b.commit_step)
 
 
 def test_depth_changes_the_decoding(tiny):
     cfg = DecodeConfig(gen_length=16, block_length=16, steps=16, score="entropy")
-    outs = [generate(tiny, PROMPTS, cfg, rule=CCD(cfg, depth=d)).commit_step for d in (1, 3)]
+    outs = [diffusion_generate(tiny, PROMPTS, cfg, rule=CCD(cfg, depth=d)).commit_step for d in (1, 3)]
     assert not torch.equal(outs[0], outs[1])  # otherwise the tests above could not tell history from no history
 
 
@@ -95,9 +95,9 @@ def test_depth_changes_the_decoding(tiny):
 def test_state_resets_per_run(tiny, make):
     cfg = DecodeConfig(gen_length=16, block_length=16, steps=16, score="entropy")
     rule = make(cfg)
-    generate(tiny, PROMPTS[:1], cfg, rule=rule)           # leave a batch-of-one history behind
-    reused = generate(tiny, PROMPTS, cfg, rule=rule)      # different batch size: stale state would break or leak
-    fresh = generate(tiny, PROMPTS, cfg, rule=make(cfg))
+    diffusion_generate(tiny, PROMPTS[:1], cfg, rule=rule)           # leave a batch-of-one history behind
+    reused = diffusion_generate(tiny, PROMPTS, cfg, rule=rule)      # different batch size: stale state would break or leak
+    fresh = diffusion_generate(tiny, PROMPTS, cfg, rule=make(cfg))
     assert torch.equal(reused.sequences, fresh.sequences) and torch.equal(reused.commit_step, fresh.commit_step)
     rule.start(4, cfg)
     assert rule.history == [] and getattr(rule, "buffer", None) is None
@@ -107,9 +107,9 @@ def test_state_resets_per_run(tiny, make):
 def test_rows_are_independent(tiny, rule):
     # per-row state: each row of a batch decodes as it would alone (CCD-DS's buffer size differs per row)
     cfg = DecodeConfig(gen_length=32, steps=32, rule=rule, score="entropy")
-    batch = generate(tiny, PROMPTS, cfg)
+    batch = diffusion_generate(tiny, PROMPTS, cfg)
     for i, p in enumerate(PROMPTS):
-        one = generate(tiny, [p], cfg)
+        one = diffusion_generate(tiny, [p], cfg)
         assert torch.equal(one.sequences[0], batch.sequences[i])
         assert torch.equal(one.commit_step[0], batch.commit_step[i])
 
@@ -151,8 +151,9 @@ def test_registered_and_bench_hook():
     assert isinstance(make_rule(DecodeConfig(rule="ccd")), CCD)
     rule = make_rule(DecodeConfig(rule="ccd_ds"))
     assert isinstance(rule, CCDDS) and (rule.depth, rule.expand, rule.warmup) == (2, 4.0, 5)
-    specs = bench_rules(None)
-    assert all(" @" in name for name in specs)
-    for spec in specs.values():
-        cfg, make = spec if isinstance(spec, tuple) else (spec, None)
-        assert isinstance(cfg, DecodeConfig) and (make is None or isinstance(make(), CCD))
+    entries = bench_methods(None)
+    assert all(" @" in e.name for e in entries) and all(e.paper_headline is BENCH_HEADLINE for e in entries)
+    for e in entries:
+        make = e.method.make_rule
+        assert isinstance(e.method.config, DecodeConfig) and (make is None or isinstance(make(), CCD))
+    assert BENCH_HEADLINE.value == 3.48

@@ -7,39 +7,65 @@ import torch
 
 from paper_repro.cli import CliError, build_parser
 import paper_repro.dllm.bench as bench
-from paper_repro.dllm.bench import builtin_methods, paper_methods, run_dllm_bench
+from paper_repro.core.bench import BenchEntry, Headline, paper_entries
+from paper_repro.dllm.bench import DiffusionMethod, builtin_entries, curve_and_setting, dllm_entries, run_dllm_bench
 from paper_repro.dllm.core import DecodeConfig, Threshold, load_dllm
 
 torch.set_num_threads(1)
 
 
+FAKE_HEADLINE = Headline(2.0, "Fake rules speed up decoding", source="nowhere (a test)")
+
+
 def _fake_paper_module():
     m = types.ModuleType("paper_repro.dllm.fakepaper")
-    m.bench_rules = lambda model: {"Fake rule @tau=0.8": (DecodeConfig(rule="threshold", threshold=0.8),
-                                                            lambda: Threshold(DecodeConfig(threshold=0.8))),
-                                   "Fake top-2": DecodeConfig(steps=16)}
+    cfg = DecodeConfig(rule="threshold", threshold=0.8)
+    m.bench_methods = lambda model: [
+        BenchEntry("Fake rule @tau=0.8", DiffusionMethod(cfg, lambda: Threshold(cfg)), FAKE_HEADLINE),
+        BenchEntry("Fake top-2", DiffusionMethod(DecodeConfig(steps=16)))]
     return m
 
 
-def test_paper_methods_discovery():
-    ms = paper_methods(None, modules=[_fake_paper_module(), types.ModuleType("no_rules")])
-    assert [(m.curve, m.setting) for m in ms] == [("Fake rule", "tau=0.8"), ("Fake top-2", "-")]
-    assert ms[0].make_rule is not None and ms[1].make_rule is None
-    bad = types.ModuleType("bad"); bad.bench_rules = lambda model: {"x": 3}
-    with pytest.raises(ValueError, match="not a DecodeConfig"): paper_methods(None, modules=[bad])
+def test_paper_entries_discovery():
+    es = paper_entries("dllm", None, DiffusionMethod, modules=[_fake_paper_module(), types.ModuleType("no_hook")])
+    assert [curve_and_setting(e.name) for e in es] == [("Fake rule", "tau=0.8"), ("Fake top-2", "-")]
+    assert [e.paper for e in es] == ["fakepaper", "fakepaper"] and es[0].paper_headline is FAKE_HEADLINE
+    assert es[0].method.make_rule is not None and es[1].method.make_rule is None and es[1].paper_headline is None
 
 
-def test_builtin_methods_cover_every_rule_and_cache():
-    ms = builtin_methods("cpu")
+def test_paper_entries_reject_what_breaks_the_contract():
+    def module(hook):
+        m = types.ModuleType("paper_repro.dllm.bad"); m.bench_methods = hook; return m
+    with pytest.raises(TypeError, match="bad.bench_methods must return a list of BenchEntry, got dict"):
+        paper_entries("dllm", None, DiffusionMethod, modules=[module(lambda model: {"x": DecodeConfig()})])
+    with pytest.raises(TypeError, match="returned a DecodeConfig, not a BenchEntry"):
+        paper_entries("dllm", None, DiffusionMethod, modules=[module(lambda model: [DecodeConfig()])])
+    with pytest.raises(TypeError, match="entry 'x' holds a DecodeConfig; the dllm suite runs DiffusionMethod"):
+        paper_entries("dllm", None, DiffusionMethod, modules=[module(lambda model: [BenchEntry("x", DecodeConfig())])])
+    with pytest.raises(TypeError, match="must be a DecodeConfig"): DiffusionMethod("topk")
+    dup = module(lambda model: [BenchEntry("LLaDA top-k (confidence) @k=1", DiffusionMethod(DecodeConfig()))])
+    with pytest.raises(ValueError, match="two benchmark entries are named 'LLaDA top-k \\(confidence\\) @k=1'"):
+        dllm_entries("ci", None, modules=[dup])
+
+
+def test_ccd_and_parallelbench_declare_typed_entries():
+    import paper_repro.dllm.ccd as ccd
+    import paper_repro.dllm.parallelbench as parallelbench
+    es = paper_entries("dllm", None, DiffusionMethod, modules=[ccd, parallelbench])  # neither reads the model
+    assert [e.paper for e in es] == ["ccd"] * 4 and all(e.paper_headline.value == 3.48 for e in es)
+
+
+def test_builtin_entries_cover_every_rule_and_cache():
+    ms = [e.method for e in builtin_entries("cpu")]
     assert {m.config.rule for m in ms} == {"topk", "threshold", "factor", "entropy_threshold"}
     assert {m.config.cache for m in ms} == {"none", "prefix", "dual"}
     assert {m.config.score for m in ms} == {"confidence", "margin", "entropy", "random"}
+    assert all(e.paper is None and e.paper_headline is None for e in builtin_entries("ci"))
 
 
 def test_ci_bench_writes_files(tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.BENCH_CONFIGS, "ci", dict(tasks=("copy", "add"), per_task=2))  # keep the test fast
-    table = run_dllm_bench("ci", device="cpu", out=tmp_path, progress=False, model=load_dllm(),
-                           modules=[_fake_paper_module()])
+    monkeypatch.setitem(bench.DLLM_BENCH_CONFIGS, "ci", dict(tasks=("copy", "add"), per_task=2))  # keep the test fast
+    table = run_dllm_bench("ci", "cpu", tmp_path, 0, False, model=load_dllm(), modules=[_fake_paper_module()])
     assert {"dllm.csv", "dllm.md", "dllm.png", "dllm.run.json"} <= {p.name for p in tmp_path.iterdir()}
     assert pd.read_csv(tmp_path / "dllm.csv").shape == table.shape
     base = table[(table.rule == "LLaDA top-k (confidence)") & (table.setting == "k=1")].iloc[0]
@@ -47,6 +73,18 @@ def test_ci_bench_writes_files(tmp_path, monkeypatch):
     assert "Fake rule" in set(table.rule) and (table.NFE <= 32).all() and table.accuracy.between(0, 1).all()
     thr = table[table.rule == "Fast-dLLM threshold"].iloc[0]
     assert thr.NFE < 32  # parallel decoding takes fewer passes than top-1
+    import json
+    claims = json.loads((tmp_path / "dllm.claims.json").read_text())
+    assert [c["id"] for c in claims] == ["fakepaper_fake_rule_tau_0_8"]  # the headline-less entry makes no claim
+    assert claims[0]["paper_value"] == 2.0 and claims[0]["statement"] == FAKE_HEADLINE.statement
+
+
+def test_the_two_suites_take_the_same_leading_arguments():
+    import inspect
+    from paper_repro.core.bench import run_decoding_bench
+    lead = lambda f: [(p.name, p.default, p.kind) for p in inspect.signature(f).parameters.values()][:6]
+    assert lead(run_dllm_bench) == lead(run_decoding_bench)
+    assert [n for n, *_ in lead(run_dllm_bench)] == ["scale", "device", "out", "seed", "progress", "modules"]
 
 
 def test_cli_accepts_bench_dllm():

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.dllm.core import (CACHES, RULES, DecodeConfig, OracleLM, Rule, Selection, StepView, Threshold,
-                                   TopK, Factor, generate, llada_loss, load_dllm, register_rule, top_k_mask,
-                                   topk_schedule)
+from paper_repro.dllm.core import (CACHES, PROB_SCORES, RULES, SCORES, DecodeConfig, DllmSpec, OracleLM, Rule,
+                                   Selection, StepView, Threshold, TopK, Factor, diffusion_generate, llada_batches,
+                                   llada_loss, load_dllm, make_rule, prob_scores, register_rule, rule_factory,
+                                   top_k_mask, topk_schedule, train_dllm)
 from paper_repro.dllm.tasks import EOS_ID, MASK_ID, VOCAB_SIZE, sample_examples
 
 torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def _oracle(L=16):
 def test_oracle_reproduced_with_expected_passes(rule, cache):
     target, oracle = _oracle()
     cfg = DecodeConfig(gen_length=16, block_length=4, steps=8, rule=rule, cache=cache)
-    res = generate(oracle, PROMPTS, cfg)
+    res = diffusion_generate(oracle, PROMPTS, cfg)
     assert torch.equal(res.sequences, target)
     assert res.nfe == oracle.calls == (8 if rule == "topk" else 4)  # top-k: `steps` passes; thresholds: one per block
     assert (res.nfe_per_sample == res.nfe).all() and res.tokens_per_step == pytest.approx(16 / res.nfe)
@@ -69,7 +70,7 @@ class RecordingModel(torch.nn.Module):
 def test_invariants_on_a_random_model(tiny, rule):
     cfg = DecodeConfig(gen_length=16, block_length=4, steps=8, rule=rule, threshold=0.05 if rule != "entropy_threshold" else 3.5)
     rec, model = Recorder(RULES[rule](cfg)), RecordingModel(tiny)
-    res = generate(model, PROMPTS, cfg, rule=rec)
+    res = diffusion_generate(model, PROMPTS, cfg, rule=rec)
     assert (res.sequences != MASK_ID).all()                                     # no mask left
     P = max(map(len, PROMPTS))
     assert all(torch.equal(t[:, :P], model.inputs[0][:, :P]) for t in model.inputs)  # the prompt never changes
@@ -86,8 +87,8 @@ def test_invariants_on_a_random_model(tiny, rule):
 def test_threshold_above_one_is_top1(trained):
     exs = sample_examples(["copy", "sort", "add", "latin"], 6, seed=3)
     prompts = [e.prompt for e in exs]
-    top1 = generate(trained, prompts, DecodeConfig(block_length=8, steps=32))
-    thr = generate(trained, prompts, DecodeConfig(block_length=8, steps=32, rule="threshold", threshold=1.01))
+    top1 = diffusion_generate(trained, prompts, DecodeConfig(block_length=8, steps=32))
+    thr = diffusion_generate(trained, prompts, DecodeConfig(block_length=8, steps=32, rule="threshold", threshold=1.01))
     assert torch.equal(top1.sequences, thr.sequences) and torch.equal(top1.commit_step, thr.commit_step) and thr.nfe == 32
 
 
@@ -95,8 +96,8 @@ def test_threshold_above_one_is_top1(trained):
 def test_cache_refreshed_every_step_equals_no_cache(tiny, cache):
     for rule in ("topk", "threshold"):
         base = DecodeConfig(gen_length=16, block_length=4, steps=16, rule=rule, threshold=0.05)
-        ref = generate(tiny, PROMPTS, base)
-        got = generate(tiny, PROMPTS, DecodeConfig(**{**base.__dict__, "cache": cache, "cache_refresh": 1}))
+        ref = diffusion_generate(tiny, PROMPTS, base)
+        got = diffusion_generate(tiny, PROMPTS, DecodeConfig(**{**base.__dict__, "cache": cache, "cache_refresh": 1}))
         assert torch.equal(ref.sequences, got.sequences) and torch.equal(ref.commit_step, got.commit_step)
 
 
@@ -117,8 +118,8 @@ def test_cached_pass_without_changes_matches_full_pass(tiny):
 def test_caches_close_to_no_cache_on_the_trained_model(trained, cache):
     exs = sample_examples(["copy", "replace_index", "sudoku", "add"], 12, seed=4)
     cfg = DecodeConfig(block_length=8, steps=32, rule="threshold", threshold=0.9)
-    ref = generate(trained, [e.prompt for e in exs], cfg)
-    got = generate(trained, [e.prompt for e in exs], DecodeConfig(**{**cfg.__dict__, "cache": cache}))
+    ref = diffusion_generate(trained, [e.prompt for e in exs], cfg)
+    got = diffusion_generate(trained, [e.prompt for e in exs], DecodeConfig(**{**cfg.__dict__, "cache": cache}))
     agree = (ref.sequences == got.sequences).double().mean().item()
     acc = lambda r: sum(e.score(s) for e, s in zip(exs, r.sequences)) / len(exs)
     assert agree >= 0.9 and abs(acc(ref) - acc(got)) <= 0.15, (agree, acc(ref), acc(got))
@@ -129,18 +130,18 @@ def test_caches_close_to_no_cache_on_the_trained_model(trained, cache):
                                  DecodeConfig(block_length=8, steps=32, cache="prefix", score="margin")])
 def test_batch_of_one_equals_batch_of_four(trained64, cfg):
     exs = sample_examples(["copy", "add", "sudoku", "latin"], 4, seed=2)
-    batch = generate(trained64, [e.prompt for e in exs], cfg)
+    batch = diffusion_generate(trained64, [e.prompt for e in exs], cfg)
     for i, e in enumerate(exs):
-        one = generate(trained64, [e.prompt], cfg)
+        one = diffusion_generate(trained64, [e.prompt], cfg)
         assert torch.equal(one.sequences[0], batch.sequences[i])
         assert one.nfe_per_sample[0] == batch.nfe_per_sample[i]
 
 
 def test_fixed_seed_identical_and_temperature_uses_it(tiny):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=8, temperature=1.0, score="random", seed=3)
-    a, b = generate(tiny, PROMPTS, cfg), generate(tiny, PROMPTS, cfg)
+    a, b = diffusion_generate(tiny, PROMPTS, cfg), diffusion_generate(tiny, PROMPTS, cfg)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.commit_step, b.commit_step)
-    c = generate(tiny, PROMPTS, DecodeConfig(**{**cfg.__dict__, "seed": 4}))
+    c = diffusion_generate(tiny, PROMPTS, DecodeConfig(**{**cfg.__dict__, "seed": 4}))
     assert not torch.equal(a.sequences, c.sequences)
 
 
@@ -195,7 +196,7 @@ def test_stop_at_eos_and_custom_rule_with_selection():
     target[0, 3] = EOS_ID
     target[1, 7] = EOS_ID
     oracle = OracleLM(target, [1, 1])
-    res = generate(oracle, [[20], [21]], DecodeConfig(gen_length=L, block_length=L, steps=L, score="l2r", stop_at_eos=True))
+    res = diffusion_generate(oracle, [[20], [21]], DecodeConfig(gen_length=L, block_length=L, steps=L, score="l2r", stop_at_eos=True))
     assert res.nfe == 8 and res.nfe_per_sample.tolist() == [4, 8]
     assert (res.sequences[0, 3:] == EOS_ID).all() and torch.equal(res.sequences[1, :8], target[1, :8])
 
@@ -206,7 +207,7 @@ def test_stop_at_eos_and_custom_rule_with_selection():
             return Selection(first, torch.full_like(view.x0, 30), torch.full((view.x0.shape[0],), 5))
     register_rule("test_first_z", lambda cfg: FirstAndZ())
     try:
-        res = generate(oracle, [[20], [21]], DecodeConfig(gen_length=L, block_length=L, steps=L, rule="test_first_z"))
+        res = diffusion_generate(oracle, [[20], [21]], DecodeConfig(gen_length=L, block_length=L, steps=L, rule="test_first_z"))
     finally:
         RULES.pop("test_first_z")
     assert res.nfe == 5 and (res.sequences[:, :5] == 30).all() and (res.sequences[:, 5:] == EOS_ID).all()
@@ -231,5 +232,85 @@ def test_bad_configs_raise(kwargs, match):
 
 
 def test_bad_prompts_raise(tiny):
-    with pytest.raises(ValueError, match="prompts tensor must be"): generate(tiny, torch.zeros(2, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match="no prompts"): generate(tiny, [])
+    with pytest.raises(ValueError, match="prompts tensor must be"): diffusion_generate(tiny, torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no prompts"): diffusion_generate(tiny, [])
+
+
+# ---- the three distribution scores live in one place ---------------------------------------------------------------
+
+def test_prob_scores_formulas_and_bad_kind():
+    probs = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]], dtype=torch.float64)
+    tokens = torch.tensor([[1, 2]])
+    assert prob_scores(probs, tokens, "confidence").tolist() == [[0.3, 0.8]]
+    assert prob_scores(probs, tokens, "margin")[0].tolist() == pytest.approx([0.2, 0.7])
+    h = [-sum(p * math.log(p) for p in row) for row in probs[0].tolist()]
+    assert prob_scores(probs, tokens, "entropy")[0].tolist() == pytest.approx([-x for x in h])  # negative: higher first
+    assert set(PROB_SCORES) < set(SCORES)
+    with pytest.raises(ValueError, match="valid: confidence, margin, entropy"): prob_scores(probs, tokens, "random")
+
+
+@pytest.mark.parametrize("score", ["confidence", "margin", "entropy"])
+def test_the_ranking_score_and_the_view_properties_agree_bitwise(tiny, score):
+    seen = []
+    class Spy(TopK):
+        def select(self, view):
+            prop = {"confidence": view.confidence, "margin": view.margin, "entropy": -view.entropy}[score]
+            seen.append(torch.equal(view.score, prop.masked_fill(~view.maskable, -math.inf)))
+            return super().select(view)
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=8, score=score, temperature=0.7)
+    diffusion_generate(tiny, PROMPTS, cfg, rule=Spy(cfg))
+    assert seen and all(seen)
+
+
+# ---- rules by name: the registry ------------------------------------------------------------------------------------
+
+def test_paper_rules_by_name_need_no_prior_import():
+    import subprocess, sys
+    code = ("import sys\n"
+            "from paper_repro.dllm.core import DecodeConfig, make_rule\n"
+            "cfg = DecodeConfig(rule='ccd_ds', score='entropy')\n"
+            "assert 'paper_repro.dllm.ccd' not in sys.modules\n"
+            "rule = make_rule(cfg)\n"
+            "from paper_repro.dllm.ccd import CCDDS\n"
+            "assert type(rule) is CCDDS and make_rule(DecodeConfig(rule='ccd')).depth == 2\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_register_rule_by_path_and_bad_registrations():
+    register_rule("test_topk_by_path", "paper_repro.dllm.core:TopK")
+    try:
+        assert rule_factory("test_topk_by_path") is TopK
+        assert isinstance(make_rule(DecodeConfig(rule="test_topk_by_path")), TopK)
+    finally:
+        RULES.pop("test_topk_by_path")
+    with pytest.raises(ValueError, match="must read 'package.module:attribute'"): register_rule("x", "paper_repro.dllm.core")
+    with pytest.raises(TypeError, match="must be callable"): register_rule("x", 3)
+    with pytest.raises(ValueError, match="non-empty string"): register_rule("", TopK)
+    with pytest.raises(ValueError, match="unknown rule 'nope'"): rule_factory("nope")
+    assert "x" not in RULES
+
+
+# ---- training runs on core.train.fit ---------------------------------------------------------------------------------
+
+SMALL = DllmSpec(config=LMConfig(VOCAB_SIZE, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=64), steps=3,
+                 batch_size=4, warmup=1)
+
+
+def test_llada_batches_are_seeded_and_shaped():
+    a, b = llada_batches(SMALL, seed=2), llada_batches(SMALL, seed=2)
+    first, again = a(0), b(0)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    prompts, valid, answers, t, masked = first
+    assert answers.shape == masked.shape == (4, SMALL.gen_length) and t.shape == (4,) and valid.shape == prompts.shape
+    assert torch.allclose(torch.sort(t).values.diff(), torch.full((3,), 0.25))  # stratified: evenly spaced mod 1
+    assert not all(torch.equal(x, y) for x, y in zip(a(1), first))  # the next call draws the next batch
+
+
+def test_train_dllm_is_deterministic_and_logs_every_50_steps():
+    logs = [[], []]
+    a, b = (train_dllm(SMALL, seed=1, progress=False, log=log) for log in logs)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert logs[0] == logs[1] and [s for s, _ in logs[0]] == [0] and math.isfinite(logs[0][0][1])
+    assert not a.training

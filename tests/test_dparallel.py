@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.dllm.core import DecodeConfig, OracleLM, denoise_logits, generate
-from paper_repro.dllm.dparallel import (SPEC, DistillMasks, bench_rules, certainty_forcing_loss, distill_student,
+from paper_repro.dllm.core import DecodeConfig, OracleLM, denoise_logits, diffusion_generate
+from paper_repro.dllm.dparallel import (DISTILL_SPEC, DistillMasks, bench_methods, certainty_forcing_loss, distill_student,
                                         eos_pad, sample_masks, teacher_data)
 from paper_repro.dllm.tasks import EOS_ID, MASK_ID, VOCAB_SIZE, pad_prompts
 
@@ -123,7 +123,7 @@ def test_teacher_data_reproduces_the_oracle():
 def test_teacher_data_is_the_teachers_greedy_output(tiny):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=16)
     data = teacher_data(tiny, PROMPTS, cfg, batch_size=3)  # chunks of 3 and 1: batching must not matter
-    ref = generate(tiny, PROMPTS, cfg).sequences
+    ref = diffusion_generate(tiny, PROMPTS, cfg).sequences
     assert torch.equal(data.answers, eos_pad(ref))
 
 
@@ -131,11 +131,22 @@ def test_distill_student_trains_a_copy(tiny):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=16)
     data = teacher_data(tiny, PROMPTS, cfg)
     before = [p.clone() for p in tiny.parameters()]
-    spec = replace(SPEC, steps=3, batch_size=4, block_length=8, warmup=1)
+    spec = replace(DISTILL_SPEC, steps=3, batch_size=4, block_length=8, warmup=1)
     student = distill_student(tiny, data, spec, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny.parameters()))        # the teacher is untouched
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # the student moved
     assert not student.training
+
+
+def test_distill_student_is_deterministic_and_logs_the_loss_parts(tiny):
+    data = teacher_data(tiny, PROMPTS, DecodeConfig(gen_length=16, block_length=8, steps=16))
+    spec = replace(DISTILL_SPEC, steps=3, batch_size=4, block_length=8, warmup=1)
+    logs = [[], []]
+    a, b = (distill_student(tiny, data, spec, seed=4, progress=False, log=log) for log in logs)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())) and logs[0] == logs[1]
+    assert [row[0] for row in logs[0]] == [0, 2] and all(len(row) == 6 for row in logs[0])  # every 25 steps and the last
+    step, total, ce, ce_c, h, h_c = logs[0][0]
+    assert total == pytest.approx(ce + ce_c + spec.entropy_weight * (h + h_c), abs=5e-4)  # the parts are rounded
 
 
 def test_bad_inputs(tiny):
@@ -151,11 +162,12 @@ def test_bad_inputs(tiny):
 
 
 def test_bench_hook_offers_the_student_as_a_per_method_model(tiny):
-    from paper_repro.dllm.bench import paper_methods
+    from paper_repro.core.bench import paper_entries
+    from paper_repro.dllm.bench import DiffusionMethod
     import paper_repro.dllm.dparallel as dparallel
-    methods = paper_methods(tiny, modules=[dparallel])
-    assert methods and all(m.model is not None and m.model is not tiny for m in methods)  # never the teacher
-    rules = bench_rules(tiny)
-    assert rules and all(len(v) == 3 and v[0].rule == "entropy_threshold" and v[1] is None for v in rules.values())
-    student = next(iter(rules.values()))[2]
-    assert next(student.parameters()).dtype == torch.float64  # on the benchmark model's device and dtype
+    entries = paper_entries("dllm", tiny, DiffusionMethod, modules=[dparallel])
+    assert entries and all(e.paper == "dparallel" and e.paper_headline.value == 8.5 for e in entries)
+    methods = [e.method for e in bench_methods(tiny)]
+    assert all(m.model is not None and m.model is not tiny for m in methods)  # never the teacher
+    assert all(m.config.rule == "entropy_threshold" and m.make_rule is None for m in methods)
+    assert next(methods[0].model.parameters()).dtype == torch.float64  # on the benchmark model's device and dtype

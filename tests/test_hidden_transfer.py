@@ -390,9 +390,10 @@ def test_layer_skip_draft_is_a_consistent_causal_lm_and_lossless(target):
 def test_bench_decoder_is_lossless_on_the_zoo_target():
     from types import SimpleNamespace
     from paper_repro.core.zoo import load_zoo
-    from paper_repro.decoding.hidden_transfer import bench_decoders
+    from paper_repro.decoding.hidden_transfer import bench_methods
     target = load_zoo("code-target")
-    (name, decode), = bench_decoders(SimpleNamespace(target=target)).items()
+    (entry,) = bench_methods(SimpleNamespace(target=target))
+    decode = entry.method
     for prompt in ([1], [40, 41, 42, 43, 44, 45, 46, 47]):
         res = decode(prompt, 12)
         assert res.tokens == generate(target, prompt, 12).tokens and len(res.steps) <= 12

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.dllm.core import (DecodeConfig, OracleLM, Rule, TopK, denoise_logits, generate, make_rule)
-from paper_repro.dllm.learn2pd import (ConfidenceFilter, ExtremelyGreedy, Learn2PD, Traces, bind_filter,
+from paper_repro.dllm.core import DecodeConfig, OracleLM, Rule, TopK, denoise_logits, diffusion_generate
+from paper_repro.dllm.learn2pd import (BENCH_HEADLINE, ConfidenceFilter, ExtremelyGreedy, Learn2PD, Traces, bench_methods,
                                        choose_threshold, collect_traces, filter_stats, padding_passes, train_filter)
 from paper_repro.dllm.tasks import EOS_ID, MASK_ID, VOCAB_SIZE
 
@@ -65,9 +65,9 @@ def test_trace_labels_match_brute_force(tiny, block):
 
 def test_greedy_commits_exactly_the_matches(tiny):
     cfg = DecodeConfig(gen_length=8, block_length=8, steps=8)
-    ref = generate(tiny, PROMPTS, cfg).sequences
+    ref = diffusion_generate(tiny, PROMPTS, cfg).sequences
     spy = _Spy(ExtremelyGreedy(ref))
-    generate(tiny, PROMPTS, cfg, rule=spy)
+    diffusion_generate(tiny, PROMPTS, cfg, rule=spy)
     for view, sel in spy.steps:
         match = view.maskable & (view.x0 == ref)
         for r in range(len(PROMPTS)):
@@ -104,6 +104,9 @@ def test_filter_learns_a_confidence_cut_and_threshold_meets_fp():
     assert st["fp"] <= 0.05 and st["recall"] > 0.5
     # deterministic for a seed
     assert torch.equal(train_filter(tr, steps=50).net[0].weight, train_filter(tr, steps=50).net[0].weight)
+    log = []
+    train_filter(tr, steps=60, log=log)
+    assert [s for s, _ in log] == [0, 50, 59] and log[-1][1] < log[0][1]
 
 
 # ---- the rule: never fewer than top-k ------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def test_filter_rule_is_a_superset_of_topk(tiny, eotp):
     filt = ConfidenceFilter(8, 16).double()
     with torch.no_grad(): filt.net[2].bias.fill_(0.3)  # a random filter that accepts some positions
     spy = _Spy(Learn2PD(cfg, filt, 0.5, eotp=eotp))
-    res = generate(tiny, PROMPTS, cfg, rule=spy)
+    res = diffusion_generate(tiny, PROMPTS, cfg, rule=spy)
     top = TopK(cfg)
     extra = 0
     for view, sel in spy.steps:
@@ -123,7 +126,7 @@ def test_filter_rule_is_a_superset_of_topk(tiny, eotp):
         assert bool((sel.commit | ~base).all())  # every top-k commit is kept
         extra += int((sel.commit & view.maskable & ~base).sum())
     assert extra > 0  # the filter did add commits
-    ref = generate(tiny, PROMPTS, cfg)
+    ref = diffusion_generate(tiny, PROMPTS, cfg)
     assert bool((res.nfe_per_sample <= ref.nfe_per_sample).all()) and res.nfe <= ref.nfe
     assert not bool((res.sequences == MASK_ID).any())
 
@@ -131,8 +134,8 @@ def test_filter_rule_is_a_superset_of_topk(tiny, eotp):
 def test_threshold_one_and_no_eotp_equals_baseline(tiny):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=16)
     filt = ConfidenceFilter(8).double()
-    a = generate(tiny, PROMPTS, cfg)
-    b = generate(tiny, PROMPTS, cfg, rule=Learn2PD(cfg, filt, 1.0, eotp="off"))
+    a = diffusion_generate(tiny, PROMPTS, cfg)
+    b = diffusion_generate(tiny, PROMPTS, cfg, rule=Learn2PD(cfg, filt, 1.0, eotp="off"))
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe_per_sample, b.nfe_per_sample)
     assert torch.equal(a.commit_step, b.commit_step)
 
@@ -145,8 +148,8 @@ def test_eotp_on_oracle_fills_eos_and_saves_passes(mode):
     tgt = _eos_targets(L)
     oracle = OracleLM(tgt, [3] * 4)
     cfg = DecodeConfig(gen_length=L, block_length=8, steps=L)  # top-1: oracle ties break left to right
-    base = generate(oracle, PROMPTS, cfg)
-    res = generate(oracle, PROMPTS, cfg, rule=Learn2PD(cfg, None, eotp=mode))
+    base = diffusion_generate(oracle, PROMPTS, cfg)
+    res = diffusion_generate(oracle, PROMPTS, cfg, rule=Learn2PD(cfg, None, eotp=mode))
     assert torch.equal(base.sequences, tgt) and torch.equal(res.sequences, tgt)
     assert base.nfe_per_sample.tolist() == [L] * 4
     if mode == "commit":  # answer tokens one per pass, then the terminating EOS fills the rest in the same pass
@@ -164,7 +167,7 @@ def test_eotp_fill_starts_after_the_first_committed_eos_only():
     tgt = torch.tensor([[30, 31, EOS_ID, 32, EOS_ID, EOS_ID, EOS_ID, EOS_ID]])
     oracle = OracleLM(tgt, [3])
     cfg = DecodeConfig(gen_length=L, block_length=L, steps=L)
-    res = generate(oracle, PROMPTS[:1], cfg, rule=Learn2PD(cfg, None, eotp="commit"))
+    res = diffusion_generate(oracle, PROMPTS[:1], cfg, rule=Learn2PD(cfg, None, eotp="commit"))
     assert res.sequences.tolist() == [[30, 31, EOS_ID] + [EOS_ID] * 5]
     assert res.nfe_per_sample.tolist() == [3]
 
@@ -177,23 +180,40 @@ def test_eotp_per_row_independence_in_a_batch(tiny):
         torch.manual_seed(2)
         cfg = DecodeConfig(gen_length=L, block_length=8, steps=16)
         filt = ConfidenceFilter(8, 16).double()
-        together = generate(model([0, 1, 2, 3]), PROMPTS, cfg, rule=Learn2PD(cfg, filt, 0.5))
+        together = diffusion_generate(model([0, 1, 2, 3]), PROMPTS, cfg, rule=Learn2PD(cfg, filt, 0.5))
         for r in range(4):
-            alone = generate(model([r]), PROMPTS[r:r + 1], cfg, rule=Learn2PD(cfg, filt, 0.5))
+            alone = diffusion_generate(model([r]), PROMPTS[r:r + 1], cfg, rule=Learn2PD(cfg, filt, 0.5))
             assert torch.equal(alone.sequences[0], together.sequences[r])
             assert int(alone.nfe_per_sample[0]) == int(together.nfe_per_sample[r])
 
 
 # ---- registry and bad inputs ---------------------------------------------------------------------------------------
 
-def test_registry_needs_a_bound_filter():
-    cfg = DecodeConfig(gen_length=16, block_length=16, steps=16, rule="learn2pd", threshold=0.8)
-    with pytest.raises(ValueError, match="no learn2pd filter bound for block_length=16"):
-        make_rule(cfg)
-    filt = ConfidenceFilter(16)
-    bind_filter(filt, 0.8)
-    rule = make_rule(cfg)
-    assert isinstance(rule, Learn2PD) and rule.filter is filt and rule.threshold == 0.8
+def test_the_filter_is_passed_explicitly_never_bound_process_wide(tiny):
+    import paper_repro.dllm.learn2pd as learn2pd
+    with pytest.raises(ValueError, match="valid rules"):  # a trained rule is not a name: it is built with its filter
+        DecodeConfig(gen_length=16, block_length=16, steps=16, rule="learn2pd")
+    assert not any(hasattr(learn2pd, n) for n in ("bind_filter", "_BOUND", "_BENCH_CACHE"))
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=16)
+    torch.manual_seed(1)
+    filt_a, filt_b = ConfidenceFilter(8), ConfidenceFilter(8)
+    with torch.no_grad(): filt_b.net[-1].bias.fill_(5.0)  # b accepts nearly everything, a nearly nothing
+    alone = [diffusion_generate(tiny, PROMPTS, cfg, rule=Learn2PD(cfg, f, 0.5, eotp="off")) for f in (filt_a, filt_b)]
+    assert alone[0].nfe != alone[1].nfe  # the two filters decode differently...
+    for f, ref in zip((filt_b, filt_a), alone[::-1]):  # ...and each decode depends only on its own rule's filter
+        got = diffusion_generate(tiny, PROMPTS, cfg, rule=Learn2PD(cfg, f, 0.5, eotp="off"))
+        assert torch.equal(got.sequences, ref.sequences) and got.nfe == ref.nfe
+
+
+def test_bench_methods_fit_a_filter_per_call_and_carry_it_in_their_rules(tiny):
+    first, second = bench_methods(tiny), bench_methods(tiny)
+    assert [e.name for e in first] == [e.name for e in second] and len(first) == 2
+    assert all(e.paper_headline is BENCH_HEADLINE and e.paper_headline.value == 22.58 for e in first)
+    rules = [e.method.make_rule() for e in first + second]
+    assert all(isinstance(r, Learn2PD) for r in rules) and [r.eotp for r in rules[:2]] == ["off", "commit"]
+    assert rules[0].filter is rules[1].filter and rules[0].filter is not rules[2].filter  # one fit per call, no cache
+    for a, b in zip(rules[0].filter.parameters(), rules[2].filter.parameters()):
+        assert torch.equal(a, b)  # the fit is deterministic
 
 
 def test_bad_inputs():
@@ -212,4 +232,3 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no masked positions"): train_filter(empty)
     with pytest.raises(ValueError, match="max_fp=1.5"): choose_threshold(ConfidenceFilter(8), _synthetic_traces(), 1.5)
     with pytest.raises(ValueError, match="fraction=1.0"): _synthetic_traces().split(1.0)
-    with pytest.raises(ValueError, match="threshold=2"): bind_filter(ConfidenceFilter(8), 2)

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from paper_repro.dllm.core import DecodeConfig, generate
-from paper_repro.dllm.parallelbench import (GREEDY_TEMPERATURE, IdealLM, agrees, bench_rules, closed_form,
+from paper_repro.dllm.core import DecodeConfig, diffusion_generate
+from paper_repro.dllm.parallelbench import (GREEDY_TEMPERATURE, IdealLM, agrees, bench_methods, closed_form,
                                             ideal_config, one_step_replace_random, replace_random_greedy_accuracy,
                                             replace_random_sampled_accuracy, replace_random_threshold_accuracy,
                                             shuffle_threshold_accuracy, shuffle_topk_accuracy, token_dependency,
@@ -161,7 +161,7 @@ def test_threshold_closed_forms():
 # ---------------------------------------------------------------- Monte-Carlo through the shared sampler
 def simulate(task, n, samples, seed, conditional=True, **setting):
     exs = sample_examples(task, samples, seed=seed, n=n, gen_length=n)
-    res = generate(IdealLM(exs, conditional=conditional), [e.prompt for e in exs], ideal_config(n, seed=seed, **setting))
+    res = diffusion_generate(IdealLM(exs, conditional=conditional), [e.prompt for e in exs], ideal_config(n, seed=seed, **setting))
     return sum(e.score(r) for e, r in zip(exs, res.sequences)), res
 
 
@@ -202,7 +202,7 @@ def test_greedy_ties_are_broken_at_random_and_seeded():
 
 def test_window_with_eos_tail_decodes_right_answers():
     exs = sample_examples(["copy", "replace_random", "shuffle", "sort"], 40, seed=2, n=7, gen_length=12)
-    res = generate(IdealLM(exs), [e.prompt for e in exs], DecodeConfig(gen_length=12, block_length=12, steps=12,
+    res = diffusion_generate(IdealLM(exs), [e.prompt for e in exs], DecodeConfig(gen_length=12, block_length=12, steps=12,
                                                                         temperature=GREEDY_TEMPERATURE))
     assert all(e.score(r) or (e.task == "shuffle" and r[:7].tolist() == [TOKEN_ID[c] for c in e.info["input"]])
                for e, r in zip(exs, res.sequences))
@@ -235,8 +235,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="trials"): wilson_interval(3, 2)
     ex = make_example("copy", random.Random(0), n=4, gen_length=4)
     with pytest.raises(ValueError, match="cache"):
-        generate(IdealLM([ex]), [ex.prompt], DecodeConfig(gen_length=4, block_length=4, steps=4, cache="prefix"))
-    assert bench_rules(None) == {}
+        diffusion_generate(IdealLM([ex]), [ex.prompt], DecodeConfig(gen_length=4, block_length=4, steps=4, cache="prefix"))
+    assert bench_methods(None) == []
 
 
 def test_threshold_oracle_picks_the_fastest_correct_threshold_per_example():

@@ -222,8 +222,8 @@ def test_gamma_from_call_times(target, draft_model):
 
 def test_bench_decoder_is_lossless(target, draft_model):
     from types import SimpleNamespace
-    decoders = pearl.bench_decoders(SimpleNamespace(target=target, draft=draft_model))
-    (name, decode), = decoders.items()
+    (entry,) = pearl.bench_methods(SimpleNamespace(target=target, draft=draft_model))
+    name, decode = entry.name, entry.method
     assert "PEARL" in name
     for prompt in PROMPTS[:3]:
         assert decode(prompt, 10).tokens == reference_decode(target, prompt, 10)

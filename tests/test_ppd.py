@@ -336,18 +336,19 @@ def test_latency_and_choice(target):
     with pytest.raises(ValueError, match="sizes must be positive"): verify_latency(target, [0])
 
 
-def test_bench_drafters_with_the_committed_prompt_tokens():
+def test_bench_methods_with_the_committed_prompt_tokens():
     from paper_repro.core.bench import BenchModels
     from paper_repro.core.zoo import load_zoo
-    from paper_repro.decoding.ppd import bench_drafters
+    from paper_repro.decoding.ppd import bench_methods
     try:
         t = load_zoo("code-target", dtype=torch.float64)
-        factories = bench_drafters(BenchModels(t, None, None))
+        entries = bench_methods(BenchModels(t, None, None))
     except Exception as e:  # the checkpoint is produced by the cpu run of the notebook
         pytest.skip(f"committed PPD checkpoint not available: {e}")
-    (name, make), = factories.items()
+    (entry,) = entries
+    name = entry.name
     prompt = [5, 17, 300, 42, 9, 77, 12]
-    res = generate(t, prompt, 24, make())
+    res = generate(t, prompt, 24, entry.method.make())
     assert res.tokens == reference_decode(t, prompt, 24) and name.startswith("PPD")
 
 

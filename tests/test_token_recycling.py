@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from paper_repro.core.decoding import Draft, Sampler, generate, reference_decode
-from paper_repro.decoding.token_recycling import TokenRecyclingDrafter, TreeTemplate, bench_drafters, default_template
+from paper_repro.decoding.token_recycling import TokenRecyclingDrafter, TreeTemplate, bench_methods, default_template
 
 
 # ---------------------------------------------------------------- template
@@ -216,7 +216,7 @@ def test_storage_matches_the_paper():
 def test_bench_factories_cold_fresh_hot_shared(target):
     class Models: pass
     models = Models(); models.target = target
-    f = bench_drafters(models)
+    f = {e.name: e.method.make for e in bench_methods(models)}
     cold, hot = f["Token Recycling (cold)"], f["Token Recycling (hot)"]
     assert cold() is not cold() and hot() is hot() and hot().vocab_size == 40
     assert generate(target, [1, 2, 3], 10, drafter=hot()).tokens == reference_decode(target, [1, 2, 3], 10)

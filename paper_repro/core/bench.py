@@ -9,11 +9,14 @@ Docs: https://paper-repro.github.io/paper_repro/core/bench.html.md"""
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Generic, TypeVar
 
 import pandas as pd
 import torch
@@ -26,8 +29,76 @@ from .lm import count_parameters, to_hf_llama
 from .repro import project_root, start_run
 
 # %% auto #0
-__all__ = ['Decode', 'BENCH_CONFIGS', 'PAPER_HEADLINES', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks',
-           'hf_generate', 'BenchModels', 'decoding_methods', 'run_decoding_bench', 'record_bench_claims']
+__all__ = ['M', 'Decode', 'DECODING_BENCH_CONFIGS', 'Headline', 'BenchEntry', 'paper_entries', 'check_unique', 'BenchTask',
+           'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels', 'DrafterMethod',
+           'decoding_entries', 'run_decoding_bench', 'record_bench_claims']
+
+# %% ../../nbs/core/bench.ipynb #9d4f2e7b
+M = TypeVar("M")
+
+@dataclass(frozen=True)
+class Headline:
+    "A paper's headline claim, set beside a benchmark row's measured number in the suite's claims ledger."
+    value: float | None        # the paper's number (None: the paper states the direction only)
+    statement: str             # the claim in one line
+    source: str                # where the number stands (paper section, table or abstract; the family's notes)
+    unit: str = "×"
+    category: str = "overall"  # the suite's slice closest to the paper's setting (decoding: a task category)
+
+    def __post_init__(self):
+        v = self.value
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"Headline.value={v!r}: must be a finite number, or None where the paper gives no number")
+        for name in ("statement", "source", "unit", "category"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"Headline.{name}={getattr(self, name)!r}: must be a non-empty string")
+
+@dataclass(frozen=True)
+class BenchEntry(Generic[M]):
+    "One row of a benchmark suite: its name, the method the suite runs, and the paper headline it is checked against."
+    name: str
+    method: M
+    paper_headline: Headline | None = None
+    paper: str | None = None   # slug of the paper module that declared it (set by `paper_entries`; None: a baseline)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"BenchEntry.name={self.name!r}: must be a non-empty string")
+        if self.paper_headline is not None and not isinstance(self.paper_headline, Headline):
+            raise TypeError(f"BenchEntry {self.name!r}: paper_headline must be a Headline or None, "
+                            f"got {type(self.paper_headline).__name__}")
+
+def paper_entries(family: str, ctx, method_type: type, modules: Iterable[ModuleType] | None = None,
+                  root: Path | None = None) -> list[BenchEntry]:
+    """The entries that `family`'s paper modules (or the given `modules`) declare with `bench_methods(ctx)`, in
+    catalogue order, each tagged with its module's slug; every method must be a `method_type`."""
+    if modules is None:
+        modules = [importlib.import_module(f"paper_repro.{family}.{p.slug}") for p in PAPERS
+                   if p.family == family and module_path(p, root or project_root()).exists()]
+    out = []
+    for module in modules:
+        hook = getattr(module, "bench_methods", None)
+        if hook is None: continue
+        where = f"{module.__name__}.bench_methods"
+        entries = hook(ctx)
+        if not isinstance(entries, (list, tuple)):
+            raise TypeError(f"{where} must return a list of BenchEntry, got {type(entries).__name__}")
+        for e in entries:
+            if not isinstance(e, BenchEntry): raise TypeError(f"{where} returned a {type(e).__name__}, not a BenchEntry")
+            if not isinstance(e.method, method_type):
+                raise TypeError(f"{where}: entry {e.name!r} holds a {type(e.method).__name__}; the {family} suite runs "
+                                f"{getattr(method_type, '__name__', method_type)} methods")
+            out.append(replace(e, paper=module.__name__.rsplit(".", 1)[-1]))
+    return out
+
+def check_unique(entries: Sequence[BenchEntry]) -> None:
+    "Raise if two entries share a name (a suite's rows are keyed by it)."
+    seen: dict[str, str | None] = {}
+    for e in entries:
+        if e.name in seen:
+            raise ValueError(f"two benchmark entries are named {e.name!r} (from {seen[e.name] or 'the suite'} and "
+                             f"{e.paper or 'the suite'}): rename one")
+        seen[e.name] = e.paper
 
 # %% ../../nbs/core/bench.ipynb #49891d9e
 @dataclass
@@ -93,40 +164,33 @@ def hf_generate(hf_model, context: list[int], max_new_tokens: int, prompt_lookup
 # %% ../../nbs/core/bench.ipynb #ee749109
 @dataclass
 class BenchModels:
-    "What drafters may be built from."
+    "What the decoding suite's methods are built from (the `ctx` of a decoding paper's `bench_methods`)."
     target: torch.nn.Module
     draft: torch.nn.Module
     tokenizer: BPETokenizer
 
 Decode = Callable[[list[int], int], DecodeResult]
 
-def _with_drafter(target, make: Callable[[], Drafter | None]) -> Decode:
-    return lambda prompt, n: generate(target, prompt, n, drafter=make())  # a fresh drafter per prompt
+@dataclass(frozen=True)
+class DrafterMethod:
+    "A `Decode` that runs `paper_repro.core.decoding.generate` on `target` with a fresh drafter `make()` per prompt."
+    target: torch.nn.Module
+    make: Callable[[], Drafter | None]
 
-def decoding_methods(models: BenchModels, root: Path | None = None) -> dict[str, Decode]:
-    "Greedy, draft-model SD, and every decoding paper module's `bench_drafters` / `bench_decoders`, as decode functions."
-    methods: dict[str, Decode] = {
-        "greedy": _with_drafter(models.target, lambda: None),
-        "SD (draft model)": _with_drafter(models.target, lambda: DraftModelDrafter(models.draft, gamma=5)),
-    }
-    for paper in PAPERS:
-        if paper.family != "decoding" or not module_path(paper, root or project_root()).exists(): continue
-        module = importlib.import_module(f"paper_repro.decoding.{paper.slug}")
-        found = {}
-        if hasattr(module, "bench_drafters"):
-            found.update({name: _with_drafter(models.target, make) for name, make in module.bench_drafters(models).items()})
-        if hasattr(module, "bench_decoders"): found.update(module.bench_decoders(models))
-        methods.update({name: _from_paper(decode, paper.slug) for name, decode in found.items()})
-    return methods
+    def __call__(self, prompt: list[int], max_new_tokens: int) -> DecodeResult:
+        return generate(self.target, prompt, max_new_tokens, drafter=self.make())
 
-def _from_paper(decode: Decode, slug: str) -> Decode:
-    "Tag a decode function with the paper it comes from (the claims ledger groups by it)."
-    tagged = lambda prompt, n: decode(prompt, n)
-    tagged.paper = slug
-    return tagged
+def decoding_entries(models: BenchModels, modules: Iterable[ModuleType] | None = None, root: Path | None = None
+                     ) -> list[BenchEntry[Decode]]:
+    "Greedy, draft-model SD, and every decoding paper module's `bench_methods(models)` (or the given `modules`')."
+    entries = [BenchEntry("greedy", DrafterMethod(models.target, lambda: None)),
+               BenchEntry("SD (draft model)", DrafterMethod(models.target, lambda: DraftModelDrafter(models.draft, gamma=5)))]
+    entries += paper_entries("decoding", models, Callable, modules, root)
+    check_unique(entries)
+    return entries
 
 # %% ../../nbs/core/bench.ipynb #03a03698
-BENCH_CONFIGS = {
+DECODING_BENCH_CONFIGS = {
     "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16),
     "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48),
     "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128),
@@ -150,27 +214,30 @@ def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out["lossless check"] = [("ok" if i else "MISMATCH") if l else "n/a (lossy)" for i, l in zip(out.identical, out.lossless)]
     return out
 
-def run_decoding_bench(scale: str = "cpu", device: str = "auto", seed: int = 0, out_dir: str | Path | None = None,
-                       hf: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Run every decoding method on every task; write `decoding.csv`/`.md`/`.png` and `decoding.run.json` into
-    `out_dir` (default `results/<scale>/bench/`); return the summary table."""
+def run_decoding_bench(scale: str = "cpu", device: str = "auto", out: str | Path | None = None, seed: int = 0,
+                       progress: bool = True, *, modules: Iterable[ModuleType] | None = None,
+                       models: BenchModels | None = None, hf: bool = True) -> pd.DataFrame:
+    """Run every decoding method on every task; write `decoding.csv`/`.md`/`.png`, `decoding.claims.json` and
+    `decoding.run.json` into `out` (default `results/<scale>/bench/`); return the summary table. `modules` replaces
+    the catalogue's paper modules, `models` the zoo's target, draft and tokenizer (both for tests)."""
     from paper_repro.core.zoo import load_tokenizer, load_zoo
     run = start_run("bench", scale=scale, device=device, seed=seed,
-                    out_dir=out_dir if out_dir is not None else project_root() / "results" / scale / "bench")
-    cfg = BENCH_CONFIGS[scale]
+                    out_dir=out if out is not None else project_root() / "results" / scale / "bench")
+    cfg = DECODING_BENCH_CONFIGS[scale]
     dev = run.device
-    models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
+    if models is None:
+        models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
     tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
-    methods = decoding_methods(models)
+    entries = decoding_entries(models, modules)
     hf_model = to_hf_llama(models.target) if hf else None
-    for decode in methods.values(): decode(tasks[0].prompt[:16], 8)  # warm-up
+    for e in entries: e.method(tasks[0].prompt[:16], 8)  # warm-up
     if hf_model is not None:
         for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
     rows = []
     for i, task in enumerate(tqdm(tasks, desc="bench decoding", disable=not progress)):
-        for name, decode in methods.items():
-            res = decode(task.prompt, cfg["new_tokens"])
-            rows.append(dict(task=i, category=task.category, method=name, tokens=res.tokens, new=res.new_tokens,
+        for e in entries:
+            res = e.method(task.prompt, cfg["new_tokens"])
+            rows.append(dict(task=i, category=task.category, method=e.name, tokens=res.tokens, new=res.new_tokens,
                              wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless))
         if hf_model is not None:
             for name, lookup in (("HF greedy", None), ("HF prompt lookup", 10)):
@@ -183,44 +250,38 @@ def run_decoding_bench(scale: str = "cpu", device: str = "auto", seed: int = 0, 
                           "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
     run.save_table(table, name="decoding")
     run.save_fig(_figure(summary, dev.type), name="decoding.png")
-    record_bench_claims(run, summary, {name: getattr(d, "paper", None) for name, d in methods.items()},
+    record_bench_claims(run, summary, entries,
                         f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
                         f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
                         f"{dev.type}, scale={scale}")
     run.finish(name="decoding.run.json")
     return table
 
-# The papers' headline speed-ups over autoregressive decoding (`decoding.md`; 7B–70B models on A100/H100), the claim
-# each makes, and the benchmark category that matches its setting best.
-PAPER_HEADLINES: dict[str, tuple[float | None, str, str]] = {
-    "copyspec": (3.08, "CopySpec speeds up second turns that repeat the first (MT-Redundant turn 2: 3.08×)", "redundant code"),
-    "token_recycling": (2.22, "Token Recycling speeds up decoding (Spec-Bench: 2.22×)", "overall"),
-    "aded": (2.5, "ADED speeds up decoding (up to 2.5×)", "overall"),
-    "ppd": (2.49, "Parallel prompt decoding speeds up decoding (up to 2.49×)", "overall"),
-    "pearl": (3.87, "PEARL speeds up decoding over autoregressive decoding (up to 3.87×, HumanEval)", "code"),
-    "lexical_units": (1.30, "Lexical unit decoding speeds up code generation by 30%", "code"),
-    "hidden_transfer": (None, "Hidden transfer speeds up decoding (more than Medusa and self-speculative)", "overall"),
-}
-
 def _claim_id(slug: str, method: str, what: str) -> str:
     return "_".join(filter(None, [slug, re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_"), what]))
 
-def record_bench_claims(run, summary: pd.DataFrame, paper_of: dict[str, str | None], setting: str) -> None:
-    """The claims ledger of the benchmark (`decoding.claims.json`): for every paper's method, the paper's headline
-    speed-up next to the one measured here (in the category matching the paper's setting), and, for lossless methods,
-    that its output equals greedy decoding (which must hold)."""
+def record_bench_claims(run, summary: pd.DataFrame, entries: Sequence[BenchEntry], setting: str) -> None:
+    """The claims ledger of the benchmark (`decoding.claims.json`): for every paper's entry with a headline, the
+    paper's speed-up next to the one measured here (in the headline's category), and, for lossless methods, that the
+    output equals greedy decoding (which must hold)."""
     run.claims_file = "decoding.claims.json"
     rows = summary.set_index(["category", "method"])
-    for method, slug in paper_of.items():
-        if slug is None: continue
-        paper_value, statement, category = PAPER_HEADLINES.get(slug, (None, f"{slug} speeds up decoding", "overall"))
-        r = rows.loc[(category, method)]
-        run.record_claim(_claim_id(slug, method, "speedup"), statement, f"speed-up over our greedy, {category} tasks",
-                         "×", paper_value, float(r.speedup), True, setting, holds=bool(r.speedup > 1),
-                         note=f"method {method!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s")
-        if r.lossless:
-            ident = rows.loc[("overall", method), "identical"]
-            run.record_claim(_claim_id(slug, method, "lossless"), f"{method} is lossless: output identical to greedy",
+    for e in entries:
+        if e.paper is None: continue
+        h = e.paper_headline
+        if h is not None:
+            if h.category not in summary.category.values:
+                raise ValueError(f"{e.paper}: the headline of {e.name!r} names category {h.category!r}; valid: "
+                                 f"{', '.join(summary.category.unique())}")
+            r = rows.loc[(h.category, e.name)]
+            run.record_claim(_claim_id(e.paper, e.name, "speedup"), h.statement,
+                             f"speed-up over our greedy, {h.category} tasks", h.unit, h.value, float(r.speedup), True,
+                             setting, holds=bool(r.speedup > 1),
+                             note=f"method {e.name!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s")
+        overall = rows.loc[("overall", e.name)]
+        if overall.lossless:
+            ident = overall.identical
+            run.record_claim(_claim_id(e.paper, e.name, "lossless"), f"{e.name} is lossless: output identical to greedy",
                              "identical outputs on all tasks", "bool", 1.0, float(ident), True, setting, holds=bool(ident),
                              note="every task of every category", must_hold=True)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..core.decoding import Draft, Drafter
 
 # %% auto #0
-__all__ = ['CopyIndex', 'CopySpecDrafter', 'bench_drafters']
+__all__ = ['BENCH_HEADLINE', 'CopyIndex', 'CopySpecDrafter', 'bench_methods']
 
 # %% ../../nbs/decoding/copyspec.ipynb #961c5879
 class CopyIndex:
@@ -66,9 +66,16 @@ class CopySpecDrafter:
         if self.fallback is not None and draft.source != "copy": self.fallback.observe(context, draft, accepted, logits)
 
 # %% ../../nbs/decoding/copyspec.ipynb #c243da55
-def bench_drafters(models) -> dict:
-    "Drafter factories for `paper_repro.core.bench` (`models.draft` is the zoo's draft LM)."
+from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
+
+BENCH_HEADLINE = Headline(3.08, "CopySpec speeds up second turns that repeat the first (MT-Redundant turn 2: 3.08×)",
+                          source="MT-Redundant, turn 2, selected categories; Llama-3.1-8B, Qwen2.5 models "
+                                 "(papers/decoding.md)", category="redundant code")
+
+def bench_methods(models: BenchModels) -> list[BenchEntry]:
+    "CopySpec for `paper_repro.core.bench`, alone and with a fallback to `models.draft` (the zoo's draft LM)."
     from paper_repro.core.decoding import DraftModelDrafter
-    return {"CopySpec γ=3": lambda: CopySpecDrafter(gamma=3, number_copy=10),
-            "CopySpec γ=3 + SD": lambda: CopySpecDrafter(gamma=3, number_copy=10,
-                                                         fallback=DraftModelDrafter(models.draft, gamma=5))}
+    alone = lambda: CopySpecDrafter(gamma=3, number_copy=10)
+    with_sd = lambda: CopySpecDrafter(gamma=3, number_copy=10, fallback=DraftModelDrafter(models.draft, gamma=5))
+    return [BenchEntry("CopySpec γ=3", DrafterMethod(models.target, alone), BENCH_HEADLINE),
+            BenchEntry("CopySpec γ=3 + SD", DrafterMethod(models.target, with_sd), BENCH_HEADLINE)]

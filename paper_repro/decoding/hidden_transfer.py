@@ -25,10 +25,10 @@ from ..core.zoo import warmup_cosine
 from ..core.lm import KVCache, TransformerLM, causal_mask, count_parameters, rope_cos_sin
 
 # %% auto #0
-__all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer', 'pseudo_mask',
-           'HiddenTapLM', 'choose_tree', 'tree_draft', 'HiddenTransferDrafter', 'MedusaDrafter', 'kl_to_target',
-           'teacher_pass', 'transfer_logits', 'offset_targets', 'train_drafters', 'rank_accuracy', 'save_drafter',
-           'load_drafter', 'bench_decoders', 'LayerSkipLM', 'choose_skip_layers']
+__all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'BENCH_HEADLINE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer',
+           'pseudo_mask', 'HiddenTapLM', 'choose_tree', 'tree_draft', 'HiddenTransferDrafter', 'MedusaDrafter',
+           'kl_to_target', 'teacher_pass', 'transfer_logits', 'offset_targets', 'train_drafters', 'rank_accuracy',
+           'save_drafter', 'load_drafter', 'bench_methods', 'LayerSkipLM', 'choose_skip_layers']
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #68e47738
 def _check_layer(model: TransformerLM, layer: int, what: str = "layer", allow_last: bool = True) -> int:
@@ -411,11 +411,15 @@ def load_drafter(path: str | Path, device: str | torch.device = "cpu", dtype: to
     return model.to(device=device, dtype=dtype).eval()
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #539f5cf5
+from ..core.bench import BenchEntry, BenchModels, Headline
+
 BENCH_LAYER = 3
 BENCH_TREE = [(0,), (1,), (2,), (3,), (0, 0), (4,), (5,), (0, 1)]
+BENCH_HEADLINE = Headline(None, "Hidden transfer speeds up decoding (more than Medusa and self-speculative)",
+                          source="abstract (the per-model numbers are in the paper's tables, not consulted here)")
 
-def bench_decoders(models) -> dict:
-    "Hidden transfer for `paper_repro.core.bench`: name -> `fn(prompt, max_new_tokens) -> DecodeResult`."
+def bench_methods(models: BenchModels) -> list[BenchEntry]:
+    "Hidden transfer for `paper_repro.core.bench`: a whole decoder `(prompt, max_new_tokens) -> DecodeResult`."
     from paper_repro.core.data import data_path
     from paper_repro.core.decoding import generate
     target = models.target
@@ -423,7 +427,7 @@ def bench_decoders(models) -> dict:
     def decode(prompt: list[int], max_new_tokens: int):
         drafter = HiddenTransferDrafter(HiddenTapLM(target, transfer, in_pass=True), BENCH_TREE)  # a fresh tap per prompt
         return generate(drafter.tap, prompt, max_new_tokens, drafter)
-    return {f"hidden transfer l={BENCH_LAYER} (tree of {len(BENCH_TREE)})": decode}
+    return [BenchEntry(f"hidden transfer l={BENCH_LAYER} (tree of {len(BENCH_TREE)})", decode, BENCH_HEADLINE)]
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #3c464970
 class LayerSkipLM(nn.Module):

@@ -24,8 +24,8 @@ from ..core.decoding import (DecodeResult, Draft, DraftModelDrafter, Sampler, St
 from ..core.lm import CausalLM
 
 # %% auto #0
-__all__ = ['PearlDraftSide', 'DraftEngine', 'SequentialDraft', 'ProcessDraft', 'ThreadDraft', 'pearl_generate', 'call_time',
-           'pearl_gamma', 'bench_decoders']
+__all__ = ['BENCH_HEADLINE', 'PearlDraftSide', 'DraftEngine', 'SequentialDraft', 'ProcessDraft', 'ThreadDraft', 'pearl_generate',
+           'call_time', 'pearl_gamma', 'bench_methods']
 
 # %% ../../nbs/decoding/pearl.ipynb #f8ae5f2b
 class PearlDraftSide(DraftModelDrafter):
@@ -302,8 +302,13 @@ def pearl_gamma(t_target: float, t_draft: float, max_gamma: int = 16) -> int:
     return max(1, min(max_gamma, round(t_target / t_draft)))
 
 # %% ../../nbs/decoding/pearl.ipynb #dabebae0
-def bench_decoders(models) -> dict:
-    "PEARL for `paper_repro.core.bench`: name -> `fn(prompt, max_new_tokens) -> DecodeResult`."
+from ..core.bench import BenchEntry, BenchModels, Headline
+
+BENCH_HEADLINE = Headline(3.87, "PEARL speeds up decoding over autoregressive decoding (up to 3.87×, HumanEval)",
+                          source="HumanEval, CodeLlama pairs on H100/A100 (papers/decoding.md)", category="code")
+
+def bench_methods(models: BenchModels) -> list[BenchEntry]:
+    "PEARL for `paper_repro.core.bench`: a whole decoder, `decode(prompt, max_new_tokens) -> DecodeResult`."
     target, draft, state = models.target, models.draft, {}
     def decode(prompt: list[int], max_new_tokens: int) -> DecodeResult:
         if "engine" not in state:  # one engine (and one γ) per benchmark run, made on first use
@@ -311,4 +316,4 @@ def bench_decoders(models) -> dict:
             on_cpu = next(draft.parameters()).device.type == "cpu"
             state["engine"] = ProcessDraft(draft, threads=1) if on_cpu else ThreadDraft(draft)
         return pearl_generate(target, state["engine"], prompt, max_new_tokens, state["gamma"])
-    return {"PEARL (draft model, 2 workers)": decode}
+    return [BenchEntry("PEARL (draft model, 2 workers)", decode, BENCH_HEADLINE)]

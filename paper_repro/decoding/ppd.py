@@ -27,10 +27,10 @@ from ..core.decoding import Draft, MedusaHeads
 from ..core.zoo import warmup_cosine
 
 # %% auto #0
-__all__ = ['PPD_FILE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch', 'prompt_logits',
-           'distill_loss', 'train_ppd', 'offset_accuracy', 'best_paths', 'PromptTree', 'path_probs', 'tree_stats',
-           'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'accepted_node', 'PPDDrafter', 'MedusaDrafter',
-           'verify_latency', 'choose_tree_size', 'save_ppd', 'load_ppd', 'bench_drafters']
+__all__ = ['PPD_FILE', 'BENCH_HEADLINE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch',
+           'prompt_logits', 'distill_loss', 'train_ppd', 'offset_accuracy', 'best_paths', 'PromptTree', 'path_probs',
+           'tree_stats', 'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'accepted_node', 'PPDDrafter',
+           'MedusaDrafter', 'verify_latency', 'choose_tree_size', 'save_ppd', 'load_ppd', 'bench_methods']
 
 # %% ../../nbs/decoding/ppd.ipynb #0b60b0cc
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -565,8 +565,14 @@ def load_ppd(name: str = PPD_FILE, device: str | torch.device = "cpu", root: Pat
                 accuracy=blob["accuracy"].numpy(), tree_size=blob["tree_size"], extra=blob["extra"])
 
 # %% ../../nbs/decoding/ppd.ipynb #6d0a4485
-def bench_drafters(models) -> dict:
-    "Drafter factories for `paper_repro.core.bench` (`models.target` is the zoo's code target)."
+from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
+
+BENCH_HEADLINE = Headline(2.49, "Parallel prompt decoding speeds up decoding (up to 2.49×)",
+                          source="MobileLLaMA to Vicuna-13B on an A100 (papers/decoding.md)")
+
+def bench_methods(models: BenchModels) -> list[BenchEntry]:
+    "PPD for `paper_repro.core.bench`, with the committed prompt tokens (`models.target` is the zoo's code target)."
     saved = load_ppd(device=next(models.target.parameters()).device)
     trees = build_dynamic_trees(saved["accuracy"], saved["tree_size"])
-    return {f"PPD (tree {trees.size})": lambda: PPDDrafter(models.target, saved["prompts"], trees)}
+    make = lambda: PPDDrafter(models.target, saved["prompts"], trees)
+    return [BenchEntry(f"PPD (tree {trees.size})", DrafterMethod(models.target, make), BENCH_HEADLINE)]

@@ -19,7 +19,7 @@ import torch
 from ..core.decoding import Draft
 
 # %% auto #0
-__all__ = ['TEMPLATE_2_2_2', 'TreeTemplate', 'default_template', 'TokenRecyclingDrafter', 'bench_drafters']
+__all__ = ['TEMPLATE_2_2_2', 'BENCH_HEADLINE', 'TreeTemplate', 'default_template', 'TokenRecyclingDrafter', 'bench_methods']
 
 # %% ../../nbs/decoding/token_recycling.ipynb #a75e41b6
 # Children per node, level by level, in breadth-first order: the official "2.2.2" template (80 nodes, 6 levels).
@@ -174,9 +174,15 @@ class TokenRecyclingDrafter:
         self._root = None
 
 # %% ../../nbs/decoding/token_recycling.ipynb #b42b1f82
-def bench_drafters(models) -> dict:
-    "Drafter factories for `paper_repro.core.bench`: Token Recycling, cold and hot start."
+from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
+
+BENCH_HEADLINE = Headline(2.22, "Token Recycling speeds up decoding (Spec-Bench: 2.22×)",
+                          source="Spec-Bench, Vicuna-7B on an A100 (papers/decoding.md)")
+
+def bench_methods(models: BenchModels) -> list[BenchEntry]:
+    "Token Recycling for `paper_repro.core.bench`: cold start (a fresh table per prompt) and hot start (one shared table)."
     vocab = models.target.vocab_size
     shared = TokenRecyclingDrafter(vocab)
-    return {"Token Recycling (cold)": lambda: TokenRecyclingDrafter(vocab),
-            "Token Recycling (hot)": lambda: shared}
+    return [BenchEntry("Token Recycling (cold)", DrafterMethod(models.target, lambda: TokenRecyclingDrafter(vocab)),
+                       BENCH_HEADLINE),
+            BenchEntry("Token Recycling (hot)", DrafterMethod(models.target, lambda: shared), BENCH_HEADLINE)]

@@ -8,111 +8,117 @@ Docs: https://paper-repro.github.io/paper_repro/dllm/bench.html.md"""
 # %% ../../nbs/dllm/bench.ipynb #95e38873
 from __future__ import annotations
 
-import importlib
 import re
-import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from types import ModuleType
 
 import pandas as pd
-import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.catalog import PAPERS, module_path
+from ..core.bench import BenchEntry, check_unique, paper_entries
 from ..core.repro import check_scale, project_root, start_run
-from .core import DecodeConfig, Rule, generate, load_dllm
+from .core import DecodeConfig, DiffusionResult, Rule, diffusion_generate, load_dllm
 from .tasks import TASKS, sample_examples
 
 # %% auto #0
-__all__ = ['BENCH_CONFIGS', 'PAPER_HEADLINES', 'BenchMethod', 'builtin_methods', 'paper_methods', 'run_dllm_bench',
+__all__ = ['DLLM_BENCH_CONFIGS', 'DiffusionMethod', 'curve_and_setting', 'builtin_entries', 'dllm_entries', 'run_dllm_bench',
            'record_dllm_claims']
 
 # %% ../../nbs/dllm/bench.ipynb #b2aec221
-@dataclass
-class BenchMethod:
-    "One point of the benchmark: a rule (curve), its setting, and how to decode."
-    curve: str
-    setting: str
+@dataclass(frozen=True)
+class DiffusionMethod:
+    "How the dllm suite decodes one point: a config, optionally a fresh rule per decode, optionally its own model."
     config: DecodeConfig
     make_rule: Callable[[], Rule] | None = None
-    model: object | None = None   # decode with this model instead of the shared checkpoint (a distilled student)
-    paper: str | None = None      # the paper module it comes from (None: a built-in baseline)
+    model: nn.Module | None = None   # decode with this model instead of the shared checkpoint (a distilled student)
 
-def builtin_methods(scale: str, gen_length: int = 32) -> list[BenchMethod]:
+    def __post_init__(self):
+        if not isinstance(self.config, DecodeConfig):
+            raise TypeError(f"DiffusionMethod.config must be a DecodeConfig, got {type(self.config).__name__}")
+        if self.make_rule is not None and not callable(self.make_rule):
+            raise TypeError(f"DiffusionMethod.make_rule must be a callable returning a fresh Rule, got {type(self.make_rule).__name__}")
+
+    def __call__(self, model: nn.Module, prompts: Sequence[Sequence[int]]) -> DiffusionResult:
+        "Decode `prompts` with `self.model` if set, else `model`."
+        return diffusion_generate(self.model if self.model is not None else model, prompts, self.config,
+                                  rule=self.make_rule() if self.make_rule is not None else None)
+
+def curve_and_setting(name: str) -> tuple[str, str]:
+    "A point's curve and setting from its name: `'CCD @d=2'` -> `('CCD', 'd=2')`; no `' @'`: setting `'-'`."
+    curve, _, setting = name.partition(" @")
+    return curve, setting or "-"
+
+def builtin_entries(scale: str, gen_length: int = 32) -> list[BenchEntry[DiffusionMethod]]:
     "LLaDA top-k (confidence / margin / entropy / random), Fast-dLLM threshold and factor (+ caches), dParallel."
     L = gen_length
     base = DecodeConfig(gen_length=L, block_length=L, steps=L)
     full = scale != "ci"
+    point = lambda curve, setting, config: BenchEntry(f"{curve} @{setting}", DiffusionMethod(config))
     ks = (1, 2, 4, 8) if full else (1, 4)
     taus = (0.99, 0.9, 0.7, 0.5) if full else (0.9,)
-    out = [BenchMethod("LLaDA top-k (confidence)", f"k={k}", replace(base, steps=L // k)) for k in ks]
+    out = [point("LLaDA top-k (confidence)", f"k={k}", replace(base, steps=L // k)) for k in ks]
     if full:
         for score in ("margin", "entropy", "random"):
-            out += [BenchMethod(f"LLaDA top-k ({score})", "k=2", replace(base, steps=L // 2, score=score))]
-        out += [BenchMethod("LLaDA top-k, blocks of 8", f"k={k}", replace(base, block_length=8, steps=L // k)) for k in (1, 4)]
-    out += [BenchMethod("Fast-dLLM threshold", f"tau={t}", replace(base, rule="threshold", threshold=t)) for t in taus]
+            out += [point(f"LLaDA top-k ({score})", "k=2", replace(base, steps=L // 2, score=score))]
+        out += [point("LLaDA top-k, blocks of 8", f"k={k}", replace(base, block_length=8, steps=L // k)) for k in (1, 4)]
+    out += [point("Fast-dLLM threshold", f"tau={t}", replace(base, rule="threshold", threshold=t)) for t in taus]
     for cache in ("prefix", "dual"):
-        out += [BenchMethod(f"Fast-dLLM threshold + {cache} cache (blocks of 8)", f"tau={t}",
-                            replace(base, rule="threshold", threshold=t, block_length=8, cache=cache))
+        out += [point(f"Fast-dLLM threshold + {cache} cache (blocks of 8)", f"tau={t}",
+                      replace(base, rule="threshold", threshold=t, block_length=8, cache=cache))
                 for t in ((0.9, 0.7) if full else (0.9,))]
-    out += [BenchMethod("Fast-dLLM factor", f"f={f}", replace(base, rule="factor", factor=f))
+    out += [point("Fast-dLLM factor", f"f={f}", replace(base, rule="factor", factor=f))
             for f in ((0.5, 1.0, 2.0) if full else (1.0,))]
-    out += [BenchMethod("dParallel entropy threshold", f"H<={h}", replace(base, rule="entropy_threshold", threshold=h))
+    out += [point("dParallel entropy threshold", f"H<={h}", replace(base, rule="entropy_threshold", threshold=h))
             for h in ((0.1, 0.5, 1.0) if full else (0.5,))]
     return out
 
-def paper_methods(model, modules: Iterable | None = None, root: Path | None = None) -> list[BenchMethod]:
-    "Methods from every `dllm` paper module that defines `bench_rules(model)` (or from the given `modules`)."
-    if modules is None:
-        modules = [importlib.import_module(f"paper_repro.dllm.{p.slug}") for p in PAPERS
-                   if p.family == "dllm" and module_path(p, root or project_root()).exists()]
-    out = []
-    for module in modules:
-        if not hasattr(module, "bench_rules"): continue
-        for name, spec in module.bench_rules(model).items():
-            config, make, *rest = spec if isinstance(spec, tuple) else (spec, None)
-            if not isinstance(config, DecodeConfig):
-                raise ValueError(f"{module.__name__}.bench_rules: {name!r} gives {type(config).__name__}, not a DecodeConfig")
-            curve, _, setting = name.partition(" @")
-            out.append(BenchMethod(curve, setting or "-", config, make, rest[0] if rest else None,
-                                   module.__name__.rsplit(".", 1)[-1]))
-    return out
+def dllm_entries(scale: str, model: nn.Module, modules: Iterable[ModuleType] | None = None,
+                 root: Path | None = None) -> list[BenchEntry[DiffusionMethod]]:
+    "The built-in points and every `dllm` paper module's `bench_methods(model)` (or the given `modules`')."
+    entries = builtin_entries(scale) + paper_entries("dllm", model, DiffusionMethod, modules, root)
+    check_unique(entries)
+    return entries
 
 # %% ../../nbs/dllm/bench.ipynb #75569204
-BENCH_CONFIGS = {
+DLLM_BENCH_CONFIGS = {
     "ci": dict(tasks=("copy", "add"), per_task=4),
     "cpu": dict(tasks=("copy", "replace_index", "shuffle", "sudoku", "latin", "add"), per_task=16),
     "gpu": dict(tasks=TASKS, per_task=256),
 }
 
 def run_dllm_bench(scale: str = "cpu", device: str = "auto", out: str | Path | None = None, seed: int = 0,
-                   progress: bool = True, model=None, modules: Iterable | None = None) -> pd.DataFrame:
-    """Run every rule on the shared checkpoint; write `dllm.csv`/`.md`/`.png` and `dllm.run.json` into `out`
-    (default `results/<scale>/bench/`); return the table."""
+                   progress: bool = True, *, modules: Iterable[ModuleType] | None = None,
+                   model: nn.Module | None = None) -> pd.DataFrame:
+    """Run every rule on the shared checkpoint; write `dllm.csv`/`.md`/`.png`, `dllm.claims.json` and `dllm.run.json`
+    into `out` (default `results/<scale>/bench/`); return the table. `modules` replaces the catalogue's paper modules,
+    `model` the shared checkpoint (both for tests)."""
     check_scale(scale)
     run = start_run("bench", scale=scale, device=device, seed=seed,
                     out_dir=out if out is not None else project_root() / "results" / scale / "bench", suite="dllm")
-    cfg = BENCH_CONFIGS[scale]
+    cfg = DLLM_BENCH_CONFIGS[scale]
     model = model if model is not None else load_dllm(device=run.device)
-    methods = builtin_methods(scale) + paper_methods(model, modules)
+    entries = dllm_entries(scale, model, modules)
     tasks = {t: sample_examples(t, cfg["per_task"], seed=1000 + seed) for t in cfg["tasks"]}
     first = next(iter(tasks.values()))
-    for m in methods: _decode(model, m, first[:2])  # warm-up
-    stats = {i: dict(right=0, n=0, nfe=0.0, wall=0.0, passes=0) for i in range(len(methods))}
+    for e in entries: e.method(model, [x.prompt for x in first[:2]])  # warm-up
+    stats = {i: dict(right=0, n=0, nfe=0.0, wall=0.0, passes=0) for i in range(len(entries))}
     for task, exs in tqdm(tasks.items(), desc="bench dllm", disable=not progress):
-        for i, m in enumerate(methods):
-            res = _decode(model, m, exs)
+        for i, e in enumerate(entries):
+            res = e.method(model, [x.prompt for x in exs])
             s = stats[i]
-            s["right"] += sum(e.score(r) for e, r in zip(exs, res.sequences.cpu()))
-            s["n"] += len(exs); s["nfe"] += float(res.nfe_per_sample.sum()); s["wall"] += res.wall_time
+            s["right"] += sum(x.score(r) for x, r in zip(exs, res.sequences.cpu()))
+            s["n"] += len(exs); s["nfe"] += float(res.nfe_per_sample.sum()); s["wall"] += res.wall_s
             s["passes"] += res.nfe
     rows = []
-    for i, m in enumerate(methods):
-        s = stats[i]
-        rows.append({"rule": m.curve, "setting": m.setting, "cache": m.config.cache, "block": m.config.block_length,
+    for i, e in enumerate(entries):
+        s, config = stats[i], e.method.config
+        curve, setting = curve_and_setting(e.name)
+        rows.append({"rule": curve, "setting": setting, "cache": config.cache, "block": config.block_length,
                      "accuracy": s["right"] / s["n"], "NFE": s["nfe"] / s["n"],
-                     "tokens/step": m.config.gen_length / (s["nfe"] / s["n"]), "forward passes": s["passes"],
+                     "tokens/step": config.gen_length / (s["nfe"] / s["n"]), "forward passes": s["passes"],
                      "wall_s": s["wall"]})
     table = pd.DataFrame(rows)
     base = table[(table.rule == "LLaDA top-k (confidence)") & (table.setting == "k=1")].wall_s.iloc[0]
@@ -120,39 +126,31 @@ def run_dllm_bench(scale: str = "cpu", device: str = "auto", out: str | Path | N
     table = table.round({"accuracy": 3, "NFE": 2, "tokens/step": 2, "wall_s": 3, "speed-up": 2})
     run.save_table(table, name="dllm")
     run.save_fig(_figure(table, run.device.type, scale), name="dllm.png")
-    record_dllm_claims(run, table, [m.paper for m in methods],
+    record_dllm_claims(run, table, entries,
                        f"shared dllm checkpoint, tasks {', '.join(cfg['tasks'])} × {cfg['per_task']} examples, "
                        f"length 32, {run.device.type}, scale={scale}")
     run.finish(name="dllm.run.json")
     return table
 
-# The papers' headline speed-ups over LLaDA's one-token-per-step decoding (`dllm.md`), for the ledger.
-PAPER_HEADLINES: dict[str, tuple[float | None, str]] = {
-    "dparallel": (8.5, "dParallel cuts decoding steps (GSM8K 256 → 30, 8.5×) while keeping accuracy"),
-    "learn2pd": (22.58, "Learn2PD's filter + EoTP speeds up decoding (22.58× at length 1024) while keeping accuracy"),
-    "ccd": (3.48, "CCD-DS speeds up decoding (up to 3.48×) while keeping or improving accuracy"),
-}
-
-def record_dllm_claims(run, table: pd.DataFrame, papers: list[str | None], setting: str, max_drop: float = 0.02) -> None:
-    """The claims ledger of the benchmark (`dllm.claims.json`): each paper's bench point, its speed-up over LLaDA top-1
-    next to the paper's headline, holding when it needs fewer forward passes and loses at most `max_drop` accuracy."""
+def record_dllm_claims(run, table: pd.DataFrame, entries: Sequence[BenchEntry], setting: str,
+                       max_drop: float = 0.02) -> None:
+    """The claims ledger of the benchmark (`dllm.claims.json`): each paper entry with a headline, its speed-up over
+    LLaDA top-1 next to the paper's, holding when it needs fewer forward passes and loses at most `max_drop` accuracy.
+    `table` has one row per entry, in the order of `entries`."""
+    if len(table) != len(entries): raise ValueError(f"{len(table)} table rows for {len(entries)} entries")
     run.claims_file = "dllm.claims.json"
     base = table[(table.rule == "LLaDA top-k (confidence)") & (table.setting == "k=1")].iloc[0]
-    for (_, row), slug in zip(table.iterrows(), papers):
-        if slug is None: continue
-        paper_value, statement = PAPER_HEADLINES.get(slug, (None, f"{slug} speeds up decoding while keeping accuracy"))
+    for (_, row), e in zip(table.iterrows(), entries):
+        h = e.paper_headline
+        if e.paper is None or h is None: continue
         drop = float(base.accuracy - row.accuracy)
-        cid = "_".join(re.sub(r"[^a-z0-9]+", "_", f"{slug} {row.rule} {row.setting}".lower()).strip("_").split("_"))
-        run.record_claim(cid, statement, "wall-time speed-up over LLaDA top-1 (one token per step)", "×", paper_value,
+        cid = "_".join(re.sub(r"[^a-z0-9]+", "_", f"{e.paper} {row.rule} {row.setting}".lower()).strip("_").split("_"))
+        run.record_claim(cid, h.statement, "wall-time speed-up over LLaDA top-1 (one token per step)", h.unit, h.value,
                          float(row["speed-up"]), True, setting, holds=bool(row.NFE < base.NFE and drop <= max_drop),
                          note=f"{row.rule} @ {row.setting}: accuracy {row.accuracy:.3f} vs {base.accuracy:.3f} "
                               f"(LLaDA top-1), NFE {row.NFE:.2f} vs {base.NFE:.2f}; holds = fewer forward passes (a "
                               f"count, unlike wall time not moved by machine load) and at most {100 * max_drop:.0f} "
                               "points less accurate")
-
-def _decode(model, m: BenchMethod, exs):
-    return generate(m.model if m.model is not None else model, [e.prompt for e in exs], m.config,
-                    rule=m.make_rule() if m.make_rule else None)
 
 def _figure(table: pd.DataFrame, device: str, scale: str):
     import matplotlib.pyplot as plt

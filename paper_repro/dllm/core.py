@@ -9,6 +9,7 @@ Docs: https://paper-repro.github.io/paper_repro/dllm/core.html.md"""
 # %% ../../nbs/dllm/core.ipynb #2aef8e54
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -21,21 +22,21 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
-from ..core.zoo import warmup_cosine
 from ..core.lm import KVCache, LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from ..core.repro import seed_everything
+from ..core.train import OptimConfig, WarmupCosine, fit
 from .tasks import (EOS_ID, GEN_LENGTH, MASK_ID, TASKS, VOCAB_SIZE, Example, batch_answers,
                                     make_example, pad_prompts, sample_examples)
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'TRAIN_TASKS', 'SPEC', 'SCORES', 'CACHES', 'RULES', 'bidirectional_mask', 'row_positions',
-           'denoise_logits', 'llada_loss', 'DllmSpec', 'train_dllm', 'load_dllm', 'dllm_card', 'DecodeConfig',
-           'StepView', 'Selection', 'Rule', 'register_rule', 'make_rule', 'top_k_mask', 'topk_schedule', 'TopK',
-           'Threshold', 'Factor', 'EntropyThreshold', 'DecodeResult', 'generate', 'OracleLM', 'evaluate',
-           'train_checkpoint', 'save_checkpoint']
+__all__ = ['CHECKPOINT', 'TRAIN_TASKS', 'DLLM_SPEC', 'PROB_SCORES', 'SCORES', 'CACHES', 'RuleFactory', 'RULES', 'BUILTIN_RULES',
+           'bidirectional_mask', 'row_positions', 'denoise_logits', 'llada_loss', 'DllmSpec', 'llada_batches',
+           'train_dllm', 'load_dllm', 'dllm_card', 'DecodeConfig', 'prob_scores', 'StepView', 'Selection', 'Rule',
+           'register_rule', 'rule_factory', 'make_rule', 'top_k_mask', 'topk_schedule', 'TopK', 'Threshold', 'Factor',
+           'EntropyThreshold', 'DiffusionResult', 'diffusion_generate', 'OracleLM', 'evaluate', 'train_checkpoint',
+           'save_checkpoint']
 
 # %% ../../nbs/dllm/core.ipynb #f7a43c6b
 def bidirectional_mask(key_valid: torch.Tensor) -> torch.Tensor:
@@ -96,35 +97,34 @@ class DllmSpec:
     eps: float = 1e-3
     stratified: bool = True   # t_i = (u + i/B) mod 1: the same objective, lower-variance batches (as MDLM samples t)
 
-SPEC = DllmSpec()
+DLLM_SPEC = DllmSpec()
 
-def train_dllm(spec: DllmSpec = SPEC, seed: int = 0, progress: bool = True, device: str | torch.device = "cpu",
-               log: list | None = None) -> TransformerLM:
-    "Train a fresh masked-diffusion LM per `spec` (deterministic on CPU for a given seed and thread count)."
-    seed_everything(seed)
-    model = TransformerLM(spec.config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+def llada_batches(spec: DllmSpec, seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int], tuple]:
+    """Training batches for `llada_loss`: `draw(step) -> (prompts, prompt_valid, answers, t, masked)`, `spec.batch_size`
+    seeded examples of `spec.tasks` per call (drawn in call order), with `t` stratified if `spec.stratified`."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(spec.steps), desc="dllm", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
+    def draw(step: int) -> tuple:
         exs = [make_example(rng.choice(spec.tasks), rng, gen_length=spec.gen_length, digits=spec.digits)
                for _ in range(spec.batch_size)]
         prompts, valid = pad_prompts([e.prompt for e in exs])
         t = torch.rand(spec.batch_size, generator=gen)
         if spec.stratified: t = (t[0] + torch.arange(spec.batch_size) / spec.batch_size) % 1.0
         masked = torch.rand(spec.batch_size, spec.gen_length, generator=gen) < ((1 - spec.eps) * t + spec.eps)[:, None]
-        loss = llada_loss(model, prompts.to(device), valid.to(device), batch_answers(exs, device), eps=spec.eps,
-                          t=t.to(device), masked=masked.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None: log.append((step, loss.item()))
-    return model.eval()
+        return prompts.to(device), valid.to(device), batch_answers(exs, device), t.to(device), masked.to(device)
+    return draw
+
+def train_dllm(spec: DllmSpec = DLLM_SPEC, seed: int = 0, progress: bool = True, device: str | torch.device = "cpu",
+               log: list | None = None) -> TransformerLM:
+    """Train a fresh masked-diffusion LM per `spec` with `paper_repro.core.train.fit` (deterministic on CPU for a given
+    seed and thread count); `log` receives `(step, loss)` every 50 steps."""
+    seed_everything(seed)
+    model = TransformerLM(spec.config).to(device)
+    loss_fn = lambda m, b: llada_loss(m, b[0], b[1], b[2], eps=spec.eps, t=b[3], masked=b[4])
+    history = fit(model, loss_fn, llada_batches(spec, seed, device), spec.steps,
+                  OptimConfig(lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01, clip_norm=1.0),
+                  WarmupCosine(spec.warmup), progress=progress, desc="dllm", log_every=50)
+    if log is not None: log.extend((step, loss) for step, loss in enumerate(history.loss) if step % 50 == 0)
+    return model
 
 def load_dllm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, root: Path | None = None
               ) -> TransformerLM:
@@ -137,7 +137,8 @@ def dllm_card(root: Path | None = None) -> dict:
     return blob["extra"]
 
 # %% ../../nbs/dllm/core.ipynb #5dc6c3ac
-SCORES: tuple[str, ...] = ("confidence", "margin", "entropy", "random", "l2r")
+PROB_SCORES: tuple[str, ...] = ("confidence", "margin", "entropy")  # scores of a predicted distribution
+SCORES: tuple[str, ...] = PROB_SCORES + ("random", "l2r")
 CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 
 @dataclass(frozen=True)
@@ -190,6 +191,16 @@ class DecodeConfig:
     def steps_per_block(self) -> int: return self.steps // self.num_blocks
 
 # %% ../../nbs/dllm/core.ipynb #ef334994
+def prob_scores(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """Ranking score `[...]` (higher commits first) of distributions `probs` `[..., V]` with chosen `tokens` `[...]`:
+    `confidence` p(token), `margin` top-1 minus top-2 probability, `entropy` the *negative* entropy (nats)."""
+    if kind == "confidence": return probs.gather(-1, tokens[..., None])[..., 0]
+    if kind == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if kind == "entropy": return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+    raise ValueError(f"score kind {kind!r} is not a score of a distribution; valid: {', '.join(PROB_SCORES)}")
+
 @dataclass
 class StepView:
     "What a rule sees at one step, restricted to the current block (`[B, Lb, ...]` tensors)."
@@ -212,17 +223,15 @@ class StepView:
     @cached_property
     def confidence(self) -> torch.Tensor:
         "Probability of `x0` `[B, Lb]` (float64)."
-        return self.probs.gather(-1, self.x0[..., None])[..., 0]
+        return prob_scores(self.probs, self.x0, "confidence")
     @cached_property
     def margin(self) -> torch.Tensor:
         "Top-1 minus top-2 probability `[B, Lb]`."
-        top = self.probs.topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
+        return prob_scores(self.probs, self.x0, "margin")
     @cached_property
     def entropy(self) -> torch.Tensor:
         "Entropy (nats) of the predicted distribution `[B, Lb]`."
-        p = self.probs
-        return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+        return -prob_scores(self.probs, self.x0, "entropy")
     @property
     def active(self) -> torch.Tensor:
         "Rows `[B]` that still have masked positions in the block."
@@ -238,22 +247,38 @@ class Rule:
     "Base class of commit rules: `start` once per decode, `select` once per step."
     name: str = "rule"
     def start(self, batch_size: int, config: DecodeConfig) -> None:
-        "Reset per-run state (called once at the start of `generate`)."
+        "Reset per-run state (called once at the start of `diffusion_generate`)."
     def select(self, view: StepView) -> torch.Tensor | Selection:
         "Which masked positions of the block to commit now."
         raise NotImplementedError
 
-RULES: dict[str, Callable[[DecodeConfig], Rule]] = {}
+RuleFactory = Callable[[DecodeConfig], Rule]
+RULES: dict[str, RuleFactory | str] = {}   # name -> factory, or "module:attribute" of one (imported when first used)
 
-def register_rule(name: str, factory: Callable[[DecodeConfig], Rule]) -> None:
-    "Make `DecodeConfig(rule=name)` build its rule with `factory(config)` (how paper modules add their rules)."
+def register_rule(name: str, factory: RuleFactory | str) -> None:
+    """Make `DecodeConfig(rule=name)` build its rule with `factory(config)`; `factory` may be given by its import path
+    `"package.module:attribute"`, so that the name is valid before (and without) importing the module that defines it."""
     if not name or not isinstance(name, str): raise ValueError(f"rule name must be a non-empty string, got {name!r}")
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        if not module or not attr.isidentifier():
+            raise ValueError(f"rule {name!r}: factory path {factory!r} must read 'package.module:attribute'")
+    elif not callable(factory):
+        raise TypeError(f"rule {name!r}: factory must be callable (config -> Rule) or an import path, got {type(factory).__name__}")
     RULES[name] = factory
+
+def rule_factory(name: str) -> RuleFactory:
+    "The factory registered for `name`, importing its module first if it was registered by path."
+    if name not in RULES: raise ValueError(f"unknown rule {name!r}; valid: {', '.join(RULES)}")
+    factory = RULES[name]
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory
 
 def make_rule(config: DecodeConfig) -> Rule:
     "A fresh rule object for `config.rule`."
-    if config.rule not in RULES: raise ValueError(f"unknown rule {config.rule!r}; valid: {', '.join(RULES)}")
-    return RULES[config.rule](config)
+    return rule_factory(config.rule)(config)
 
 def top_k_mask(score: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     "Bool `[B, n]`: the `k` (per row, `[B]` or an int) highest-`score` positions of each row (finite scores only)."
@@ -305,18 +330,22 @@ class EntropyThreshold(Rule):
         neg_h = (-view.entropy).masked_fill(~view.maskable, -math.inf)
         return (view.maskable & (-neg_h <= self.threshold)) | top_k_mask(neg_h, 1)
 
-for _cls in (TopK, Threshold, Factor, EntropyThreshold): register_rule(_cls.name, _cls)
+BUILTIN_RULES: tuple[type[Rule], ...] = (TopK, Threshold, Factor, EntropyThreshold)
+for _cls in BUILTIN_RULES: register_rule(_cls.name, _cls)
+# Paper rules that need nothing but a config, by import path: `DecodeConfig(rule="ccd")` works whatever was imported.
+register_rule("ccd", "paper_repro.dllm.ccd:CCD")
+register_rule("ccd_ds", "paper_repro.dllm.ccd:CCDDS")
 
 # %% ../../nbs/dllm/core.ipynb #3feb7168
 @dataclass
-class DecodeResult:
-    "Output of `generate`: the decoded windows and what the decoding cost."
+class DiffusionResult:
+    "Output of `diffusion_generate`: the decoded windows and what the decoding cost."
     sequences: torch.Tensor       # [B, L] the generation windows (EOS-padded answers)
     nfe: int                      # forward passes of the model (batched: one pass serves every row)
     nfe_per_sample: torch.Tensor  # [B] passes in which the row still had masks in the current block
     tokens_per_step: float        # decoded tokens per forward pass, per row (L / mean nfe_per_sample)
     commit_step: torch.Tensor     # [B, L] index of the pass whose step committed each position
-    wall_time: float              # seconds, device synchronised
+    wall_s: float                 # seconds, device synchronised
 
 def _prompt_batch(prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(prompts, torch.Tensor):
@@ -327,16 +356,11 @@ def _prompt_batch(prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
 def _scores(logits64: torch.Tensor, x0: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "random": return torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
     if kind == "l2r": return -torch.arange(x0.shape[1], device=x0.device, dtype=torch.float64).expand(x0.shape)
-    probs = torch.softmax(logits64, dim=-1)
-    if kind == "confidence": return probs.gather(-1, x0[..., None])[..., 0]
-    if kind == "margin":
-        top = probs.topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
-    return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # entropy: negative entropy, higher first
+    return prob_scores(torch.softmax(logits64, dim=-1), x0, kind)
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]], config: DecodeConfig = DecodeConfig(),
-             rule: Rule | None = None) -> DecodeResult:
+def diffusion_generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
+                       config: DecodeConfig = DecodeConfig(), rule: Rule | None = None) -> DiffusionResult:
     """Decode `prompts` (a `[B, P]` tensor, or lists of ids of any lengths, left-padded here) with the masked-diffusion
     `model` under `config`; `rule` overrides `config.rule` with a ready rule object."""
     dev = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
@@ -411,7 +435,7 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]], 
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
     mean_nfe = nfe_row.double().mean().item()
-    return DecodeResult(x[:, P:], nfe, nfe_row, L / max(mean_nfe, 1.0), commit_step, wall)
+    return DiffusionResult(x[:, P:], nfe, nfe_row, L / max(mean_nfe, 1.0), commit_step, wall)
 
 # %% ../../nbs/dllm/core.ipynb #b900b271
 class OracleLM(nn.Module):
@@ -444,19 +468,19 @@ class OracleLM(nn.Module):
 # %% ../../nbs/dllm/core.ipynb #d837d522
 def evaluate(model: nn.Module, tasks: Sequence[str] = TASKS, count: int = 64, seed: int = 12345,
              config: DecodeConfig = DecodeConfig(), batch_size: int = 64) -> dict[str, float]:
-    "Accuracy per task of `generate(model, ·, config)` on `count` seeded examples of each task."
+    "Accuracy per task of `diffusion_generate(model, ·, config)` on `count` seeded examples of each task."
     out = {}
     for t in tasks:
         exs = sample_examples(t, count, seed=seed, gen_length=config.gen_length)
         right = 0
         for i in range(0, count, batch_size):
             chunk = exs[i:i + batch_size]
-            res = generate(model, [e.prompt for e in chunk], config)
+            res = diffusion_generate(model, [e.prompt for e in chunk], config)
             right += sum(e.score(r) for e, r in zip(chunk, res.sequences.cpu()))
         out[t] = right / count
     return out
 
-def train_checkpoint(seed: int = 0, root: Path | None = None, progress: bool = True, spec: DllmSpec = SPEC) -> dict:
+def train_checkpoint(seed: int = 0, root: Path | None = None, progress: bool = True, spec: DllmSpec = DLLM_SPEC) -> dict:
     "Train the shared checkpoint on CPU (1 thread), evaluate it, save it (float16) to `data/` and register its checksum."
     torch.set_num_threads(1)  # fixed thread count: CPU reductions are then deterministic run to run (and on a shared
                               # two-core machine one thread trains faster than two)

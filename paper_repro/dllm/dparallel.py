@@ -24,20 +24,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, read_manifest, register_file
-from ..core.zoo import warmup_cosine
 from ..core.lm import TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
-from .core import CHECKPOINT, SPEC as DLLM_SPEC, DecodeConfig, denoise_logits, generate, load_dllm
-from .tasks import EOS_ID, MASK_ID, pad_prompts, sample_examples
+from ..core.train import OptimConfig, WarmupCosine, fit
+from .core import CHECKPOINT, DLLM_SPEC, DecodeConfig, denoise_logits, diffusion_generate, load_dllm
+from .tasks import EOS_ID, GEN_LENGTH, MASK_ID, pad_prompts, sample_examples
 
 # %% auto #0
-__all__ = ['GEN_LENGTH', 'BLOCK_LENGTH', 'TEACHER_DECODE', 'DISTILL_TASKS', 'SPEC', 'STUDENT', 'BENCH_THRESHOLDS',
+__all__ = ['BLOCK_LENGTH', 'TEACHER_DECODE', 'DISTILL_TASKS', 'DISTILL_SPEC', 'STUDENT', 'BENCH_THRESHOLDS', 'BENCH_HEADLINE',
            'decode_config', 'eos_pad', 'DistillData', 'teacher_data', 'DistillMasks', 'sample_masks', 'CFLoss',
            'certainty_forcing_loss', 'DistillSpec', 'distill_prompts', 'distill_student', 'train_student',
-           'student_card', 'load_student', 'bench_rules']
+           'student_card', 'load_student', 'bench_methods']
 
 # %% ../../nbs/dllm/dparallel.ipynb #1f6d45a5
-GEN_LENGTH, BLOCK_LENGTH = 32, 8
+BLOCK_LENGTH = 8  # the window is the checkpoint's own, `dllm.tasks.GEN_LENGTH` (32 tokens)
 
 def decode_config(rule: str = "entropy_threshold", threshold: float = 0.5, gen_length: int = GEN_LENGTH,
                   block_length: int = BLOCK_LENGTH) -> DecodeConfig:
@@ -70,7 +70,7 @@ def teacher_data(teacher: nn.Module, prompts: Sequence[Sequence[int]], config: D
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     answers = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="teacher answers", disable=not progress):
-        res = generate(teacher, prompts[i:i + batch_size], config)
+        res = diffusion_generate(teacher, prompts[i:i + batch_size], config)
         answers.append(eos_pad(res.sequences, config.eos_id).cpu())
     ids, valid = pad_prompts([list(p) for p in prompts])
     return DistillData(ids, valid, torch.cat(answers))
@@ -156,37 +156,38 @@ class DistillSpec:
     lr: float = 3e-4
     warmup: int = 20
 
-SPEC = DistillSpec()
+DISTILL_SPEC = DistillSpec()
 
-def distill_prompts(spec: DistillSpec = SPEC) -> list[list[int]]:
+def distill_prompts(spec: DistillSpec = DISTILL_SPEC) -> list[list[int]]:
     "The distillation prompts: `n_prompts` seeded examples of `spec.tasks` (lists of 6–15 letters)."
     return [e.prompt for e in sample_examples(list(spec.tasks), spec.n_prompts, seed=spec.data_seed)]
 
-def distill_student(teacher: nn.Module, data: DistillData, spec: DistillSpec = SPEC, seed: int = 0,
+def distill_student(teacher: nn.Module, data: DistillData, spec: DistillSpec = DISTILL_SPEC, seed: int = 0,
                     progress: bool = True, log: list | None = None) -> nn.Module:
-    "A copy of `teacher` fine-tuned with the certainty-forcing loss on `data` (on the teacher's device and dtype)."
+    """A copy of `teacher` fine-tuned with the certainty-forcing loss on `data` (on the teacher's device and dtype) by
+    `paper_repro.core.train.fit`; `log` receives `(step, total, ce, ce_complement, entropy, entropy_complement)` every
+    25 steps and at the last."""
     seed_everything(seed)
     dev = next(teacher.parameters()).device
-    student = copy.deepcopy(teacher).train()
+    student = copy.deepcopy(teacher)
     for p in student.parameters(): p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(spec.steps), desc="distill", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
+    def batch(step: int) -> tuple:
         idx = torch.randint(len(data), (spec.batch_size,), generator=gen)
         masks = sample_masks(spec.batch_size, data.answers.shape[1], spec.block_length, gen, spec.p_mask)
-        loss = certainty_forcing_loss(student, data.prompts[idx].to(dev), data.prompt_valid[idx].to(dev),
-                                      data.answers[idx].to(dev), temperature=spec.temperature,
-                                      entropy_weight=spec.entropy_weight, masks=DistillMasks(*(m.to(dev) for m in masks)))
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0 or step == spec.steps - 1:
-            bar.set_postfix(loss=f"{loss.total.item():.3f}", H=f"{loss.entropy.item():.3f}")
-            if log is not None: log.append((step, *(round(v.item(), 4) for v in loss)))
-    return student.eval()
+        return (data.prompts[idx].to(dev), data.prompt_valid[idx].to(dev), data.answers[idx].to(dev),
+                DistillMasks(*(m.to(dev) for m in masks)))
+    def loss_fn(model: nn.Module, b: tuple) -> dict:
+        out = certainty_forcing_loss(model, b[0], b[1], b[2], temperature=spec.temperature,
+                                     entropy_weight=spec.entropy_weight, masks=b[3])
+        return dict(loss=out.total, **{k: v for k, v in out._asdict().items() if k != "total"})
+    history = fit(student, loss_fn, batch, spec.steps, OptimConfig(lr=spec.lr, betas=(0.9, 0.98), clip_norm=1.0),
+                  WarmupCosine(spec.warmup), progress=progress, desc="distill", log_every=25)
+    if log is not None:
+        rows = history.rows()
+        log.extend((r["step"], *(round(r[k], 4) for k in ("loss", *CFLoss._fields[1:])))
+                   for r in rows if r["step"] % 25 == 0 or r["step"] == spec.steps - 1)
+    return student
 
 # %% ../../nbs/dllm/dparallel.ipynb #08399f4c
 STUDENT = "dparallel_student.pt"
@@ -194,7 +195,7 @@ STUDENT = "dparallel_student.pt"
 def _teacher_sha(root: Path | None = None) -> str | None:
     return read_manifest(root).get(CHECKPOINT, {}).get("sha256")
 
-def train_student(seed: int = 0, spec: DistillSpec = SPEC, root: Path | None = None, progress: bool = True) -> dict:
+def train_student(seed: int = 0, spec: DistillSpec = DISTILL_SPEC, root: Path | None = None, progress: bool = True) -> dict:
     "Distill the student from `load_dllm()` on CPU (one thread), save it (float16) to `data/` and register it."
     torch.set_num_threads(1)  # a fixed thread count makes CPU training repeatable
     teacher = load_dllm(root=root)
@@ -228,12 +229,18 @@ def load_student(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     return load_lm(path, device=device, dtype=dtype)
 
 # %% ../../nbs/dllm/dparallel.ipynb #bcc6c079
-BENCH_THRESHOLDS: tuple[float, ...] = (0.2, 0.5, 1.0)
+from ..core.bench import BenchEntry, Headline
+from .bench import DiffusionMethod
 
-def bench_rules(model: nn.Module) -> dict:
-    "The distilled student with the entropy threshold, for `paper_repro.dllm.bench` (as `(config, rule, model)`)."
+BENCH_THRESHOLDS: tuple[float, ...] = (0.2, 0.5, 1.0)
+BENCH_HEADLINE = Headline(8.5, "dParallel cuts decoding steps (GSM8K 256 → 30, 8.5×) while keeping accuracy",
+                          source="GSM8K, LLaDA-8B-Instruct, length 256, block 32, entropy threshold 0.5 (papers/dllm.md)")
+
+def bench_methods(model: nn.Module) -> list[BenchEntry]:
+    "The distilled student with the entropy threshold, for `paper_repro.dllm.bench` (on `model`'s device and dtype)."
     p = next(model.parameters())
     student = load_student(device=p.device, dtype=p.dtype)
     cfg = DecodeConfig(gen_length=GEN_LENGTH, block_length=GEN_LENGTH, steps=GEN_LENGTH, rule="entropy_threshold")
-    return {f"dParallel distilled + entropy threshold @H<={h}": (replace(cfg, threshold=h), None, student)
-            for h in BENCH_THRESHOLDS}
+    return [BenchEntry(f"dParallel distilled + entropy threshold @H<={h}",
+                       DiffusionMethod(replace(cfg, threshold=h), model=student), BENCH_HEADLINE)
+            for h in BENCH_THRESHOLDS]

@@ -24,7 +24,7 @@ __all__ = ['IDEAL_RANDOM_TASKS', 'IDEAL_EXACT_TASKS', 'IDEAL_TASKS', 'GREEDY_TEM
            'token_dependency_from_marginals', 'IdealLM', 'topk_sizes', 'shuffle_topk_accuracy',
            'replace_random_greedy_accuracy', 'replace_random_sampled_accuracy', 'one_step_replace_random',
            'shuffle_threshold_accuracy', 'replace_random_threshold_accuracy', 'closed_form', 'wilson_interval',
-           'agrees', 'ideal_config', 'bench_rules', 'threshold_oracle']
+           'agrees', 'ideal_config', 'bench_methods', 'threshold_oracle']
 
 # %% ../../nbs/dllm/parallelbench.ipynb #843717dc
 IDEAL_RANDOM_TASKS: tuple[str, ...] = ("replace_random", "shuffle")
@@ -246,9 +246,9 @@ def ideal_config(n: int, rule: str = "topk", k: int | None = None, gamma: float 
     raise ValueError(f"rule={rule!r}; valid: topk, threshold")
 
 # %% ../../nbs/dllm/parallelbench.ipynb #6a75ef15
-def bench_rules(model) -> dict:
-    "ParallelBench adds no rule to `paper-repro bench dllm` (its rules are the built-in top-k and threshold)."
-    return {}
+def bench_methods(model) -> list:
+    "ParallelBench adds no entry to `paper-repro bench dllm` (its rules are the built-in top-k and threshold)."
+    return []
 
 # %% ../../nbs/dllm/parallelbench.ipynb #3ccfa73c
 def threshold_oracle(correct: torch.Tensor, nfe: torch.Tensor, gen_length: int) -> dict[str, float]:
