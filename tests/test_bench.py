@@ -98,6 +98,7 @@ def _ledger(tmp_path, target, headline):
                           calls=len(res.steps), lossless=res.lossless))
     run = start_run("bench", scale="ci", device="cpu", out_dir=tmp_path)
     record_bench_claims(run, _summarise(pd.DataFrame(r)), entries, "a test")
+    run.finish()  # results land all at once, when the run finishes
     return json.loads((tmp_path / "decoding.claims.json").read_text())
 
 
