@@ -33,8 +33,10 @@ def test_run_writes_all_result_files(tmp_path):
     run = start_run("demo", scale="ci", device="cpu", seed=3, out_dir=tmp_path, extra=1)
     run.save_table(pd.DataFrame({"method": ["a"], "v": [1.23456]}))
     fig, ax = plt.subplots(); ax.plot([1, 2]); run.save_fig(fig); plt.close(fig)
-    run.record_claim("c1", "s", "m", "u", 2.0, 3.0, True, "toy", holds=True, note="n")
-    run.record_claim("c1", "s", "m", "u", 2.0, 4.0, True, "toy", holds=True)  # same id replaces
+    run.record_claim(id="c1", statement="s", metric="m", unit="u", paper_value=2.0, our_value=3.0,
+                     higher_is_better=True, setting="toy", holds=True, note="n")
+    run.record_claim(id="c1", statement="s", metric="m", unit="u", paper_value=2.0, our_value=4.0,
+                     higher_is_better=True, setting="toy", holds=True)  # same id replaces
     info = run.finish()
     assert {p.name for p in tmp_path.iterdir()} == {"table.csv", "table.md", "figure.png", "claims.json", "run.json"}
     claims = json.loads((tmp_path / "claims.json").read_text())
@@ -65,8 +67,10 @@ def test_run_json_records_paths_relative_to_the_project_root(monkeypatch):
 def _first_run(out: Path) -> dict[str, bytes]:
     run = start_run("demo", scale="ci", device="cpu", out_dir=out)
     run.save_table(pd.DataFrame({"method": ["old"], "v": [1.0]}))
-    run.record_claim("a", "s", "m", "u", None, 1.0, True, "toy", holds=True)
-    run.record_claim("b", "s", "m", "u", None, 2.0, True, "toy", holds=True)
+    run.record_claim(id="a", statement="s", metric="m", unit="u", paper_value=None, our_value=1.0,
+                     higher_is_better=True, setting="toy", holds=True)
+    run.record_claim(id="b", statement="s", metric="m", unit="u", paper_value=None, our_value=2.0,
+                     higher_is_better=True, setting="toy", holds=True)
     run.finish()
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -76,10 +80,12 @@ def test_a_failure_after_save_table_leaves_the_previous_set(tmp_path):
     before = _first_run(out)
     run = start_run("demo", scale="ci", device="cpu", out_dir=out)
     run.save_table(pd.DataFrame({"method": ["new"], "v": [9.0]}))
-    run.record_claim("a", "s", "m", "u", None, 5.0, True, "toy", holds=True)  # one claim of two so far
+    run.record_claim(id="a", statement="s", metric="m", unit="u", paper_value=None, our_value=5.0,
+                     higher_is_better=True, setting="toy", holds=True)  # one claim of two so far
     assert json.loads(run.path("claims.json").read_text())[0]["our_value"] == 5.0  # staged, not in the folder
     with pytest.raises(AssertionError, match="must hold"):
-        run.record_claim("lossless", "s", "m", "u", None, 0.0, True, "toy", holds=False, must_hold=True)
+        run.record_claim(id="lossless", statement="s", metric="m", unit="u", paper_value=None, our_value=0.0,
+                         higher_is_better=True, setting="toy", holds=False, must_hold=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     run.abort()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -90,7 +96,8 @@ def test_a_new_set_replaces_the_old_one_whole(tmp_path):
     out = tmp_path / "demo"
     _first_run(out)
     run = start_run("demo", scale="ci", device="cpu", out_dir=out)  # this run writes no table
-    run.record_claim("c", "s", "m", "u", None, 3.0, True, "toy", holds=True)
+    run.record_claim(id="c", statement="s", metric="m", unit="u", paper_value=None, our_value=3.0,
+                     higher_is_better=True, setting="toy", holds=True)
     run.finish()
     assert sorted(p.name for p in out.iterdir()) == ["claims.json", "run.json"]
     assert [c["id"] for c in json.loads((out / "claims.json").read_text())] == ["c"]
@@ -103,7 +110,8 @@ def test_sets_sharing_a_folder_leave_each_other_alone(tmp_path):
         run = start_run("bench", scale="ci", device="cpu", out_dir=out)
         run.claims_file = f"{suite}.claims.json"
         run.save_table(pd.DataFrame({"v": [value]}), name=suite)
-        run.record_claim("x", "s", "m", "u", None, value, True, "toy", holds=True)
+        run.record_claim(id="x", statement="s", metric="m", unit="u", paper_value=None, our_value=value,
+                         higher_is_better=True, setting="toy", holds=True)
         run.finish(name=f"{suite}.run.json")
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.{e}" for s in ("decoding", "dllm")
                                                            for e in ("claims.json", "csv", "md", "run.json"))
@@ -118,7 +126,8 @@ SCRIPT = textwrap.dedent("""
     out, mode = sys.argv[1], sys.argv[2]
     run = repro.start_run("demo", scale="ci", device="cpu", out_dir=out)
     run.save_table(pd.DataFrame({"method": ["new"], "v": [9.0]}))
-    run.record_claim("a", "s", "m", "u", None, 5.0, True, "toy", holds=True)
+    run.record_claim(id="a", statement="s", metric="m", unit="u", paper_value=None, our_value=5.0,
+                     higher_is_better=True, setting="toy", holds=True)
     if mode == "kill-after-commit-point":  # die between the moves of finish(): after the commit record
         real, committed = os.replace, []
         def replace(src, dst):
@@ -197,7 +206,8 @@ def test_kernels_of_the_runner_write_under_its_lock(tmp_path, monkeypatch):
 def test_must_hold_claim_raises_after_staging(tmp_path):
     run = start_run("demo", scale="ci", device="cpu", out_dir=tmp_path)
     with pytest.raises(AssertionError, match="must hold"):
-        run.record_claim("lossless", "s", "m", "u", None, 0.5, True, "toy", holds=False, must_hold=True)
+        run.record_claim(id="lossless", statement="s", metric="m", unit="u", paper_value=None, our_value=0.5,
+                         higher_is_better=True, setting="toy", holds=False, must_hold=True)
     assert json.loads(run.path("claims.json").read_text())[0]["holds"] is False
     assert not (tmp_path / "claims.json").exists()
     run.abort()

@@ -274,15 +274,18 @@ def record_bench_claims(run, summary: pd.DataFrame, entries: Sequence[BenchEntry
                 raise ValueError(f"{e.paper}: the headline of {e.name!r} names category {h.category!r}; valid: "
                                  f"{', '.join(summary.category.unique())}")
             r = rows.loc[(h.category, e.name)]
-            run.record_claim(_claim_id(e.paper, e.name, "speedup"), h.statement,
-                             f"speed-up over our greedy, {h.category} tasks", h.unit, h.value, float(r.speedup), True,
-                             setting, holds=bool(r.speedup > 1),
+            run.record_claim(id=_claim_id(e.paper, e.name, "speedup"), statement=h.statement,
+                             metric=f"speed-up over our greedy, {h.category} tasks", unit=h.unit, paper_value=h.value,
+                             our_value=float(r.speedup), higher_is_better=True,
+                             setting=setting, holds=bool(r.speedup > 1),
                              note=f"method {e.name!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s")
         overall = rows.loc[("overall", e.name)]
         if overall.lossless:
             ident = overall.identical
-            run.record_claim(_claim_id(e.paper, e.name, "lossless"), f"{e.name} is lossless: output identical to greedy",
-                             "identical outputs on all tasks", "bool", 1.0, float(ident), True, setting, holds=bool(ident),
+            run.record_claim(id=_claim_id(e.paper, e.name, "lossless"),
+                             statement=f"{e.name} is lossless: output identical to greedy",
+                             metric="identical outputs on all tasks", unit="bool", paper_value=1.0,
+                             our_value=float(ident), higher_is_better=True, setting=setting, holds=bool(ident),
                              note="every task of every category", must_hold=True)
 
 def _figure(summary: pd.DataFrame, device: str):

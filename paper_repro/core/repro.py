@@ -360,7 +360,7 @@ class RunContext:
         write_text_atomic(self._writable(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
         return self.path(f"{name}.csv")
 
-    def record_claim(self, id: str, statement: str, metric: str, unit: str, paper_value: float | None,
+    def record_claim(self, *, id: str, statement: str, metric: str, unit: str, paper_value: float | None,
                      our_value: float, higher_is_better: bool, setting: str, holds: bool, note: str = "",
                      must_hold: bool = False) -> dict:
         """Record one headline claim and rewrite the staged claims file (`claims.json` unless `claims_file` says

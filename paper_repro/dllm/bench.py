@@ -145,8 +145,11 @@ def record_dllm_claims(run, table: pd.DataFrame, entries: Sequence[BenchEntry], 
         if e.paper is None or h is None: continue
         drop = float(base.accuracy - row.accuracy)
         cid = "_".join(re.sub(r"[^a-z0-9]+", "_", f"{e.paper} {row.rule} {row.setting}".lower()).strip("_").split("_"))
-        run.record_claim(cid, h.statement, "wall-time speed-up over LLaDA top-1 (one token per step)", h.unit, h.value,
-                         float(row["speed-up"]), True, setting, holds=bool(row.NFE < base.NFE and drop <= max_drop),
+        run.record_claim(id=cid, statement=h.statement,
+                         metric="wall-time speed-up over LLaDA top-1 (one token per step)", unit=h.unit,
+                         paper_value=h.value,
+                         our_value=float(row["speed-up"]), higher_is_better=True, setting=setting,
+                         holds=bool(row.NFE < base.NFE and drop <= max_drop),
                          note=f"{row.rule} @ {row.setting}: accuracy {row.accuracy:.3f} vs {base.accuracy:.3f} "
                               f"(LLaDA top-1), NFE {row.NFE:.2f} vs {base.NFE:.2f}; holds = fewer forward passes (a "
                               f"count, unlike wall time not moved by machine load) and at most {100 * max_drop:.0f} "
