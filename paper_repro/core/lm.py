@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['LMConfig', 'CrossMemory', 'KVCache', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'Attention', 'MLP', 'CrossAttention',
-           'Block', 'CausalLM', 'causal_mask', 'TransformerLM', 'ConditionedLM', 'count_parameters', 'save_lm',
-           'load_lm', 'to_hf_llama', 'HFCache', 'HFCausalLM']
+           'Block', 'LMOutput', 'CausalLM', 'causal_mask', 'TransformerLM', 'ConditionedLM', 'count_parameters',
+           'save_lm', 'load_lm', 'to_hf_llama', 'HFCache', 'HFCausalLM']
 
 # %% ../../nbs/core/lm.ipynb #f5bc489b
 @dataclass(frozen=True)
@@ -223,6 +223,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # %% ../../nbs/core/lm.ipynb #35471f35
+@dataclass
+class LMOutput:
+    "Logits `[batch, T, V]` and, when asked for (`return_hidden=True`), the final post-norm hidden states `[batch, T, d]`."
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
 @runtime_checkable
 class CausalLM(Protocol):
     "What the decoding core needs from a model."
@@ -346,11 +352,15 @@ class TransformerLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
-                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None,
+                return_hidden: bool = False) -> torch.Tensor | LMOutput:
         """Logits `[batch, T, vocab]` for `tokens` `[batch, T]` (or `embeds`); appends to `cache` if given (or
-        overwrites its slots from `cache_start`, see `hidden_states`)."""
-        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start,
-                                               embeds=embeds, memory=memory))
+        overwrites its slots from `cache_start`, see `hidden_states`). `return_hidden=True`: an `LMOutput` that also
+        holds the final (post-norm) hidden states the LM head read."""
+        hidden = self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start, embeds=embeds,
+                                    memory=memory)
+        logits = self.lm_head(hidden)
+        return LMOutput(logits, hidden) if return_hidden else logits
 
 class ConditionedLM(nn.Module):
     """A cross-attention `TransformerLM` bound to one `CrossMemory`: a `CausalLM`, so the core decoders

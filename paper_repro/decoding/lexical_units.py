@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
 from ..core.zoo import warmup_cosine
-from ..core.decoding import DecodeResult, StepStats, sync_device
+from ..core.decoding import DecodeResult, DecodeStep, StepOutput, decode_loop
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
 from ..core.zoo import sample_batch
@@ -205,6 +205,32 @@ def _check_decode_args(model: TransformerLM, prompt: Sequence[int], max_new_toke
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
+class _LUDStep(DecodeStep):
+    "One LUD step for the core's `decode_loop`: the committed tokens, then `k - 1` `[PAD]`s, in one pass."
+    def __init__(self, model: TransformerLM, k: int, beta: float, pad_id: int):
+        super().__init__(model)
+        self.k, self.beta, self.pad_id = k, beta, pad_id
+
+    def prefill(self, context: list[int], cache) -> int:
+        self.pending = context[-1:]  # committed tokens whose keys/values are not in the cache yet
+        return super().prefill(context, cache)
+
+    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
+        t_step = time.perf_counter()
+        n = min(self.k, remaining)   # never predict past the budget
+        past = cache.length
+        feed = torch.tensor([self.pending + [self.pad_id] * (n - 1)], device=self.device)
+        logits = self.target(feed, cache=cache)[0, len(self.pending) - 1:]   # [n, V]: the next n positions
+        logits[:, self.pad_id] = float("-inf")                               # [PAD] is an input, never an output
+        conf, tok = logits.float().softmax(-1).max(-1)
+        m = (conf >= self.beta).long().cumprod(0).sum().clamp_min(1)
+        out = torch.cat([m[None], tok]).tolist()                             # the one host sync of the step
+        emitted = out[1:1 + out[0]]
+        cache.truncate(past + len(self.pending))                             # drop the [PAD] slots, keep the real tokens
+        self.pending = emitted
+        return StepOutput(emitted, len(emitted) - 1, drafted=n - 1, tree_size=n - 1, source="lud",
+                          verify_s=time.perf_counter() - t_step, bonus_first=True)
+
 @torch.no_grad()
 def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: int, k: int = 4, beta: float = 0.9,
                  pad_id: int | None = None, eos_id: int | None = None) -> DecodeResult:
@@ -213,38 +239,8 @@ def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: in
     `lossless=False`. `pad_id=None` means the last id, where `add_pad_token` puts it."""
     pad_id = model.vocab_size - 1 if pad_id is None else pad_id
     prompt = _check_decode_args(model, prompt, max_new_tokens, k, beta, pad_id)
-    device = model.device
-    sync_device(device)
-    t0 = time.perf_counter()
-    cache = model.new_cache(1, capacity=len(prompt) + max_new_tokens + k + 1)
-    res = DecodeResult([], len(prompt), device=str(device), lossless=False)
-    if len(prompt) > 1:
-        model(torch.tensor([prompt[:-1]], device=device), cache=cache)
-        res.prefill_calls = 1
-    pending = prompt[-1:]  # committed tokens whose keys/values are not in the cache yet
-    while res.new_tokens < max_new_tokens:
-        t_step = time.perf_counter()
-        n = min(k, max_new_tokens - res.new_tokens)   # never predict past the budget
-        past = cache.length
-        feed = torch.tensor([pending + [pad_id] * (n - 1)], device=device)
-        logits = model(feed, cache=cache)[0, len(pending) - 1:]   # [n, V]: the next n positions
-        logits[:, pad_id] = float("-inf")                         # [PAD] is an input, never an output
-        conf, tok = logits.float().softmax(-1).max(-1)
-        m = (conf >= beta).long().cumprod(0).sum().clamp_min(1)
-        out = torch.cat([m[None], tok]).tolist()                  # the one host sync of the step
-        emitted = out[1:1 + out[0]]
-        if eos_id is not None and eos_id in emitted:
-            emitted = emitted[:emitted.index(eos_id) + 1]
-            res.stopped_by_eos = True
-        cache.truncate(past + len(pending))                       # drop the [PAD] slots, keep the real tokens
-        pending = emitted
-        res.tokens.extend(emitted)
-        res.steps.append(StepStats(drafted=n - 1, accepted=len(emitted) - 1, bonus=1, tree_size=n - 1, source="lud",
-                                   draft_s=0.0, verify_s=time.perf_counter() - t_step))
-        if res.stopped_by_eos: break
-    sync_device(device)
-    res.wall_s = time.perf_counter() - t0
-    return res
+    return decode_loop(model, prompt, max_new_tokens, _LUDStep(model, k, beta, pad_id), eos_id=eos_id,
+                       extra_capacity=k + 1, lossless=False)
 
 # %% ../../nbs/decoding/lexical_units.ipynb #cf740e42
 LUD_FILE = "lexical_units_code.pt"
