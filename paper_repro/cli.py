@@ -8,27 +8,38 @@ Docs: https://github.com/paper-repro/paper_repro/core/cli.html.md"""
 from __future__ import annotations
 
 import argparse
+import ast
+import concurrent.futures
+import contextlib
+import functools
 import io
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .core.catalog import (
     FAMILIES, PAPERS, STATUSES, Paper, catalog_frame, catalog_markdown, get_paper, load_claims, notebook_path,
     paper_status, results_dir, status_summary)
-from .core.repro import check_scale, project_root, resolve_device, write_text_atomic
+from .core.data import DataError
+from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
+                                    open_runs, project_root, resolve_device, write_text_atomic)
 
 # %% auto #0
-__all__ = ['RESERVED_PARAMETERS', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END', 'CliError', 'RunOutcome',
-           'papers_with_notebooks', 'check_run', 'notebook_parameters', 'parse_param', 'output_dir', 'run_paper',
-           'run_papers', 'build_report', 'replace_section', 'replace_catalog_section', 'bench_markdown',
-           'update_readme', 'build_parser', 'main']
+__all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END',
+           'CliError', 'RunOutcome', 'papers_with_notebooks', 'check_run', 'notebook_parameters', 'parse_param',
+           'coerce_param', 'notebook_params', 'output_dir', 'kernel_manager_class', 'run_paper', 'run_papers',
+           'NoResultsError', 'report_path', 'build_report', 'replace_section', 'replace_catalog_section',
+           'bench_markdown', 'update_readme', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -63,13 +74,16 @@ def papers_with_notebooks(root: str | Path | None = None) -> list[Paper]:
 RESERVED_PARAMETERS = ("scale", "device", "seed", "out_dir")  # set by the runner itself
 
 def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: int,
-              root: str | Path | None = None, params: dict | None = None) -> list[Paper]:
+              root: str | Path | None = None, params: dict | None = None, timeout: float | None = None) -> list[Paper]:
     """Validate a run request before anything starts; return the papers (duplicates dropped) or raise a `ValueError`.
-    `params`: extra notebook parameters (e.g. `retrain`), each of which every named notebook must declare."""
+    `params`: extra notebook parameters (e.g. `retrain`), each of which every named notebook must declare with a
+    default of a type the value can be read as (see `coerce_param`); `timeout`: seconds per cell, positive."""
     check_scale(scale)
     resolve_device(device)  # also fails when e.g. cuda is asked for on a machine without it
-    if not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     if jobs < 1: raise ValueError(f"-j/--jobs must be at least 1, got {jobs}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout!r}")
     if not slugs: raise ValueError("no papers to run; name slugs or use --all")
     papers = [get_paper(s) for s in dict.fromkeys(slugs)]
     for p in papers:
@@ -79,27 +93,78 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
         if name in RESERVED_PARAMETERS:
             option = "--out-root (results go to DIR/<scale>/<slug>)" if name == "out_dir" else f"--{name}"
             raise ValueError(f"parameter {name!r} has its own option ({option}); -p is for the others")
-        for p in papers:
-            declared = notebook_parameters(notebook_path(p, root))
-            if name not in declared:
-                raise ValueError(f"notebook {p.slug!r} has no parameter {name!r}; its parameters: {', '.join(declared)}")
+    for p in papers: notebook_params(p, params, root)
     return papers
 
-def notebook_parameters(path: str | Path) -> list[str]:
-    "Names assigned in a notebook's cell tagged `parameters`, in order."
-    import ast, nbformat
-    names = []
+NON_LITERAL = type("NonLiteral", (), {"__repr__": lambda self: "<not a literal>"})()  # a default we cannot read
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """The parameters a notebook's cell tagged `parameters` assigns, in order: name -> default value
+    (`NON_LITERAL` where the default is an expression rather than a literal)."""
+    import nbformat
+    found: dict[str, Any] = {}
     for cell in nbformat.read(str(path), as_version=4).cells:
-        if "parameters" in cell.metadata.get("tags", []):
-            names += [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-                      for t in node.targets if isinstance(t, ast.Name)]
-    return names
+        if "parameters" not in cell.metadata.get("tags", []): continue
+        try: body = ast.parse(cell.source).body
+        except SyntaxError as e: raise ValueError(f"{path}: the parameters cell is not valid Python ({e.msg}, line {e.lineno})") from None
+        for node in body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if not isinstance(t, ast.Name): continue
+                try: found[t.id] = ast.literal_eval(node.value) if node.value is not None else NON_LITERAL
+                except (ValueError, SyntaxError, TypeError): found[t.id] = NON_LITERAL
+    return found
 
 def parse_param(value: str) -> object:
     "A `-p` value as a Python literal (`True`, `3`, `0.5`, `'x'`), else the plain string."
-    import ast
     try: return ast.literal_eval(value)
-    except (ValueError, SyntaxError): return value
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): return value
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+def coerce_param(name: str, value: object, default: object, where: str = "the notebook") -> object:
+    """`value` (a `-p` string, or a Python value from the API) read as the type of the parameter's `default`;
+    a `ValueError` naming the parameter, the value and the expected type when it cannot be. A default of `None` or a
+    non-literal leaves the type open: a string is then read as a Python literal if it is one, else kept as is."""
+    if default is None or default is NON_LITERAL:
+        return parse_param(value) if isinstance(value, str) else value
+    kind, text = type(default), value if isinstance(value, str) else None
+    expected = {bool: "a bool (True, False, true, false, 1 or 0)", int: "an int", float: "a finite float",
+                str: "a str"}.get(kind, f"a {kind.__name__} literal")
+    got = None
+    if kind is bool:
+        got = value if isinstance(value, bool) else _BOOLS.get(text.strip().lower()) if text is not None else None
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool): got = value
+        elif text is not None:
+            with contextlib.suppress(ValueError): got = int(text.strip())
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool): got = float(value)
+        elif text is not None:
+            with contextlib.suppress(ValueError): got = float(text.strip())
+        if got is not None and not math.isfinite(got): got = None
+    elif kind is str:
+        if text is not None:
+            got = parse_param(text)
+            if not isinstance(got, str): got = text  # `-p label 3` is the string '3'
+    else:
+        got = parse_param(text) if text is not None else value
+        if not isinstance(got, kind): got = None
+    if got is None:
+        raise ValueError(f"parameter {name!r} of {where} is {expected} (default {name} = {default!r}); got {value!r}")
+    return got
+
+def notebook_params(paper: Paper, params: dict | None, root: str | Path | None = None) -> dict[str, Any]:
+    "`params` checked and typed against `paper`'s parameters cell (see `coerce_param`)."
+    declared = notebook_parameters(notebook_path(paper, root))
+    where = f"notebook {paper.slug!r}"
+    typed = {}
+    for name, value in (params or {}).items():
+        if name not in declared:
+            raise ValueError(f"{where} has no parameter {name!r}; its parameters: "
+                             f"{', '.join(declared) or 'none (it has no cell tagged parameters)'}")
+        typed[name] = coerce_param(name, value, declared[name], where)
+    return typed
 
 # %% ../nbs/core/cli.ipynb #66fd75a7
 def _error_line(e: BaseException) -> str:
@@ -117,37 +182,116 @@ def output_dir(paper: Paper, scale: str, root: str | Path | None = None, out_roo
 # SIGINT races its event loop; both would bury the run's own report. Failures still surface: a cell's error through
 # papermill, a crashed kernel as papermill's DeadKernelError, and a dying process's own stderr is not a log record.
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long an interrupted kernel may take to stop before it is killed
+
+_KERNELS: dict[str, Any] = {}  # run id -> the live kernel manager of that run (for Ctrl-C)
+_KERNELS_GUARD = threading.Lock()
+
+@functools.cache
+def kernel_manager_class() -> type:
+    "`RunKernelManager`: jupyter_client's kernel manager, with the runner's environment and registered for Ctrl-C."
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Dict, Unicode
+
+    class RunKernelManager(AsyncKernelManager):
+        "The kernel of one paper's run."
+        run_id = Unicode("").tag(config=True)
+        run_env = Dict().tag(config=True)
+
+        async def start_kernel(self, **kw):
+            kw["env"] = {**os.environ, **kw.get("env", {}), **self.run_env}
+            await super().start_kernel(**kw)
+            with _KERNELS_GUARD: _KERNELS[self.run_id] = self
+    return RunKernelManager
+
+def _signal_kernel(km, sig: int) -> None:
+    "Send `sig` to a kernel's process group (its own session: see above); ignore one that is gone."
+    prov = getattr(km, "provisioner", None)
+    pgid = getattr(prov, "pgid", None) or getattr(prov, "pid", None)
+    if pgid:
+        with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(pgid, sig)
+
+def _forget_kernel(run_id: str) -> None:
+    "After a run: make sure its kernel is gone and its connection file removed, whatever papermill managed."
+    with _KERNELS_GUARD: km = _KERNELS.pop(run_id, None)
+    if km is None: return
+    prov = getattr(km, "provisioner", None)
+    if prov is not None and getattr(getattr(prov, "process", None), "poll", lambda: 0)() is None:
+        _signal_kernel(km, signal.SIGKILL)
+    with contextlib.suppress(OSError, TypeError): Path(km.connection_file).unlink(missing_ok=True)
 
 def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path | None = None,
-              out_root: str | Path | None = None, timeout: float | None = None, params: dict | None = None) -> RunOutcome:
+              out_root: str | Path | None = None, timeout: float | None = None, params: dict | None = None,
+              run_id: str | None = None) -> RunOutcome:
     """Execute one paper notebook with papermill in its own kernel; never raises for a failing notebook.
-    `timeout` is papermill's per-cell limit in seconds (None: no limit); `params` are extra notebook parameters."""
+    `timeout` is papermill's per-cell limit in seconds (None: no limit); `params` are extra notebook parameters,
+    already typed (`notebook_params`). The caller holds the paper's results lock (as `run_papers` does)."""
     import papermill as pm  # imported here: it is slow to import and only `run` needs it
+    from traitlets.config import Config
     out = output_dir(paper, scale, root, out_root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     nb, executed = notebook_path(paper, root).resolve(), out / "executed.ipynb"
+    run_id = run_id or f"{paper.slug}-{uuid.uuid4().hex[:8]}"
+    env = {RUNNER_ENV: str(os.getpid()), PARAMETERS_ENV: json.dumps(dict(params or {}), default=str)}
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(executed), parameters=dict(params or {}, scale=scale, device=device, seed=seed, out_dir=str(out)),
-                            cwd=str(nb.parent), kernel_name="python3", progress_bar=False, execution_timeout=timeout,
-                            extra_arguments=_KERNEL_ARGS)
+                            kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                            extra_arguments=_KERNEL_ARGS, kernel_manager_class=kernel_manager_class(),
+                            config=Config({"RunKernelManager": {"run_id": run_id, "run_env": env}}),
+                            resources={"metadata": {"path": str(nb.parent)}})
         return RunOutcome(paper.slug, True, time.perf_counter() - t0, executed)
     except Exception as e:  # any failure of one paper is reported, and the others go on
         return RunOutcome(paper.slug, False, time.perf_counter() - t0, executed, _error_line(e))
+    finally:
+        _forget_kernel(run_id)
+
+def _stop_kernels(futures: dict, grace: float) -> None:
+    """Interrupt the kernels of `futures` (run id -> future), kill those still running after `grace` s, wait for all.
+    SIGINT is sent again every second: one that lands between two cells, while the kernel ignores it, is lost."""
+    deadline, last = time.monotonic() + grace, 0.0
+    while True:
+        try:
+            if time.monotonic() - last >= 1.0:
+                with _KERNELS_GUARD: live = [_KERNELS[i] for i in futures if i in _KERNELS]
+                sig = signal.SIGKILL if time.monotonic() >= deadline else signal.SIGINT
+                for km in live: _signal_kernel(km, sig)
+                last = time.monotonic()
+            if not concurrent.futures.wait(list(futures.values()), timeout=0.1).not_done: return
+        except KeyboardInterrupt:  # a second Ctrl-C: kill now
+            deadline, last = 0.0, 0.0
 
 def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", seed: int = 0, jobs: int = 1,
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
                on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None) -> list[RunOutcome]:
-    """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`).
-    Returns one `RunOutcome` per paper in the order given; `on_done` is called as each one finishes."""
-    papers = check_run(slugs, scale, device, seed, jobs, root, params)
-    def one(p: Paper) -> RunOutcome:
-        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, params)
+    """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`) and taking every
+    paper's results lock (`RunLockedError` if another run holds one). Returns one `RunOutcome` per paper in the order
+    given; `on_done` is called as each one finishes. On Ctrl-C it stops the kernels, keeps the previous results and
+    raises `KeyboardInterrupt` (see above)."""
+    papers = check_run(slugs, scale, device, seed, jobs, root, params, timeout)
+    typed = {p.slug: notebook_params(p, params, root) for p in papers}
+    stop = threading.Event()
+    def one(p: Paper, run_id: str) -> RunOutcome:
+        if stop.is_set():
+            return RunOutcome(p.slug, False, 0.0, output_dir(p, scale, root, out_root) / "executed.ipynb", "not started (interrupted)")
+        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, typed[p.slug], run_id=run_id)
+        if stop.is_set(): outcome.error = "interrupted: stopped before it finished; its previous results are kept"
         if on_done is not None: on_done(outcome)
         return outcome
-    # threads are enough: each papermill call starts and waits on its own kernel process
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, papers))
+    with contextlib.ExitStack() as held:
+        for p in papers: held.enter_context(ResultsLock(output_dir(p, scale, root, out_root)))
+        # threads are enough: each papermill call starts and waits on its own kernel process
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        futures = {f"{p.slug}-{uuid.uuid4().hex[:8]}": p for p in papers}
+        futures = {i: pool.submit(one, p, i) for i, p in futures.items()}
+        try:
+            return [f.result() for f in futures.values()]
+        except KeyboardInterrupt:
+            stop.set()
+            _stop_kernels(futures, INTERRUPT_GRACE_S)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 # %% ../nbs/core/cli.ipynb #ad41816e
 def _fmt(v: object) -> str:
@@ -170,6 +314,16 @@ def _claim_rows(paper: Paper, claims: list[dict]) -> list[str]:
             f"| {_cell(c['unit'])} | {'✓' if c['holds'] else '✗'} | {_cell(c['note'])} |" for c in claims]
 
 # %% ../nbs/core/cli.ipynb #63c136f0
+class NoResultsError(ValueError):
+    "There is nothing to report at this scale."
+
+def report_path(scale: str, root: str | Path | None = None) -> Path:
+    "Where `paper-repro report --scale S` writes by default: `results/REPORT.md` for `cpu`, else `results/<S>/REPORT.md`."
+    root = Path(root) if root is not None else project_root()
+    return root / "results" / ("REPORT.md" if check_scale(scale) == "cpu" else f"{scale}/REPORT.md")
+
+_BENCH_SUITES = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"))
+
 def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, base: Path) -> list[str]:
     "The report section of one paper with results: title, status, figure link, claims table."
     fig = res / "figure.png"
@@ -182,10 +336,11 @@ def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, bas
 
 def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: str | Path | None = None) -> str:
     """The markdown results report for `scale`: status counts, then each paper with results (claims and figure link),
-    then the papers not run at this scale. Links are relative to `out_path` (default `results/REPORT.md`)."""
+    then the papers not run at this scale. Links are relative to `out_path` (default `report_path(scale, root)`).
+    Raises `NoResultsError` when no paper and no benchmark has results at `scale`."""
     check_scale(scale)
     root = Path(root) if root is not None else project_root()
-    base = (Path(out_path) if out_path is not None else root / "results" / "REPORT.md").resolve().parent
+    base = Path(out_path if out_path is not None else report_path(scale, root)).resolve().parent
     statuses = {p.slug: paper_status(p, root) for p in PAPERS}
     counts = {s: list(statuses.values()).count(s) for s in STATUSES}
     sections, not_run, n_claims, n_hold = [], [], 0, 0
@@ -197,6 +352,10 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
         claims = load_claims(res / "claims.json")  # raises, naming the file, if malformed
         n_claims, n_hold = n_claims + len(claims), n_hold + sum(c["holds"] for c in claims)
         sections += _paper_section(p, claims, statuses[p.slug], res.resolve(), base)
+    tables = {suite: root / "results" / scale / "bench" / f"{suite}.md" for suite, _ in _BENCH_SUITES}
+    if not sections and not any(t.is_file() for t in tables.values()):
+        raise NoResultsError(f"no results at scale {scale!r} (no results/{scale}/<slug>/claims.json, no benchmark "
+                             f"table in results/{scale}/bench/); run `paper-repro run --all --scale {scale}` first")
     head = [f"# Results report: scale `{scale}`", "",
             f"Generated by `paper-repro report --scale {scale}` from `results/{scale}/*/claims.json`; every number comes "
             "from a run. *holds* says whether the claim's direction holds in our run, not whether we matched the "
@@ -204,8 +363,8 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
             f"**Claims at scale `{scale}`:** {n_hold} of {n_claims} hold ({len(PAPERS) - len(not_run)} papers with results).", ""]
     body = ["## Papers with results", "", *(sections or ["None yet.", ""])]
     bench_part = []
-    for suite, title in (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark")):
-        table = root / "results" / scale / "bench" / f"{suite}.md"
+    for suite, title in _BENCH_SUITES:
+        table = tables[suite]
         if not table.is_file(): continue
         bench_part += [f"## {title}", "", f"From `paper-repro bench {suite} --scale {scale}` "
                        f"([figure]({_rel(table.with_suffix('.png'), base)})).", "", table.read_text().strip(), ""]
@@ -282,9 +441,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     "`paper-repro run`: execute paper notebooks; exit 1 if any failed."
     if args.all and args.slugs: raise CliError("give slugs or --all, not both", code=2)
     slugs = [p.slug for p in papers_with_notebooks(args.root)] if args.all else args.slugs
-    params = {name: parse_param(value) for name, value in args.param or []}
-    try: check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root, params)
-    except ValueError as e: raise CliError(str(e), code=2) from None
+    names = [name for name, _ in args.param or []]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice: raise CliError(f"-p {', '.join(twice)} given more than once", code=2)
+    params = dict(args.param or [])  # strings: typed against each notebook's parameters cell
+    check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root, params, args.timeout)
     print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {args.jobs} at a time", flush=True)
     outcomes = run_papers(slugs, args.scale, args.device, args.seed, args.jobs, args.root, args.out_root,
                           args.timeout, on_done=_report_outcome, params=params)
@@ -296,11 +457,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if n_failed else 0
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    "`paper-repro report`: write the results report atomically."
-    out = Path(args.out) if args.out else Path(args.root) / "results" / "REPORT.md"
-    try: check_scale(args.scale)
-    except ValueError as e: raise CliError(str(e), code=2) from None
-    write_text_atomic(out, build_report(args.scale, args.root, out))
+    "`paper-repro report`: write the results report atomically (nothing when there is nothing to report: exit 1)."
+    check_scale(args.scale)
+    out = Path(args.out) if args.out else report_path(args.scale, args.root)
+    try: text = build_report(args.scale, args.root, out)
+    except NoResultsError as e: raise CliError(f"{e}; nothing written", code=1) from None
+    write_text_atomic(out, text)
     print(f"wrote {out}")
     return 0
 
@@ -316,24 +478,34 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
     "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
-    try: check_scale(args.scale); resolve_device(args.device)
-    except ValueError as e: raise CliError(str(e), code=2) from None
+    check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
-    if args.suite == "dllm":
-        from paper_repro.dllm.bench import run_dllm_bench
-        table = run_dllm_bench(args.scale, args.device, out, seed=args.seed)
-        print(table.to_string(index=False))
-        print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
-        return 0
-    from paper_repro.core.bench import run_decoding_bench
-    table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
+    try:
+        if args.suite == "dllm":
+            from paper_repro.dllm.bench import run_dllm_bench
+            table = run_dllm_bench(args.scale, args.device, out, seed=args.seed)
+            print(table.to_string(index=False))
+            print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
+            return 0
+        from paper_repro.core.bench import run_decoding_bench
+        table = run_decoding_bench(args.scale, args.device, args.seed, out, hf=not args.no_hf)
+    except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
+        raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
     print(table[table.category == "overall"].to_string(index=False))
     print(f"wrote {out / 'decoding.csv'}, decoding.md, decoding.png")
     return 0
 
 # %% ../nbs/core/cli.ipynb #208b1989
+def _positive_seconds(text: str) -> float:
+    "argparse type of `--timeout`: a positive, finite number of seconds."
+    try: value = float(text)
+    except ValueError: value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
 def build_parser() -> argparse.ArgumentParser:
-    "The `paper-repro` argument parser with its four subcommands."
+    "The `paper-repro` argument parser with its five subcommands."
     parser = _Parser(prog="paper-repro", description="Reproducible paper notebooks: list, run, report.")
     parser.add_argument("--version", action="version", version=f"paper-repro {__version__}")
     parser.add_argument("--root", type=Path, default=None, help="checkout to work on (default: this package's)")
@@ -351,13 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="notebooks run at the same time (default 1)")
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR",
                    help="write to DIR/<scale>/<slug> instead of results/<scale>/<slug>")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-cell time limit in seconds")
+    p.add_argument("--timeout", type=_positive_seconds, default=None, metavar="S", help="per-cell time limit in seconds")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="another notebook parameter, e.g. -p retrain True (a Python literal, else a string)")
+                   help="another notebook parameter, e.g. -p retrain True; the value must fit the type of the "
+                        "parameter's default in the notebook (bool: True/False/true/false/1/0)")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("report", help="write the results report (default results/REPORT.md)")
+    p = sub.add_parser("report", help="write the results report (default results/REPORT.md for cpu, else results/<scale>/REPORT.md)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
-    p.add_argument("--out", type=Path, default=None, metavar="PATH", help="default results/REPORT.md")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH",
+                   help="default results/REPORT.md at scale cpu, results/<scale>/REPORT.md otherwise")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("bench", help="run a benchmark suite (decoding or dllm) and write results/<scale>/bench/")
     p.add_argument("suite", choices=("decoding", "dllm"),
@@ -379,11 +553,24 @@ def _silence_stdout() -> None:
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, io.UnsupportedOperation): pass
 
+class Terminated(KeyboardInterrupt):
+    "SIGTERM, handled like Ctrl-C (the running notebooks are stopped, previous results kept) but exiting 143."
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    raise Terminated()
+
+# errors that mean "this request cannot be carried out as given": one line, exit 2
+_EXPECTED = (ValueError, TypeError, DataError, RunLockedError)
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `paper-repro`: parse `argv` (default `sys.argv[1:]`), run the command, return the exit code."
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    already_open = {id(r) for r in open_runs()}
     try:
         args = build_parser().parse_args(argv)
         if args.root is None: args.root = project_root()
+        if not Path(args.root).is_dir(): raise CliError(f"--root {args.root} is not a folder", code=2)
         return args.func(args)
     except CliError as e:
         print(f"paper-repro: error: {_one_line(e)}", file=sys.stderr)
@@ -391,11 +578,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `paper-repro list | head`: the reader left, nothing to report
         _silence_stdout()
         return 1
-    except (ValueError, OSError) as e:  # malformed results, missing README markers, unwritable paths
+    except _EXPECTED as e:  # bad input our code names: a wrong value, a malformed file, a folder in use
+        if os.environ.get("PAPER_REPRO_TRACEBACK"): raise
+        print(f"paper-repro: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine said no: an unwritable path, a full disk
+        if os.environ.get("PAPER_REPRO_TRACEBACK"): raise
         print(f"paper-repro: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("paper-repro: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"paper-repro: {'terminated' if isinstance(e, Terminated) else 'interrupted'}: stopped; previous results "
+              "are kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else 0
+    finally:
+        for run in open_runs():  # a benchmark stopped half-way: discard its staged files, release its folder
+            if id(run) not in already_open: run.abort()
+        if in_main: signal.signal(signal.SIGTERM, previous)

@@ -1,15 +1,22 @@
 """The `paper-repro` command line (paper_repro.cli) against fake checkouts in temporary folders.
-Only three notebook runs start a kernel (a few seconds each); everything else is checked on hand-made files."""
+A few notebook runs start a kernel (a few seconds each); everything else is checked on hand-made files."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from paper_repro.cli import (CATALOG_END, CATALOG_START, RunOutcome, build_report, main, notebook_parameters, parse_param,
-                             run_papers, update_readme)
+from paper_repro.cli import (CATALOG_END, CATALOG_START, NoResultsError, RunOutcome, build_report, main,
+                             notebook_parameters, parse_param, report_path, run_papers, update_readme)
 from paper_repro.core.catalog import module_path, notebook_path, results_dir
 from paper_repro.core.catalog import test_path as paper_test_path
+from paper_repro.core.repro import ResultsLock, RunLockedError
 
 from conftest import CLAIM, touch
 
@@ -81,6 +88,14 @@ def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_fa
     (["run", "copyspek"], "unknown paper slug 'copyspek'; did you mean copyspec?"),
     (["run", "copyspec", "--scale", "huge"], "unknown scale 'huge'; valid scales: ci, cpu, gpu"),
     (["run", "copyspec", "--device", "tpu"], "unknown device 'tpu'; valid devices: auto, cpu, cuda, mps"),
+    (["run", "copyspec", "--device", "cpu:abc"], "unknown device 'cpu:abc'; valid devices: auto, cpu, cuda, mps"),
+    (["run", "copyspec", "--timeout", "0"], "argument --timeout: must be a positive number of seconds, got '0'"),
+    (["run", "copyspec", "--timeout", "-5"], "argument --timeout: must be a positive number of seconds"),
+    (["run", "copyspec", "--timeout", "nan"], "argument --timeout: must be a positive number of seconds"),
+    (["run", "copyspec", "-p", "x", "1", "-p", "x", "2"], "-p x given more than once"),
+    (["bench", "decoding", "--device", "cpu:abc"], "unknown device 'cpu:abc'"),
+    (["bench", "dllm", "--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1"),
+    (["--root", "/nonexistent/checkout", "list"], "--root /nonexistent/checkout is not a folder"),
     (["run", "copyspec", "pearl", "ppd"], "paper 'ppd' has no notebook yet"),
     (["run", "copyspec", "-j", "0"], "-j/--jobs must be at least 1"),
     (["run"], "no papers to run; name slugs or use --all"),
@@ -108,10 +123,99 @@ def test_extra_parameters_reach_the_notebook(tmp_path_factory):
     book.cells[0].source += "\nretrain = False\nlabel = 'x'"
     book.cells[1].source += "\nassert retrain is True and label == 'two words', (retrain, label)"
     nbformat.write(book, nb)
-    assert notebook_parameters(nb) == ["scale", "device", "seed", "out_dir", "retrain", "label"]
+    assert notebook_parameters(nb) == dict(scale="cpu", device="auto", seed=0, out_dir=None, retrain=False, label="x")
     assert (parse_param("True"), parse_param("3"), parse_param("0.5"), parse_param("two words")) == (True, 3, 0.5, "two words")
-    (o,) = run_papers(["copyspec"], scale="ci", device="cpu", root=root, params=dict(retrain=True, label="two words"))
+    (o,) = run_papers(["copyspec"], scale="ci", device="cpu", root=root, params=dict(retrain="true", label="two words"))
     assert o.ok, o.error
+    # run.json records every -p parameter, typed, though the notebook passes none of them to start_run
+    run = json.loads((results_dir("copyspec", "ci", root) / "run.json").read_text())
+    assert run["parameters"]["retrain"] is True and run["parameters"]["label"] == "two words"
+
+
+@pytest.fixture
+def typed_root(tmp_path) -> Path:
+    nb = fake_paper_notebook(notebook_path("copyspec", tmp_path), "copyspec")
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nretrain = False\nsteps = 10\nlr = 0.1\nlayers = [1, 2]\nlabel: str = 'x'\nwhen = 2 * 3"
+    nbformat.write(book, nb)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, value, msg", [
+    ("retrain", "abc", "parameter 'retrain' of notebook 'copyspec' is a bool (True, False, true, false, 1 or 0) "
+                       "(default retrain = False); got 'abc'"),
+    ("retrain", "2", "is a bool"), ("retrain", "None", "is a bool"),
+    ("steps", "1.5", "parameter 'steps' of notebook 'copyspec' is an int (default steps = 10); got '1.5'"),
+    ("lr", "fast", "is a finite float"), ("lr", "inf", "is a finite float"),
+    ("layers", "3", "is a list literal"),
+])
+def test_parameters_are_checked_against_the_notebooks_types(typed_root, capsys, name, value, msg):
+    code, out, err = cli(capsys, typed_root, "run", "copyspec", "--scale", "ci", "-p", name, value)
+    assert code == 2 and msg in err and err.count("\n") == 1, err
+    assert not (typed_root / "results").exists()
+
+
+def test_parameter_values_that_fit_their_types(typed_root):
+    from paper_repro.cli import notebook_params
+    from paper_repro.core.catalog import get_paper
+    paper = get_paper("copyspec")
+    for text, want in (("True", True), ("false", False), ("1", True), ("0", False), (" FALSE ", False)):
+        assert notebook_params(paper, {"retrain": text}, typed_root) == {"retrain": want}
+    assert notebook_params(paper, dict(steps="12", lr="3", layers="[4]", label="3", when="'any'"), typed_root) == \
+        dict(steps=12, lr=3.0, layers=[4], label="3", when="any")
+
+
+def test_a_paper_being_run_elsewhere_is_refused_before_anything_starts(fake_root, capsys):
+    with ResultsLock(results_dir("copyspec", "ci", fake_root)):
+        code, out, err = cli(capsys, fake_root, "run", "copyspec", "pearl", "--scale", "ci", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert f"results/ci/copyspec is being written by another run (pid {os.getpid()}, started " in err
+    assert not (fake_root / "results/ci/pearl").exists() and not (fake_root / "results/ci/copyspec").exists()
+    with pytest.raises(RunLockedError), ResultsLock(results_dir("pearl", "ci", fake_root)):
+        run_papers(["pearl"], scale="ci", device="cpu", root=fake_root)
+
+
+SLEEPY = Path(__file__).parent / "fixtures" / "sleepy_paper.ipynb"
+
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    return True
+
+
+def test_ctrl_c_stops_the_kernel_keeps_the_previous_results_and_exits_130(tmp_path):
+    "The notebook sleeps after staging a table and a claim; Ctrl-C must stop it there."
+    nb = notebook_path("copyspec", tmp_path)
+    nb.parent.mkdir(parents=True)
+    shutil.copy(SLEEPY, nb)
+    res = results_dir("copyspec", "ci", tmp_path)
+    previous = {name: touch(res / name, text).read_bytes() for name, text in
+                (("claims.json", json.dumps([CLAIM])), ("table.csv", "old\n1\n"), ("run.json", "{}\n"))}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from paper_repro.cli import main; sys.exit(main())",
+                             "--root", str(tmp_path), "run", "copyspec", "--scale", "ci", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    kernel_file = res.parent / "kernel.json"  # the notebook says which kernel it is, once it is sleeping
+    deadline = time.monotonic() + 120
+    while not kernel_file.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    kernel = json.loads(kernel_file.read_text())
+    assert len(list(res.parent.glob(".copyspec.staging-*"))) == 1 and _alive(kernel["pid"])
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the runner's group, not the kernel's
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert time.monotonic() - t0 < 30  # it did not wait for the notebook's 600 s sleep
+    assert "paper-repro: interrupted: stopped; previous results are kept" in err
+    assert "Traceback" not in err
+    for _ in range(50):
+        if not _alive(kernel["pid"]): break
+        time.sleep(0.1)
+    assert not _alive(kernel["pid"]) and not Path(kernel["connection_file"]).exists()
+    assert {p.name: p.read_bytes() for p in res.iterdir() if p.name != "executed.ipynb"} == previous
+    assert "KeyboardInterrupt" in (res / "executed.ipynb").read_text()  # it shows where the run stopped
+    assert sorted(p.name for p in res.parent.iterdir()) == ["copyspec", "kernel.json"]  # no staging, no lock
 
 
 def test_run_all_with_no_notebooks(tmp_path, capsys):
@@ -174,7 +278,8 @@ def test_report_content(results_root):
     not_run = md.split("## Not run at this scale")[1]
     assert "| 51 | ppd | decoding | planned |" in not_run and "copyspec" not in not_run
     assert len([line for line in not_run.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 51
-    assert "None yet." in build_report("gpu", results_root)
+    touch(results_root / "results/gpu/bench/decoding.md", "| a |\n|---|\n| 1 |\n")
+    assert "None yet." in build_report("gpu", results_root)  # a benchmark but no paper at this scale
 
 
 def test_report_command_writes_atomically_with_relative_links(results_root, capsys, tmp_path_factory):
@@ -193,8 +298,25 @@ def test_report_rejects_malformed_claims(results_root, capsys):
     with pytest.raises(ValueError, match=f"{bad}: claim #0: field 'holds'"):
         build_report("cpu", results_root)
     code, out, err = cli(capsys, results_root, "report")
-    assert code == 1 and str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (results_root / "results/REPORT.md").exists()
+
+
+def test_report_path_follows_the_scale_and_a_report_of_nothing_writes_nothing(results_root, capsys):
+    committed = touch(results_root / "results/REPORT.md", "the committed cpu report\n").read_text()
+    assert report_path("cpu", results_root) == results_root / "results/REPORT.md"
+    assert report_path("ci", results_root) == results_root / "results/ci/REPORT.md"
+    code, out, err = cli(capsys, results_root, "report", "--scale", "ci")
+    assert code == 1 and err.count("\n") == 1
+    assert "no results at scale 'ci'" in err and "nothing written" in err
+    assert (results_root / "results/REPORT.md").read_text() == committed and not (results_root / "results/ci").exists()
+    with pytest.raises(NoResultsError): build_report("gpu", results_root)
+    touch(results_dir("pearl", "ci", results_root) / "claims.json", json.dumps([CLAIM]))
+    assert cli(capsys, results_root, "report", "--scale", "ci")[0] == 0
+    assert (results_root / "results/REPORT.md").read_text() == committed
+    assert "| pearl | `speedup` |" in (results_root / "results/ci/REPORT.md").read_text()
+    touch(results_root / "results/gpu/bench/dllm.md", "| a |\n|---|\n| 1 |\n")  # a benchmark alone is worth a report
+    assert "## Diffusion-LM decoding benchmark" in build_report("gpu", results_root)
 
 
 # --- readme --------------------------------------------------------------------------------------------------------
@@ -220,5 +342,36 @@ def test_readme_errors(tmp_path, capsys, text):
     if text is not None:
         touch(tmp_path / "README.md", text)
     code, out, err = cli(capsys, tmp_path, "readme")
-    assert code == 1 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
     assert ("no README.md" if text is None else "needs exactly one <!-- catalog:start -->") in err
+
+
+@pytest.mark.parametrize("error, code", [
+    ("DataError", 2), ("RunLockedError", 2), ("ValueError", 2), ("TypeError", 2), ("AssertionError", 1), ("OSError", 1)])
+def test_expected_errors_of_a_command_are_one_line(tmp_path, capsys, monkeypatch, error, code):
+    "What a benchmark can raise for bad input or a folder in use: one line on stderr, never a traceback."
+    import builtins
+    from paper_repro.core import bench
+    from paper_repro.core.data import DataError
+    kinds = dict(DataError=DataError, RunLockedError=RunLockedError)
+    exc = kinds.get(error) or getattr(builtins, error)
+    def boom(*a, **k): raise exc("data/MANIFEST.json is not valid JSON; restore it\nsecond line")
+    monkeypatch.setattr(bench, "run_decoding_bench", boom)
+    got, out, err = cli(capsys, tmp_path, "bench", "decoding", "--scale", "ci", "--device", "cpu")
+    assert got == code and err.startswith("paper-repro: error: ") and err.count("\n") == 1, err
+    assert "data/MANIFEST.json is not valid JSON; restore it second line" in err
+
+
+def test_seeds_and_parameters_cells_that_cannot_work(fake_root, capsys):
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "--seed", str(2**64))
+    assert code == 2 and "seed must be an integer from 0 to 2**63 - 1" in err
+    nb = notebook_path("copyspec", fake_root)
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nretrain = = False"
+    nbformat.write(book, nb)
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "-p", "retrain", "1")
+    assert code == 2 and "the parameters cell is not valid Python (invalid syntax, line 5)" in err and err.count("\n") == 1
+    book.cells[0].metadata["tags"] = []
+    nbformat.write(book, nb)
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "-p", "retrain", "1")
+    assert code == 2 and "its parameters: none (it has no cell tagged parameters)" in err

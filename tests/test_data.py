@@ -1,11 +1,12 @@
-"""paper_repro.core.data: committed corpora, checksums, and the BPE tokenizer."""
+"""paper_repro.core.data: committed corpora, checksums, the manifest, and the BPE tokenizer."""
+import re
 import shutil
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from paper_repro.core.data import (BPETokenizer, DataError, data_path, load_code_corpus, load_parallel_corpus,
-                                   read_manifest, sha256_file, train_bpe)
+                                   read_manifest, register_file, sha256_file, train_bpe)
 from paper_repro.core.repro import project_root
 
 
@@ -62,3 +63,40 @@ def test_bpe_training_is_deterministic_and_serialisable(small_tok):
     assert BPETokenizer.from_json(small_tok.to_json()).merges == small_tok.merges
     with pytest.raises(ValueError, match="vocab_size must be at least"): train_bpe(["x"], vocab_size=10)
     with pytest.raises(ValueError, match="unknown special token"): small_tok.special_id("<pad>")
+
+
+@pytest.mark.parametrize("text, what", [
+    (None, "is missing"),
+    ("{not json", "is not valid JSON"),
+    ('["code_corpus.jsonl.gz"]', "must be a JSON object (file name -> entry), got a list"),
+    ('{"code_corpus.jsonl.gz": "abc"}', "entry 'code_corpus.jsonl.gz' must be an object, got str"),
+    ('{"code_corpus.jsonl.gz": {"bytes": 10, "rebuild": "x"}}', "entry 'code_corpus.jsonl.gz' has no valid sha256"),
+    ('{"code_corpus.jsonl.gz": {"sha256": "12ab"}}', "has no valid sha256 (64 hex digits), got '12ab'"),
+    ('{"code_corpus.jsonl.gz": {"sha256": "' + "a" * 64 + '", "bytes": "ten"}}', "malformed 'bytes' or 'rebuild'"),
+])
+def test_a_broken_manifest_is_one_clear_error(tmp_path, text, what):
+    (tmp_path / "data").mkdir()
+    if text is not None: (tmp_path / "data/MANIFEST.json").write_text(text)
+    restore = "restore the committed one with `git checkout data/MANIFEST.json`"
+    with pytest.raises(DataError, match=rf"/data/MANIFEST.json .*{re.escape(what)}.*; {re.escape(restore)}"):
+        data_path("code_corpus.jsonl.gz", tmp_path)
+    with pytest.raises(DataError, match=re.escape(what)):
+        load_code_corpus(root=tmp_path)
+    if text is not None:  # registering a file must not overwrite the broken manifest with a one-entry one
+        (tmp_path / "data/new.bin").write_bytes(b"x")
+        with pytest.raises(DataError, match=re.escape(what)):
+            register_file("new.bin", "s", "l", "r", root=tmp_path)
+        assert (tmp_path / "data/MANIFEST.json").read_text() == text
+
+
+def test_the_first_registration_starts_a_manifest(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/new.bin").write_bytes(b"x")
+    entry = register_file("new.bin", "s", "l", "r", root=tmp_path)
+    assert read_manifest(tmp_path) == {"new.bin": entry} and data_path("new.bin", tmp_path).read_bytes() == b"x"
+
+
+def test_read_manifest_reads_a_missing_one_as_empty_unless_asked(tmp_path):
+    (tmp_path / "data").mkdir()
+    assert read_manifest(tmp_path) == {}
+    with pytest.raises(DataError, match="MANIFEST.json is missing; restore"): read_manifest(tmp_path, missing_ok=False)

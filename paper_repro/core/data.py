@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .repro import project_root, write_json_atomic, atomic_write
+from .repro import atomic_write, project_root, relative_to_root, write_json_atomic
 
 # %% auto #0
 __all__ = ['CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS', 'PARALLEL_LANGS', 'CHUNK_RE', 'DataError', 'data_dir',
@@ -44,10 +44,32 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
-def read_manifest(root: Path | None = None) -> dict[str, dict]:
-    "The manifest as a dict `file name -> entry`; an empty dict if there is none yet."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+def _broken_manifest(path: Path, what: str) -> DataError:
+    return DataError(f"{relative_to_root(path)} {what}; restore the committed one with `git checkout data/MANIFEST.json`")
+
+def read_manifest(root: Path | None = None, missing_ok: bool = True) -> dict[str, dict]:
+    """The manifest as a dict `file name -> entry`, each entry checked (a `sha256`, and `bytes`/`rebuild` of the right
+    type where present); a `DataError` naming the manifest and its restore command if it is broken. A missing one is
+    an empty dict (a new `root` has none until `register_file` starts it), or with `missing_ok=False` (what
+    `data_path` asks) the same `DataError`."""
     path = data_dir(root) / "MANIFEST.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.is_file():
+        if missing_ok: return {}
+        raise _broken_manifest(path, "is missing")
+    try: manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e: raise _broken_manifest(path, f"is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise _broken_manifest(path, f"must be a JSON object (file name -> entry), got a {type(manifest).__name__}")
+    for name, entry in manifest.items():
+        if not isinstance(entry, dict):
+            raise _broken_manifest(path, f"entry {name!r} must be an object, got {type(entry).__name__}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise _broken_manifest(path, f"entry {name!r} has no valid sha256 (64 hex digits), got {entry.get('sha256')!r}")
+        if not isinstance(entry.get("bytes", 0), int) or not isinstance(entry.get("rebuild", ""), str):
+            raise _broken_manifest(path, f"entry {name!r} has a malformed 'bytes' or 'rebuild' field")
+    return manifest
 
 def register_file(name: str, source: str, licence: str, rebuild: str, root: Path | None = None) -> dict:
     "Record `data/<name>`'s checksum and provenance in the manifest (after building or training it)."
@@ -67,19 +89,21 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 
 def data_path(name: str, root: Path | None = None) -> Path:
     "Path of a verified data file; raises `DataError` if it is unknown, missing or its checksum differs."
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, missing_ok=False)
     if name not in manifest:
         raise DataError(f"data file {name!r} is not in data/MANIFEST.json; known files: {', '.join(sorted(manifest)) or 'none'}")
     entry, path = manifest[name], data_dir(root) / name
-    if not path.exists():
-        raise DataError(f"data file {path} is missing (expected sha256 {entry['sha256'][:12]}…, {entry['bytes']} bytes). "
-                        f"Rebuild it with: {entry['rebuild']}")
+    size = f"{entry['bytes']} bytes" if "bytes" in entry else "size not recorded"
+    rebuild = entry.get("rebuild") or "see `git log data/MANIFEST.json`"
+    if not path.is_file():
+        raise DataError(f"data file {path} is missing (expected sha256 {entry['sha256'][:12]}…, {size}). "
+                        f"Rebuild it with: {rebuild}")
     if _stamp(path) in _verified: return path
     got = sha256_file(path)
     if got != entry["sha256"]:
         raise DataError(f"data file {path} is corrupted: sha256 {got[:12]}… but MANIFEST.json expects "
-                        f"{entry['sha256'][:12]}… ({entry['bytes']} bytes, found {path.stat().st_size}). "
-                        f"Rebuild it with: {entry['rebuild']}")
+                        f"{entry['sha256'][:12]}… ({size}, found {path.stat().st_size}). "
+                        f"Rebuild it with: {rebuild}")
     _verified.add(_stamp(path))
     return path
 

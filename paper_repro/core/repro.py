@@ -7,12 +7,18 @@ Docs: https://github.com/paper-repro/paper_repro/core/repro.html.md"""
 # %% ../../nbs/core/repro.ipynb #47d1f80b
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import os
 import platform
 import random
+import re
+import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,8 +29,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SCALES', 'DEVICES', 'CLAIM_FIELDS', 'check_scale', 'resolve_device', 'project_root', 'seed_everything',
-           'atomic_write', 'write_text_atomic', 'write_json_atomic', 'validate_claim', 'RunContext', 'start_run']
+__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'CLAIM_FIELDS', 'check_scale', 'resolve_device',
+           'project_root', 'relative_to_root', 'check_seed', 'seed_everything', 'atomic_write', 'write_text_atomic',
+           'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
+           'validate_claim', 'RunContext', 'open_runs', 'start_run']
 
 # %% ../../nbs/core/repro.ipynb #bf4921b2
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -36,20 +44,29 @@ def check_scale(scale: str) -> str:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     return scale
 
+_DEVICE_RE = re.compile(r"(cpu|mps|cuda(?::(\d+))?)")
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     "Turn `'auto'`/`'cpu'`/`'cuda'`/`'cuda:N'`/`'mps'` into a `torch.device`; fail clearly if it is unknown or absent."
     if isinstance(device, torch.device): return device
-    name = str(device)
+    name = device if isinstance(device, str) else repr(device)
     if name == "auto":
         if torch.cuda.is_available(): return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
+        if _mps_available(): return torch.device("mps")
         return torch.device("cpu")
-    kind = name.split(":")[0]
-    if kind not in DEVICES:
+    m = _DEVICE_RE.fullmatch(name)
+    if m is None:
         raise ValueError(f"unknown device {name!r}; valid devices: {', '.join(DEVICES)} (optionally 'cuda:N')")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+        if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not _mps_available():
         raise ValueError(f"device {name!r} requested but MPS is not available here; use 'cpu' or 'auto'")
     return torch.device(name)
 
@@ -61,11 +78,24 @@ def project_root() -> Path:
         if (cand / "pyproject.toml").exists() and (cand / "paper_repro").is_dir(): return cand
     return Path.cwd()
 
+def relative_to_root(path: str | Path) -> str:
+    "`path` relative to the project root (POSIX form) when it lies inside it, else absolute: what provenance records."
+    p = Path(path).resolve()
+    try: return p.relative_to(project_root()).as_posix()
+    except ValueError: return str(p)
+
 # %% ../../nbs/core/repro.ipynb #88448962
+MAX_SEED = 2**63 - 1  # the largest seed every generator here accepts (torch's is a signed 64-bit integer)
+
+def check_seed(seed: int) -> int:
+    "Return `seed` if it is an int from 0 to `MAX_SEED`, else raise a `ValueError` saying so."
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return seed
+
 def seed_everything(seed: int) -> None:
     "Seed `random`, NumPy and torch (CPU and CUDA) with `seed`."
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -76,7 +106,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     "Call `write(tmp_path)` then rename the temporary file onto `path`, so readers never see a partial file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -98,8 +128,132 @@ def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
     if isinstance(o, (np.floating,)): return float(o)
     if isinstance(o, (np.bool_,)): return bool(o)
-    if isinstance(o, (Path, torch.device)): return str(o)
+    if isinstance(o, Path): return relative_to_root(o)
+    if isinstance(o, torch.device): return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+# %% ../../nbs/core/repro.ipynb #e86cdc5f
+class RunLockedError(RuntimeError):
+    "Another run is writing the same results folder; the message names it."
+
+RUNNER_ENV = "PAPER_REPRO_RUNNER"          # set by `paper-repro run` for its kernels: the pid that holds their locks
+PARAMETERS_ENV = "PAPER_REPRO_PARAMETERS"  # set by `paper-repro run` for its kernels: the -p parameters, as JSON
+
+def _now_iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat(timespec="seconds")
+
+def lock_path(out_dir: str | Path) -> Path:
+    "The lock file of a results folder: `.<name>.lock` beside it."
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+def lock_holder(out_dir: str | Path) -> dict | None:
+    "Who holds the lock of `out_dir` (`pid`, `started`, `command`), or None when nobody does."
+    path = lock_path(out_dir)
+    try: fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError: return None
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError: pass  # held: read who holds it
+        else: return None             # a file nobody holds (its holder is letting go)
+        try: info = json.loads(os.read(fd, 1 << 16) or b"{}")
+        except ValueError: return {}
+        return info if isinstance(info, dict) else {}
+    finally: os.close(fd)
+
+def _describe(info: dict | None) -> str:
+    if not info: return "a process that has not yet said who it is"
+    return f"pid {info.get('pid', '?')}, started {info.get('started', '?')}, command: {info.get('command', '?')}"
+
+class ResultsLock:
+    "An exclusive lock on one results folder for this process; `acquire` raises `RunLockedError` naming the holder."
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        self.path = lock_path(self.out_dir)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool: return self._fd is not None
+
+    def acquire(self) -> "ResultsLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunLockedError(f"{relative_to_root(self.out_dir)} is being written by another run "
+                                     f"({_describe(lock_holder(self.out_dir))}); wait for it to end or stop it") from None
+            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError: same = False
+            if same: break
+            os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+        info = dict(pid=os.getpid(), started=_now_iso(), command=command[:300])
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
+        if self._fd is None: return
+        try:
+            recover_results(self.out_dir)
+        finally:
+            try: os.unlink(self.path)
+            except FileNotFoundError: pass
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "ResultsLock": return self.acquire()
+    def __exit__(self, *exc) -> None: self.release()
+
+def _held_by_runner(out_dir: Path) -> bool:
+    "Whether the `paper-repro run` that started this process holds the lock of `out_dir` (then we write under it)."
+    runner = os.environ.get(RUNNER_ENV)
+    if runner is None or runner != str(os.getppid()): return False
+    info = lock_holder(out_dir)
+    return bool(info) and info.get("pid") == os.getppid()
+
+# %% ../../nbs/core/repro.ipynb #efb20973
+_COMMIT = ".commit"
+
+def _staging_dirs(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.parent.glob(f".{out_dir.name}.staging-*"))
+
+def _set_files(folder: Path) -> list[str]:
+    "The files of a staging folder, as relative POSIX paths; hidden ones (commit record, temporary files) excluded."
+    rel = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    return sorted(r.as_posix() for r in rel if not any(part.startswith(".") for part in r.parts))
+
+def _previous_files(run_json: Path) -> list[str]:
+    "The set an earlier `run.json` lists (none for files written before runs recorded their set)."
+    try: files = json.loads(run_json.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError): return []
+    return [f for f in files if isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts]
+
+def _settle(staging: Path, out_dir: Path) -> str:
+    "Complete a committed staging folder into `out_dir` (idempotent) or discard an uncommitted one."
+    record = staging / _COMMIT
+    outcome = "discarded"
+    if record.is_file():
+        plan = json.loads(record.read_text())
+        for name in plan["files"]:
+            src, dst = staging / name, out_dir / name
+            if src.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+        for name in plan["remove"]: (out_dir / name).unlink(missing_ok=True)
+        outcome = "committed"
+    shutil.rmtree(staging, ignore_errors=True)
+    return outcome
+
+def recover_results(out_dir: str | Path) -> dict[str, str]:
+    """Settle what interrupted runs left beside `out_dir`: finish a commit that was under way, discard the rest.
+    Returns `{staging folder name: 'committed' | 'discarded'}`. Call it only while holding the folder's lock."""
+    out_dir = Path(out_dir).resolve()
+    return {s.name: _settle(s, out_dir) for s in _staging_dirs(out_dir) if s.is_dir()}
 
 # %% ../../nbs/core/repro.ipynb #21cccf4b
 CLAIM_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -135,9 +289,15 @@ def _versions() -> dict[str, str]:
     from paper_repro import __version__
     return {"python": platform.python_version(), "torch": torch.__version__, "paper_repro": __version__}
 
+# the open runs of this process, by results folder: a second start_run for the same folder replaces the first (in a
+# notebook, re-running the cells after a failure must not find the folder locked by its own kernel)
+_OPEN_RUNS: dict[Path, "RunContext"] = {}
+_OPEN_GUARD = threading.RLock()
+
 @dataclass
 class RunContext:
-    "One run of a paper notebook: where results go, on which device, and what was claimed."
+    """One open run of a paper notebook: where results go, on which device, and what was claimed. Creating it takes
+    the folder's lock and a staging folder; `finish()` commits the set. Build it with `start_run`."""
     slug: str
     scale: str
     device: torch.device
@@ -149,45 +309,113 @@ class RunContext:
     # machine load when the run started: timings measured on a busy machine are pessimistic, and this says so
     load_avg: float | None = field(default_factory=lambda: round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
     claims_file: str = "claims.json"  # a benchmark sharing a folder with another names its own ledger
+    staging: Path | None = field(default=None, init=False, repr=False)
+    _lock: ResultsLock | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir).resolve()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _OPEN_GUARD:
+            previous = _OPEN_RUNS.pop(self.out_dir, None)
+            if previous is not None:  # same process, same folder: take over its lock, drop its staged files
+                self._lock, previous._lock = previous._lock, None
+                previous._close()
+            elif not _held_by_runner(self.out_dir):
+                self._lock = ResultsLock(self.out_dir).acquire()
+            try:
+                recover_results(self.out_dir)
+                self.staging = Path(tempfile.mkdtemp(dir=self.out_dir.parent,
+                                                     prefix=f".{self.out_dir.name}.staging-{os.getpid()}-"))
+            except BaseException:
+                if self._lock is not None: self._lock.release()
+                raise
+            _OPEN_RUNS[self.out_dir] = self
+
+    @property
+    def is_open(self) -> bool:
+        "Whether files can still be written (neither finished nor replaced by a later run of the same folder)."
+        return self.staging is not None
 
     def path(self, name: str) -> Path:
-        "Path of result file `name` inside this run's folder."
-        return self.out_dir / name
+        "Path of result file `name`: in staging while the run is open, in the results folder after `finish()`."
+        rel = Path(name)
+        if rel.is_absolute() or not rel.parts or any(part.startswith(".") for part in rel.parts):
+            raise ValueError(f"result file name {name!r} must be a relative path inside the results folder, "
+                             "without '..' or hidden parts")
+        return (self.staging if self.staging is not None else self.out_dir) / rel
+
+    def _writable(self, name: str) -> Path:
+        if not self.is_open:
+            raise RuntimeError(f"run {self.slug!r} is closed (finished, or replaced by a later start_run for "
+                               f"{relative_to_root(self.out_dir)}); start a new run to write {name!r}")
+        return self.path(name)
 
     def save_fig(self, fig, name: str = "figure.png", dpi: int = 120) -> Path:
         "Save a matplotlib figure atomically as `name` (PNG)."
-        return atomic_write(self.path(name), lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
+        return atomic_write(self._writable(name), lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
 
     def save_table(self, df, name: str = "table", floatfmt: str = ".3g") -> Path:
         "Write a pandas DataFrame as `name.csv` and `name.md` (the same content)."
-        atomic_write(self.path(f"{name}.csv"), lambda p: df.to_csv(p, index=False))
-        write_text_atomic(self.path(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
+        atomic_write(self._writable(f"{name}.csv"), lambda p: df.to_csv(p, index=False))
+        write_text_atomic(self._writable(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
         return self.path(f"{name}.csv")
 
     def record_claim(self, id: str, statement: str, metric: str, unit: str, paper_value: float | None,
                      our_value: float, higher_is_better: bool, setting: str, holds: bool, note: str = "",
                      must_hold: bool = False) -> dict:
-        """Record one headline claim and rewrite the claims file (`claims.json` unless `claims_file` says otherwise).
-        With `must_hold=True` (for claims the implementation must meet, e.g. losslessness) a claim that does not hold
-        raises `AssertionError` after it has been written, so the failure is both visible and recorded."""
+        """Record one headline claim and rewrite the staged claims file (`claims.json` unless `claims_file` says
+        otherwise). With `must_hold=True` (for claims the implementation must meet, e.g. losslessness) a claim that
+        does not hold raises `AssertionError` after it has been staged: the run then fails and commits nothing."""
         claim = validate_claim(dict(id=id, statement=statement, metric=metric, unit=unit,
                                     paper_value=None if paper_value is None else float(paper_value),
                                     our_value=float(our_value), higher_is_better=bool(higher_is_better),
                                     setting=setting, holds=bool(holds), note=note), where=f"claim {id!r}")
+        target = self._writable(self.claims_file)
         self.claims = [c for c in self.claims if c["id"] != id] + [claim]
-        write_json_atomic(self.path(self.claims_file), self.claims)
+        write_json_atomic(target, self.claims)
         if must_hold and not claim["holds"]:
             raise AssertionError(f"claim {id!r} must hold but does not: ours={our_value} ({note})")
         return claim
 
     def finish(self, name: str = "run.json") -> dict:
-        "Write the provenance file `name` (default `run.json`) and return its content."
+        "Write the provenance file `name` (default `run.json`), commit the whole set into `out_dir`, return the provenance."
+        target = self._writable(name)
+        files = sorted({*_set_files(self.staging), Path(name).as_posix()})
         info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
                     parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
-                    started=datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
-                    wall_s=round(time.time() - self.started, 3), load_avg_1m=self.load_avg)
-        write_json_atomic(self.path(name), info)
+                    started=_now_iso(self.started), wall_s=round(time.time() - self.started, 3),
+                    load_avg_1m=self.load_avg, files=files)
+        write_json_atomic(target, info)
+        remove = sorted(set(_previous_files(self.out_dir / name)) - set(files))
+        write_json_atomic(self.staging / _COMMIT, dict(files=files, remove=remove))  # the commit point
+        self._close()
         return info
+
+    def abort(self) -> None:
+        "Give the run up: discard its staged files and let go of the folder; the previous results stay as they were."
+        self._close()
+
+    def _close(self) -> None:
+        "Settle the staging folder (commit if `finish` reached its commit point, else discard) and release the lock."
+        with _OPEN_GUARD:
+            if _OPEN_RUNS.get(self.out_dir) is self: del _OPEN_RUNS[self.out_dir]
+        staging, self.staging = self.staging, None
+        try:
+            if staging is not None: _settle(staging, self.out_dir)
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None: lock.release()
+
+def open_runs() -> list[RunContext]:
+    "The runs this process has open: started, and neither finished, aborted nor replaced."
+    with _OPEN_GUARD: return list(_OPEN_RUNS.values())
+
+@atexit.register
+def _abort_open_runs() -> None:
+    "A process that exits with runs still open (a failed notebook, a kernel shut down) discards their staged files."
+    for run in open_runs():
+        try: run.abort()
+        except Exception: pass
 
 def _markdown_table(df, floatfmt: str) -> str:
     def fmt(v):
@@ -199,14 +427,23 @@ def _markdown_table(df, floatfmt: str) -> str:
     return "\n".join(lines)
 
 # %% ../../nbs/core/repro.ipynb #69c7c779
+def _requested_parameters() -> dict[str, Any]:
+    "The `-p` parameters `paper-repro run` passed to this kernel (already checked against the notebook's types)."
+    text = os.environ.get(PARAMETERS_ENV)
+    if not text: return {}
+    try: requested = json.loads(text)
+    except ValueError: return {}
+    return requested if isinstance(requested, dict) else {}
+
 def start_run(slug: str, scale: str = "cpu", device: str = "auto", seed: int = 0, out_dir: str | Path | None = None,
               **parameters: Any) -> RunContext:
-    """Validate the notebook parameters, seed everything and create the output folder.
-    `out_dir=None` means `results/<scale>/<slug>/` in the project root."""
+    """Validate the notebook parameters, seed everything, lock the results folder and open a staging folder.
+    `out_dir=None` means `results/<scale>/<slug>/` in the project root. `run.json` records every parameter: these,
+    the `-p` parameters of `paper-repro run`, and `out_dir` relative to the project root."""
     check_scale(scale)
     dev = resolve_device(device)
     seed_everything(seed)
     out = Path(out_dir) if out_dir is not None else project_root() / "results" / scale / slug
-    out.mkdir(parents=True, exist_ok=True)
-    params = dict(scale=scale, device=str(device), seed=seed, out_dir=None if out_dir is None else str(out_dir), **parameters)
+    params = dict(scale=scale, device=str(device), seed=seed, out_dir=relative_to_root(out),
+                  **{**_requested_parameters(), **parameters})
     return RunContext(slug=slug, scale=scale, device=dev, seed=seed, out_dir=out, parameters=params)

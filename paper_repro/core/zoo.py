@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import (BPETokenizer, DataError, data_dir, data_path, load_code_corpus, register_file,
                                    train_bpe)
 from .lm import LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from .repro import seed_everything, write_json_atomic
+from .train import OptimConfig, WarmupCosine, fit, warmup_cosine
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILE', 'ZOO_CARD', 'VOCAB_SIZE', 'SEQ_LEN', 'ZOO', 'ZooSpec', 'load_tokenizer', 'load_zoo', 'zoo_card',
-           'encode_corpus', 'sample_batch', 'perplexity', 'warmup_cosine', 'train_lm', 'train_zoo']
+           'encode_corpus', 'sample_batch', 'perplexity', 'lm_loss', 'train_lm', 'train_zoo']
 
 # %% ../../nbs/core/zoo.ipynb #6eba0c34
 TOKENIZER_FILE = "code_tokenizer.json"
@@ -64,7 +64,8 @@ def load_tokenizer(root: Path | None = None) -> BPETokenizer:
 def load_zoo(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              root: Path | None = None) -> TransformerLM:
     "A trained zoo model (`code-target` or `code-draft`) in eval mode, checksum-verified."
-    return load_lm(data_path(_spec(name).file, root), device=device, dtype=dtype)
+    from paper_repro.core.repro import resolve_device  # a clear error for "tpu" or "cpu:abc", not torch's
+    return load_lm(data_path(_spec(name).file, root), device=resolve_device(device), dtype=dtype)
 
 def zoo_card(root: Path | None = None) -> dict:
     "Parameters, training time and validation perplexity of each zoo model, as measured when it was trained."
@@ -98,40 +99,21 @@ def perplexity(model: TransformerLM, stream: torch.Tensor, seq_len: int = SEQ_LE
         count += len(x) - 1
     return math.exp(total / count)
 
-# %% ../../nbs/core/zoo.ipynb #bb5ef4ee
-def warmup_cosine(step: int, steps: int, warmup: int = 0, peak: float = 1.0, floor: float = 0.0,
-                  decay_after_warmup: bool = False) -> float:
-    "Learning rate at `step` (0-based) of `steps`: linear warm-up over `warmup` steps, cosine decay to `floor · peak`."
-    if steps < 1 or warmup < 0 or not 0.0 <= floor <= 1.0:
-        raise ValueError(f"need steps >= 1, warmup >= 0 and floor in [0, 1], got steps={steps}, warmup={warmup}, "
-                         f"floor={floor}")
-    if decay_after_warmup:
-        if step < warmup: return peak * (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-
 # %% ../../nbs/core/zoo.ipynb #44bdcafc
+def lm_loss(model: TransformerLM, x: torch.Tensor) -> torch.Tensor:
+    "Next-token cross-entropy of `model` on the token windows `x` `[B, T]`."
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
 def train_lm(spec: ZooSpec, train_stream: torch.Tensor, seed: int = 0, progress: bool = True) -> TransformerLM:
     "Train a fresh model per `spec` on `train_stream` (CPU, deterministic for a given seed and thread count)."
     seed_everything(seed)
     model = TransformerLM(spec.config)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(spec.steps), desc=spec.name, disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, spec.steps, spec.warmup, spec.lr)
-        x = sample_batch(train_stream, spec.batch_size, SEQ_LEN, gen)
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0: bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+    fit(model, lm_loss, lambda step: sample_batch(train_stream, spec.batch_size, SEQ_LEN, gen), spec.steps,
+        OptimConfig(lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1, clip_norm=1.0), WarmupCosine(spec.warmup),
+        progress=progress, desc=spec.name)
+    return model
 
 # %% ../../nbs/core/zoo.ipynb #06fdfa15
 def train_zoo(seed: int = 0, root: Path | None = None, progress: bool = True) -> dict:
