@@ -365,3 +365,40 @@ def test_bench_decoder_is_lossless_on_the_zoo_target():
     for prompt in ([1], [40, 41, 42, 43, 44, 45, 46, 47]):
         res = decode(prompt, 12)
         assert res.tokens == generate(target, prompt, 12).tokens and len(res.steps) <= 12
+
+
+def test_train_drafters_equals_one_optimiser_per_model(sharp_target_and_stream):
+    "The fit-based loop equals the loop it replaced (one AdamW per model, each clipped by its own norm), bit for bit."
+    from paper_repro.core.train import warmup_cosine
+    from paper_repro.decoding.hidden_transfer import kl_to_target, offset_targets, teacher_pass, transfer_logits
+    target, stream = sharp_target_and_stream
+
+    def fresh():
+        torch.manual_seed(0)
+        return {"t0": noisy_transfer(0), "t1": noisy_transfer(1, seed=1), "med": noisy_heads(target)}
+    new, ref = fresh(), fresh()
+    steps, B, L, A, lr, warm = 4, 2, 32, 8, 2e-2, 2
+    train_drafters(target, new, stream, steps, batch_size=B, seq_len=L, anchors=A, lr=lr, warmup=warm, progress=False)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) for n, m in ref.items()}
+    gen, k = torch.Generator().manual_seed(0), 3
+    target.requires_grad_(False)
+    try:
+        for step in range(steps):
+            starts = torch.randint(0, len(stream) - L, (B,), generator=gen).tolist()
+            x = torch.stack([stream[s:s + L] for s in starts])
+            anc = torch.randperm(L - k, generator=gen)[:A].sort().values
+            logp, resid, cache = teacher_pass(target, x)
+            emb = target.embed_tokens(x)
+            for name, m in ref.items():
+                if isinstance(m, HiddenTransfer):
+                    loss = kl_to_target(offset_targets(logp, anc, k), transfer_logits(target, m, resid, cache, anc, emb))
+                else:
+                    every = torch.arange(L - k)
+                    loss = kl_to_target(offset_targets(logp, every, k), m(target.norm(resid[-1])[:, every]))
+                for g in opts[name].param_groups: g["lr"] = warmup_cosine(step, steps, warm, lr)
+                opts[name].zero_grad(set_to_none=True); loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opts[name].step()
+    finally:
+        target.requires_grad_(True)
+    for name in ref:
+        assert all(torch.equal(a, b) for a, b in zip(ref[name].parameters(), new[name].parameters())), name

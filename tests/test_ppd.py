@@ -137,6 +137,36 @@ def test_training_lowers_the_loss_and_leaves_the_target_frozen(target):
     with pytest.raises(ValueError, match="medusa has 2 heads"):
         train_ppd(target, stream, 1, medusa=MedusaHeads(target.cfg.d_model, target.vocab_size, 2, target.lm_head), progress=False)
     with pytest.raises(ValueError, match="steps must be"): train_ppd(target, stream, 0)
+    with pytest.raises(ValueError, match="nothing to train"): train_ppd(target, stream, 1, train_prompts=False)
+
+
+def test_train_ppd_equals_one_optimiser_each(target):
+    "The fit-based loop equals the two-optimiser loop it replaced (own lr, own clipping), bit for bit."
+    from paper_repro.core.train import warmup_cosine
+    stream = torch.tensor(([1, 2, 3, 4, 5, 6, 7, 8] * 60))
+    steps, kw = 3, dict(batch_size=2, length=16, n_cuts=6)
+    med_new = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
+    med_ref = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
+    pt_new, _ = train_ppd(target, stream, steps, medusa=med_new, progress=False, **kw)
+    pt_ref = PromptTokens.init_from(target, 3)
+    opts = [(torch.optim.AdamW([pt_ref.embeddings], lr=1e-2, weight_decay=0.0), 1e-2, [pt_ref.embeddings]),
+            (torch.optim.AdamW(med_ref.parameters(), lr=1e-3, weight_decay=0.0), 1e-3, list(med_ref.parameters()))]
+    gen = torch.Generator().manual_seed(0)
+    target.requires_grad_(False)
+    try:
+        for step in range(steps):
+            for opt, base, _ in opts:
+                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, 0, base)
+            b = distill_batch(target, stream, kw["batch_size"], kw["length"], kw["n_cuts"], 3, gen)
+            losses = [distill_loss(prompt_logits(target, pt_ref, b), b.teacher)[0], distill_loss(med_ref(b.hidden), b.teacher)[0]]
+            for (opt, _, params), loss in zip(opts, losses):
+                opt.zero_grad(set_to_none=True); loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+    finally:
+        target.requires_grad_(True)
+    assert torch.equal(pt_new.embeddings, pt_ref.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(med_new.parameters(), med_ref.parameters()))
+
 
 
 # ---------------------------------------------------------------- sparse trees

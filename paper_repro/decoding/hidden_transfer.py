@@ -17,11 +17,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.lm import KVCache, LMOutput, TransformerLM, causal_mask, count_parameters, rope_cos_sin
+from ..core.train import OptimConfig, WarmupCosine, fit, frozen
 from ..core.trees import MedusaHeads, OffsetTreeDrafter, rank_hits
-from ..core.zoo import warmup_cosine
 
 # %% auto #0
 __all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer', 'pseudo_mask',
@@ -214,38 +213,36 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
         raise ValueError(f"steps, batch_size and anchors must be >= 1, got {steps}, {batch_size}, {anchors}")
     k = max(m.k for m in models.values())
     if seq_len - k < anchors: raise ValueError(f"seq_len={seq_len} leaves fewer than anchors={anchors} positions for k={k}")
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) for n, m in models.items()}
     gen = torch.Generator().manual_seed(seed)
-    frozen = [p.requires_grad for p in target.parameters()]
-    target.requires_grad_(False)
     dev = target.device
-    history = []
-    try:
-        for step in tqdm(range(steps), desc="train drafters", disable=not progress):
-            starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen).tolist()
-            x = torch.stack([stream[s:s + seq_len] for s in starts]).to(dev)
-            anc = torch.randperm(seq_len - k, generator=gen)[:anchors].sort().values.to(dev)
-            every = torch.arange(seq_len - k, device=dev)
-            logp, resid, cache = teacher_pass(target, x)
-            embeds = target.embed_tokens(x) if any(getattr(m, "layer", -1) == 0 for m in models.values()) else None
-            row = {"step": step}
-            for name, model in models.items():
-                if isinstance(model, HiddenTransfer):
-                    loss = kl_to_target(offset_targets(logp, anc, model.k),
-                                        transfer_logits(target, model, resid, cache, anc, embeds))
-                else:  # heads are cheap: every position
-                    loss = kl_to_target(offset_targets(logp, every, model.k), model(target.norm(resid[-1])[:, every]))
-                opt = opts[name]
-                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, warmup, lr)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                row[name] = loss.item()
-            history.append(row)
-    finally:
-        for p, f in zip(target.parameters(), frozen): p.requires_grad_(f)
-    return history
+    every = torch.arange(seq_len - k, device=dev)
+    with_embeds = any(getattr(m, "layer", -1) == 0 for m in models.values())
+
+    def batch(step: int):
+        "Windows, anchors, and the frozen target's pass over them (log-probs, residuals, cache)."
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen).tolist()
+        x = torch.stack([stream[s:s + seq_len] for s in starts]).to(dev)
+        anc = torch.randperm(seq_len - k, generator=gen)[:anchors].sort().values.to(dev)
+        logp, resid, cache = teacher_pass(target, x)
+        return anc, logp, resid, cache, target.embed_tokens(x) if with_embeds else None
+
+    def loss_fn(drafters: nn.ModuleDict, b) -> dict:
+        anc, logp, resid, cache, embeds = b
+        parts = {}
+        for name, model in drafters.items():
+            if isinstance(model, HiddenTransfer):
+                parts[name] = kl_to_target(offset_targets(logp, anc, model.k),
+                                           transfer_logits(target, model, resid, cache, anc, embeds))
+            else:  # heads are cheap: every position
+                parts[name] = kl_to_target(offset_targets(logp, every, model.k), model(target.norm(resid[-1])[:, every]))
+        return dict(loss=sum(parts.values()), **parts)
+
+    groups = [dict(params=list(m.parameters())) for m in models.values()]  # one group each, clipped by its own norm
+    optim = OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, clip_norm=1.0, clip_per_group=True)
+    with frozen(target):
+        hist = fit(nn.ModuleDict(models), loss_fn, batch, steps, optim, WarmupCosine(warmup), param_groups=groups,
+                   progress=progress, desc="train drafters")
+    return [dict(step=i, **{n: hist.parts[n][i] for n in models}) for i in range(len(hist.loss))]
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #aa58d604
 @torch.no_grad()

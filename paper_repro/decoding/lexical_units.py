@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
-from ..core.zoo import warmup_cosine
+from ..core.train import OptimConfig, WarmupCosine, fit
 from ..core.decoding import DecodeResult, DecodeStep, StepOutput, decode_loop
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
@@ -172,23 +172,20 @@ def finetune_lud(model: TransformerLM, stream: torch.Tensor, unit_len: torch.Ten
     if not 0 <= pad_id < model.vocab_size: raise ValueError(f"pad_id {pad_id} is outside [0, {model.vocab_size})")
     seed_everything(seed)
     marked = torch.stack([stream, unit_len], dim=1)  # sample_batch slices dim 0: windows of (token, unit_len) pairs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval() if cfg.distill else None
-    model.train()
-    log: list[dict] = []
-    bar = tqdm(range(cfg.steps), desc=f"LUD fine-tune α={cfg.alpha}", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
-        batch = build_lud_batch(sample_batch(marked, cfg.batch_size, cfg.seq_len, gen), pad_id, cfg.k, cfg.stop_pad)
-        loss, real, pad = lud_loss(model, batch, teacher)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            log.append(dict(step=step, loss=loss.item(), real=real.item(), pad=pad.item(), pads=int(batch.is_pad.sum())))
-            bar.set_postfix(real=f"{log[-1]['real']:.3f}", pad=f"{log[-1]['pad']:.3f}")
+
+    def batch(step: int) -> LUDBatch:
+        return build_lud_batch(sample_batch(marked, cfg.batch_size, cfg.seq_len, gen), pad_id, cfg.k, cfg.stop_pad)
+
+    def loss_fn(m: TransformerLM, b: LUDBatch) -> dict:
+        loss, real, pad = lud_loss(m, b, teacher)
+        return dict(loss=loss, real=real, pad=pad, pads=b.is_pad.sum())
+
+    hist = fit(model, loss_fn, batch, cfg.steps, OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1),
+               WarmupCosine(cfg.warmup), progress=progress, desc=f"LUD fine-tune α={cfg.alpha}")
+    log = [dict(step=r["step"], loss=r["loss"], real=r["real"], pad=r["pad"], pads=int(r["pads"]))
+           for r in hist.rows() if r["step"] % 10 == 0 or r["step"] == cfg.steps - 1]
     return model.eval(), log
 
 # %% ../../nbs/decoding/lexical_units.ipynb #5b28d1ce

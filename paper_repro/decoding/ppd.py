@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..core.decoding import Draft, time_calls
 from ..core.lm import LMOutput
+from ..core.train import OptimConfig, WarmupCosine, fit, frozen
 from ..core.trees import MedusaHeads, check_rank_accuracy, prefix_tree, rank_hits, top_paths
-from ..core.zoo import warmup_cosine
 
 # %% auto #0
 __all__ = ['PPD_FILE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch', 'prompt_logits',
@@ -178,15 +178,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = 0.
     weights = decay ** torch.arange(m, device=kl.device, dtype=kl.dtype)
     return (weights * kl).sum() / m, kl.detach()
 
-@contextmanager
-def _frozen(model: nn.Module):
-    "Temporarily stop gradients into `model`'s own parameters."
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags: p.requires_grad_(False)
-    try: yield
-    finally:
-        for p, f in flags: p.requires_grad_(f)
-
 def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch_size: int = 8, length: int = 96,
               n_cuts: int = 24, lr: float = 1e-2, decay: float = 0.8, seed: int = 0, medusa: MedusaHeads | None = None,
               medusa_lr: float = 1e-3, prompts: PromptTokens | None = None, train_prompts: bool = True,
@@ -194,37 +185,35 @@ def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch
     """Train `n_tokens` prompt tokens for the frozen `target` by self-distillation on random truncations of `stream`
     (and, if given, `medusa` heads on the same batches; `train_prompts=False` trains only those). Returns the prompt
     tokens and the per-step losses."""
-    from tqdm.auto import tqdm
     if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps must be a positive int, got {steps!r}")
     if medusa is not None and medusa.n_heads != n_tokens:
         raise ValueError(f"medusa has {medusa.n_heads} heads but n_tokens={n_tokens}: they must guess the same offsets")
+    if not train_prompts and medusa is None: raise ValueError("nothing to train: train_prompts=False needs medusa heads")
     prompts = prompts if prompts is not None else PromptTokens.init_from(target, n_tokens)
     prompts.to(target.lm_head.weight.device)
     gen = torch.Generator().manual_seed(seed)
-    opts = [(torch.optim.AdamW([prompts.embeddings], lr=lr, weight_decay=0.0), lr)] if train_prompts else []
-    if medusa is not None: opts.append((torch.optim.AdamW(medusa.parameters(), lr=medusa_lr, weight_decay=0.0), medusa_lr))
-    history = []
-    with _frozen(target):
-        for step in tqdm(range(steps), desc="PPD training", disable=not progress):
-            for opt, base in opts:  # cosine decay to zero, no warm-up
-                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, 0, base)
-            batch = distill_batch(target, stream, batch_size, length, n_cuts, n_tokens, gen)
-            row, losses = dict(step=step), []
-            if train_prompts:
-                loss, kl = distill_loss(prompt_logits(target, prompts, batch), batch.teacher, decay)
-                row.update(loss=loss.item(), **{f"kl_{i + 1}": float(v) for i, v in enumerate(kl)})
-                losses.append(loss)
-            if medusa is not None:
-                m_loss, m_kl = distill_loss(medusa(batch.hidden), batch.teacher, decay)
-                losses.append(m_loss)
-                row.update(medusa_loss=m_loss.item(), **{f"medusa_kl_{i + 1}": float(v) for i, v in enumerate(m_kl)})
-            for (opt, _), l in zip(opts, losses):
-                opt.zero_grad(set_to_none=True)
-                l.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-                opt.step()
-            history.append(row)
-    return prompts, history
+    trained = nn.ModuleDict({"prompts": prompts} if train_prompts else {})
+    if medusa is not None: trained["medusa"] = medusa
+    groups = ([dict(params=[prompts.embeddings], lr=lr)] if train_prompts else []) + \
+             ([dict(params=list(medusa.parameters()), lr=medusa_lr)] if medusa is not None else [])
+
+    def loss_fn(_, batch: DistillBatch) -> dict:
+        out = {}
+        if train_prompts:
+            loss, kl = distill_loss(prompt_logits(target, prompts, batch), batch.teacher, decay)
+            out.update(prompt_loss=loss, **{f"kl_{i + 1}": v for i, v in enumerate(kl)})
+        if medusa is not None:
+            m_loss, m_kl = distill_loss(medusa(batch.hidden), batch.teacher, decay)
+            out.update(medusa_loss=m_loss, **{f"medusa_kl_{i + 1}": v for i, v in enumerate(m_kl)})
+        return dict(loss=sum(out[k] for k in ("prompt_loss", "medusa_loss") if k in out), **out)
+
+    optim = OptimConfig(lr=lr, weight_decay=0.0, clip_norm=1.0, clip_per_group=True)  # cosine decay to zero, no warm-up
+    with frozen(target):
+        hist = fit(trained, loss_fn, lambda step: distill_batch(target, stream, batch_size, length, n_cuts, n_tokens, gen),
+                   steps, optim, WarmupCosine(), param_groups=groups, progress=progress, desc="PPD training")
+    rename = {"prompt_loss": "loss"}
+    return prompts, [{"step": r["step"], **{rename.get(k, k): v for k, v in r.items() if k not in ("step", "loss", "lr")}}
+                     for r in hist.rows()]
 
 # %% ../../nbs/decoding/ppd.ipynb #3e18dcc0
 @torch.no_grad()
