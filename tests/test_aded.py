@@ -8,7 +8,7 @@ import pytest
 
 from paper_repro.core.decoding import generate, reference_decode
 from paper_repro.decoding.aded import (ADEDDrafter, AdaptiveTrigrams, TrigramMap, best_first_paths, greedy_chain,
-                                       mcts_search, paths_to_draft)
+                                       mcts_search)
 
 
 def random_seqs(seed, vocab, n=20, max_len=60):
@@ -189,22 +189,6 @@ def test_greedy_chain_and_best_first_against_brute_force():
     probs = {tuple(path): p for p, path in all_paths}
     assert sorted((probs[tuple(p)] for p in got), reverse=True) == pytest.approx(sorted((p for p, _ in all_paths), reverse=True)[:10])
     assert all(tuple(p[:-1]) in probs or len(p) == 1 for p in got)       # closed under prefixes: a tree
-
-
-def test_paths_to_draft_is_the_prefix_tree():
-    rng = random.Random(0)
-    for trial in range(200):
-        paths = [[rng.randrange(4) for _ in range(rng.randrange(0, 6))] for _ in range(rng.randrange(0, 8))]
-        max_depth, max_nodes = rng.randrange(0, 6), rng.choice([None, 1, 3, 7])
-        d = paths_to_draft(paths, max_depth, max_nodes)
-        prefixes = []                                            # brute force: distinct prefixes in priority order
-        for p in paths:
-            for k in range(1, min(len(p), max_depth) + 1):
-                if tuple(p[:k]) not in prefixes: prefixes.append(tuple(p[:k]))
-        if max_nodes is not None: prefixes = prefixes[:max_nodes]
-        got = [tuple(d.tokens[i] for i in d.path_to(n)) for n in range(len(d))]
-        assert got == prefixes
-        assert d.depth <= max_depth
 
 
 def test_drafter_rejects_bad_settings():

@@ -136,9 +136,9 @@ def test_duplicate_siblings_pick_one_path(target):
     draft = Draft([ref[0], ref[0], ref[1], ref[1]], [-1, -1, 0, 1])
     cache = target.new_cache()
     target(torch.tensor([prompt[:-1]]), cache=cache)
-    from paper_repro.core.decoding import _verify_step
-    path, bonus, logits = _verify_step(target, cache, prompt[-1], draft, Sampler())
-    assert logits.shape == (1 + len(draft), 40)
+    from paper_repro.core.decoding import NoDrafter, _DraftVerifyStep
+    path, bonus, out = _DraftVerifyStep(target, NoDrafter(), Sampler(), 256)._verify(cache, prompt[-1], draft)
+    assert out.logits.shape == (1 + len(draft), 40) and out.hidden is None
     assert [draft.tokens[i] for i in path] + [bonus] == ref[:3]
     assert path == [0, 2] and cache.length == len(prompt) + 2  # first sibling wins; cache keeps root + path
 
@@ -283,3 +283,160 @@ def test_batched_eos_and_bad_inputs(target):
     with pytest.raises(ValueError, match="at least one token after"): batch_greedy_decode(target, [[1, 2], [1, 2, 3]], 3, prefix_len=2)
     with pytest.raises(ValueError, match="got 1 max_new_tokens for 2"): batch_greedy_decode(target, prompts, [3])
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"): batch_greedy_decode(target, prompts, [3, 0])
+
+
+# ---- the decode loop, hidden states, drafter-run passes ---------------------------------------------------------
+
+from paper_repro.core.decoding import DecodeStep, StepOutput, decode_loop, returns_hidden, time_calls
+from paper_repro.core.lm import LMOutput
+
+
+class GreedyStep(DecodeStep):
+    "Plain greedy decoding written as a step; records the loop's commit calls."
+    def __init__(self, target):
+        super().__init__(target)
+        self.commits = []
+    def step(self, context, cache, remaining):
+        logits = self.target(torch.tensor([context[-1:]]), cache=cache)[0, -1]
+        return StepOutput([int(logits.argmax())], accepted=0, source="greedy")
+    def commit(self, context, accepted): self.commits.append((len(context), accepted))
+
+
+def test_decode_loop_runs_a_custom_step_with_prefill_eos_and_stats(target):
+    for prompt in PROMPTS:
+        ref = reference_decode(target, prompt, 20)
+        step = GreedyStep(target)
+        res = decode_loop(target, prompt, 20, step)
+        assert res.tokens == ref and res.prefill_calls == (len(prompt) > 1) and len(res.steps) == 20
+        assert step.commits == [(len(prompt) + i + 1, 0) for i in range(20)]  # after the tokens are appended
+        assert all(s.bonus == 1 and s.source == "greedy" and s.verify_s >= 0 for s in res.steps) and res.wall_s > 0
+    eos = ref[4]
+    res = decode_loop(target, prompt, 20, GreedyStep(target), eos_id=eos)
+    assert res.tokens == ref[:ref.index(eos) + 1] and res.stopped_by_eos
+    with pytest.raises(ValueError, match="prompt is empty"): decode_loop(target, [], 5, GreedyStep(target))
+
+
+class FixedStep(DecodeStep):
+    "Emits a fixed list each step (to test the loop's accounting, not a model)."
+    def __init__(self, target, tokens, accepted, bonus_first=False):
+        super().__init__(target)
+        self.out = StepOutput(tokens, accepted, drafted=len(tokens), bonus_first=bonus_first)
+    def step(self, context, cache, remaining): return self.out
+
+
+def test_eos_cut_keeps_the_roles_of_the_tokens_before_it(target):
+    # accepted draft tokens first, bonus last: a cut inside the accepted part leaves no bonus
+    res = decode_loop(target, [1, 2], 10, FixedStep(target, [5, 6, 7, 8], accepted=3), eos_id=6)
+    assert res.tokens == [5, 6] and (res.steps[0].accepted, res.steps[0].bonus) == (2, 0)
+    # the bonus first (LUD): the first token stays the bonus
+    res = decode_loop(target, [1, 2], 10, FixedStep(target, [5, 6, 7, 8], accepted=3, bonus_first=True), eos_id=6)
+    assert res.tokens == [5, 6] and (res.steps[0].accepted, res.steps[0].bonus) == (1, 1)
+    res = decode_loop(target, [1, 2], 8, FixedStep(target, [5, 6, 7, 8], accepted=3, bonus_first=True))
+    assert res.tokens == [5, 6, 7, 8] * 2 and [(s.accepted, s.bonus) for s in res.steps] == [(3, 1)] * 2
+    with pytest.raises(ValueError, match="emitted 4 tokens; 1 to 3 allowed"):
+        decode_loop(target, [1, 2], 3, FixedStep(target, [5, 6, 7, 8], accepted=3))
+    with pytest.raises(ValueError, match="emitted 0 tokens"): decode_loop(target, [1, 2], 3, FixedStep(target, [], 0))
+
+
+class HiddenRecorder(RandomDrafter):
+    "A tree drafter that asks for hidden states and records what it is handed."
+    needs_hidden = True
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen, self.prefill = [], None
+    def observe_prefill(self, context, logits, hidden): self.prefill = (list(context), logits, hidden)
+    def observe(self, context, draft, accepted, logits, hidden=None): self.seen.append((draft, logits, hidden))
+
+
+def test_drafters_that_need_hidden_states_get_the_lm_heads_input(target):
+    prompt = PROMPTS[3]
+    rec = HiddenRecorder(seed=4, tree=True)
+    res = generate(target, prompt, 15, rec)
+    assert res.tokens == reference_decode(target, prompt, 15)
+    ctx, logits, hidden = rec.prefill
+    with torch.no_grad():
+        assert ctx == prompt and torch.allclose(hidden, target.hidden_states(torch.tensor([prompt[:-1]]))[0], atol=1e-12)
+        assert torch.allclose(target.lm_head(hidden), logits, atol=1e-12)
+        for draft, logits, hidden in rec.seen:
+            assert hidden.shape == (1 + len(draft), 32) and torch.allclose(target.lm_head(hidden), logits, atol=1e-12)
+    plain = HiddenRecorder(seed=4, tree=True)
+    plain.needs_hidden = False   # an observe_prefill without hidden states: called, with hidden=None
+    generate(target, prompt, 15, plain)
+    assert plain.prefill[2] is None and all(h is None for _, _, h in plain.seen)
+
+
+def test_hidden_states_are_refused_for_a_model_without_them(target):
+    class LogitsOnly(torch.nn.Module):   # a CausalLM whose forward has no return_hidden
+        def __init__(self, m): super().__init__(); self.m = m
+        vocab_size = 40
+        def new_cache(self, batch_size=1, capacity=256): return self.m.new_cache(batch_size, capacity)
+        def forward(self, tokens, positions=None, cache=None, attn_mask=None): return self.m(tokens, positions, cache, attn_mask)
+    wrapped = LogitsOnly(target)
+    assert returns_hidden(target) and not returns_hidden(wrapped)
+    with pytest.raises(ValueError, match="HiddenRecorder reads the target's hidden states, but LogitsOnly.forward has no"):
+        generate(wrapped, [1, 2], 5, HiddenRecorder())
+    assert generate(wrapped, [1, 2], 5, RandomDrafter()).tokens == reference_decode(target, [1, 2], 5)
+
+
+def test_a_drafter_can_run_the_target_pass(target):
+    "run_target serves the prefill and every verification; its logits are what the verifier uses."
+    calls = []
+
+    class Runner(RandomDrafter):
+        def run_target(self, model, tokens, positions, cache, attn_mask):
+            calls.append(tokens.shape[1])
+            return LMOutput(model(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
+    prompt = PROMPTS[2]
+    res = generate(target, prompt, 20, Runner(seed=1, tree=True))
+    assert res.tokens == reference_decode(target, prompt, 20)
+    assert calls[0] == len(prompt) - 1 and len(calls) == 1 + len(res.steps)
+
+    class Liar(RandomDrafter):   # the verifier uses run_target's logits: a pass that returns others changes the output
+        def run_target(self, model, tokens, positions, cache, attn_mask):
+            return LMOutput(model(tokens, positions=positions, cache=cache, attn_mask=attn_mask).roll(1, -1))
+    assert generate(target, prompt, 10, Liar()).tokens != reference_decode(target, prompt, 10)
+
+
+def test_accepted_node_agrees_with_the_verifier():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randrange(1, 12)
+        parents = [rng.randrange(-1, i) for i in range(n)]
+        tokens = [rng.randrange(4) for _ in range(n)]          # duplicates and siblings with equal tokens
+        draft = Draft(tokens, parents)
+        path, _ = verify_tree(draft, torch.tensor([rng.randrange(4) for _ in range(n + 1)]))
+        assert draft.accepted_node([tokens[i] for i in path]) == (path[-1] if path else -1)
+    assert Draft([1, 2], [-1, 0]).accepted_node([2]) is None
+
+
+def test_time_calls_interleaves_resets_and_syncs(monkeypatch):
+    import paper_repro.core.decoding as dec
+    log = []
+    monkeypatch.setattr(dec, "sync_device", lambda device: log.append("sync"))
+    times = time_calls({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, "cpu", repeats=2, warmup=1,
+                       reset=lambda: log.append("reset"))
+    assert set(times) == {"a", "b"} and all(len(v) == 2 and min(v) >= 0 for v in times.values())
+    assert log == ["sync", "a", "sync", "reset", "sync", "b", "sync", "reset"] * 3   # warm-up round + 2 timed rounds
+    cpu = time_calls({"x": lambda: sum(range(20000))}, "cpu", repeats=3, clock="cpu")["x"]
+    assert len(cpu) == 3 and min(cpu) >= 0
+    with pytest.raises(ValueError, match="clock must be one of"): time_calls({"x": lambda: 0}, "cpu", clock="gpu")
+    with pytest.raises(ValueError, match="clock='cpu' needs a CPU model"): time_calls({"x": lambda: 0}, "cuda", clock="cpu")
+    with pytest.raises(ValueError, match="repeats must be a positive int"): time_calls({"x": lambda: 0}, "cpu", repeats=0)
+    with pytest.raises(ValueError, match="warmup must be an int >= 0"): time_calls({"x": lambda: 0}, "cpu", warmup=-1)
+    with pytest.raises(ValueError, match="calls is empty"): time_calls({}, "cpu")
+
+
+def test_generate_accepts_tensor_and_tokenizer_prompts_and_rejects_bad_ones():
+    import torch
+    from paper_repro.core.decoding import check_prompt
+    assert check_prompt(torch.tensor([1, 2, 3]), 10, 4) == [1, 2, 3]
+    assert check_prompt(torch.tensor([[1, 2, 3]]), 10, 4) == [1, 2, 3]
+    assert check_prompt({"input_ids": [[5, 6, 0]], "attention_mask": [[1, 1, 0]]}, 10, 4) == [5, 6]
+    with pytest.raises(TypeError, match="integer token ids"):
+        check_prompt(torch.tensor([1.5, 2.0]), 10, 4)
+    with pytest.raises(ValueError, match="one sequence, got 2 rows"):
+        check_prompt(torch.tensor([[1, 2], [3, 4]]), 10, 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int, got True"):
+        check_prompt([1, 2], 10, True)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        check_prompt([1, 12], 10, 4)

@@ -1,6 +1,4 @@
-"""paper_repro.decoding.hidden_transfer: upper-layer pass, tap, pseudo rows, trees, drafters, training, losslessness."""
-import itertools
-import math
+"""paper_repro.decoding.hidden_transfer: upper-layer pass, the drafter's pass, pseudo rows, drafters, training."""
 import random
 
 import pytest
@@ -8,10 +6,10 @@ import torch
 
 from paper_repro.core.decoding import Draft, DraftModelDrafter, generate, reference_decode
 from paper_repro.core.lm import causal_mask
-from paper_repro.decoding.hidden_transfer import (HiddenTapLM, HiddenTransfer, HiddenTransferDrafter, LayerSkipLM,
-                                                  MedusaHeads, MedusaDrafter, choose_skip_layers, choose_tree,
+from paper_repro.core.trees import MedusaDrafter, MedusaHeads
+from paper_repro.decoding.hidden_transfer import (HiddenTransfer, HiddenTransferDrafter, LayerSkipLM, choose_skip_layers,
                                                   forward_from_layer, load_drafter, pseudo_mask, rank_accuracy,
-                                                  save_drafter, train_drafters, tree_draft)
+                                                  save_drafter, train_drafters)
 from conftest import tiny_lm
 
 PROMPTS = [[1], [5, 9], [3, 14, 15, 9, 2, 6], list(range(2, 30, 3)), [7] * 12]
@@ -112,91 +110,63 @@ def test_pseudo_mask_matches_brute_force():
         assert torch.equal(pseudo_mask(real[None].expand(2, -1, -1), torch.tensor(rows), k), want.expand(2, -1, -1))
 
 
-# --- the tap ---------------------------------------------------------------------------------------------------------
+# --- the drafter's pass ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layer,in_pass", [(1, True), (1, False), (0, True), (2, False)])
-def test_tap_keeps_logits_and_cache_and_pseudo_rows_match_brute_force(layer, in_pass):
+def test_drafters_pass_keeps_logits_and_cache_and_pseudo_rows_match_brute_force(layer, in_pass):
     target = tiny_lm(layers=3)
     tr = noisy_transfer(layer)
-    tap = HiddenTapLM(target, tr, in_pass)
+    d = HiddenTransferDrafter(target, tr, [(0,), (0, 0), (0, 0, 0)], in_pass)
     rng = random.Random(layer)
     for trial in range(4):
         ctx = [rng.randrange(40) for _ in range(rng.randint(2, 9))]
         parents = random_tree(rng, rng.randint(0, 7))
         draft = Draft([rng.randrange(40) for _ in parents], parents)
-        c_ref, c_tap = target.new_cache(), tap.new_cache()
+        c_ref, c_d = target.new_cache(), target.new_cache()
         with torch.no_grad():
             target(torch.tensor([ctx[:-1]]), cache=c_ref)
-            tap(torch.tensor([ctx[:-1]]), cache=c_tap)
-            tap.select(len(ctx) - 2, len(ctx) - 2)
-            assert tap.ready_for(ctx)
-            assert torch.allclose(tap.offset_logits(), brute_force_pseudo_logits(target, tr, ctx[:-1]), atol=1e-10)
+            out = d.run_target(target, torch.tensor([ctx[:-1]]), None, c_d, None)   # the prefill
+            assert torch.allclose(out.logits, target(torch.tensor([ctx[:-1]])), atol=1e-10)
+            kept = d.keep_row(out.hidden[0], len(ctx) - 2)
+            assert torch.allclose(d.offset_logits(kept), brute_force_pseudo_logits(target, tr, ctx[:-1]), atol=1e-10)
             base = len(ctx) - 1
             tokens = torch.tensor([[ctx[-1]] + draft.tokens])
-            pos = torch.tensor([base] + [base + d for d in draft.depths()])
+            pos = torch.tensor([base] + [base + dd for dd in draft.depths()])
             mask = torch.cat([torch.ones(len(draft) + 1, base, dtype=torch.bool), draft.ancestor_mask()], dim=1)
-            ref, got = target(tokens, pos, c_ref, mask), tap(tokens, pos, c_tap, mask)
-            assert torch.allclose(ref, got, atol=1e-10) and c_ref.length == c_tap.length == base + 1 + len(draft)
-            assert torch.allclose(c_ref.k[:, :, :, :c_ref.length], c_tap.k[:, :, :, :c_ref.length], atol=1e-10)
+            ref, got = target(tokens, pos, c_ref, mask), d.run_target(target, tokens, pos, c_d, mask)
+            assert torch.allclose(ref, got.logits, atol=1e-10) and c_ref.length == c_d.length == base + 1 + len(draft)
+            assert torch.allclose(c_ref.k[:, :, :, :c_ref.length], c_d.k[:, :, :, :c_ref.length], atol=1e-10)
+            assert torch.allclose(target.lm_head(got.hidden), got.logits, atol=1e-12)
             for node in range(-1, len(draft)):
                 path = [ctx[-1]] + [draft.tokens[j] for j in draft.path_to(node)]
                 if not in_pass:  # after the pass the core keeps the accepted path only; do the same
-                    c = tap.cache
-                    saved = (c.k.clone(), c.v.clone(), c.length)
-                    c.keep([base + 1 + j for j in draft.path_to(node)], start=base + 1)
-                tap.select(node + 1, base + len(path) - 1)
+                    saved = (c_d.k.clone(), c_d.v.clone(), c_d.length)
+                    c_d.keep([base + 1 + j for j in draft.path_to(node)], start=base + 1)
                 want = brute_force_pseudo_logits(target, tr, ctx[:-1] + path)
-                assert torch.allclose(tap.offset_logits(), want, atol=1e-10), (trial, node)
-                if not in_pass: c.k, c.v, c.length = saved
+                assert torch.allclose(d.offset_logits(d.keep_row(got.hidden[0], node + 1)), want, atol=1e-10), (trial, node)
+                if not in_pass: c_d.k, c_d.v, c_d.length = saved
 
 
-def test_tap_rejects_bad_transfer_layer(target):
-    with pytest.raises(ValueError, match="transfer.layer must be an int in"): HiddenTapLM(target, HiddenTransfer(32, 2, 2))
-    with pytest.raises(ValueError, match="no HiddenTransfer"):
-        HiddenTapLM(target).offset_logits()
+def test_drafter_rejects_bad_transfer_and_models(target):
+    with pytest.raises(ValueError, match="transfer.layer must be an int in"):
+        HiddenTransferDrafter(target, HiddenTransfer(32, 2, 2), [(0,)])
+    with pytest.raises(TypeError, match="transfer must be a HiddenTransfer"): HiddenTransferDrafter(target, None, [(0,)])
+    d = HiddenTransferDrafter(target, noisy_transfer(1), [(0,)])
+    with pytest.raises(ValueError, match="built for another target"): generate(tiny_lm(seed=5), [1, 2, 3], 4, d)
     with pytest.raises(ValueError, match="k \\(future offsets\\)"): HiddenTransfer(32, 0, 1)
     with pytest.raises(ValueError, match="k \\(future offsets\\)"): MedusaHeads(32, 40, 0)
     with pytest.raises(ValueError, match="needs the target's lm_head"): MedusaHeads(32, 40, 2, own_lm_head=False)
-
-
-# --- trees -----------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("seed", range(5))
-def test_choose_tree_is_the_top_paths_by_probability(seed):
-    g = torch.Generator().manual_seed(seed)
-    k, R = 3, 4
-    acc = torch.rand(k, R, generator=g).double() * 0.9
-    everything = [p for d in range(1, k + 1) for p in itertools.product(range(R), repeat=d)]
-    prob = lambda p: math.prod(float(acc[d, r]) for d, r in enumerate(p))
-    for size in (1, 5, 17, len(everything), len(everything) + 3):
-        got = choose_tree(acc, size)
-        assert set(got) == set(sorted(everything, key=prob, reverse=True)[:size])
-        assert all(p[:-1] in got[:got.index(p)] for p in got if len(p) > 1)  # parents first
-
-
-def test_tree_draft_nodes_follow_their_rank_paths():
-    cands = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
-    d = tree_draft(cands, PATHS, max_depth=3, source="x")
-    assert len(d) == len(PATHS) and d.source == "x"
-    by_tokens = {tuple(d.tokens[j] for j in d.path_to(i)) for i in range(len(d))}
-    assert by_tokens == {tuple(cands[depth][r] for depth, r in enumerate(p)) for p in PATHS}
-    assert tree_draft(cands, PATHS, max_depth=1).tokens == [10, 11, 12]
-    assert len(tree_draft(cands, PATHS, max_depth=0)) == 0
-    with pytest.raises(ValueError, match="no parent path"): tree_draft(cands, [(0, 1)], 3)
-    with pytest.raises(ValueError, match="needs more depths/ranks"): tree_draft(cands, [(5,)], 3)
-    with pytest.raises(ValueError, match="size must be"): choose_tree(torch.rand(2, 2), -1)
-    with pytest.raises(ValueError, match="rank_acc must be"): choose_tree(torch.rand(2), 3)
 
 
 # --- drafters: losslessness ------------------------------------------------------------------------------------------
 
 def make_drafters(target):
     return {
-        "ht_in_pass": lambda: HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), True), PATHS),
-        "ht_after_pass": lambda: HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), False), PATHS),
-        "ht_layer0": lambda: HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(0), True), PATHS),
-        "medusa": lambda: MedusaDrafter(HiddenTapLM(target), noisy_heads(target), PATHS),
-        "medusa_shared": lambda: MedusaDrafter(HiddenTapLM(target), noisy_heads(target, own=False), PATHS),
+        "ht_in_pass": lambda: HiddenTransferDrafter(target, noisy_transfer(1), PATHS, True),
+        "ht_after_pass": lambda: HiddenTransferDrafter(target, noisy_transfer(1), PATHS, False),
+        "ht_layer0": lambda: HiddenTransferDrafter(target, noisy_transfer(0), PATHS, True),
+        "medusa": lambda: MedusaDrafter(noisy_heads(target), PATHS),
+        "medusa_shared": lambda: MedusaDrafter(noisy_heads(target, own=False), PATHS),
     }
 
 
@@ -206,8 +176,7 @@ def test_drafters_are_lossless(target, name):
     for prompt in PROMPTS:
         for max_new in (1, 2, 33):
             ref = ref_decode(target, prompt, max_new)
-            d = make()
-            res = generate(d.tap, prompt, max_new, d)
+            res = generate(target, prompt, max_new, make())
             assert res.tokens == ref, (prompt, max_new)
             check_invariants(res, max_new)
             assert all(s.drafted <= len(PATHS) for s in res.steps)
@@ -219,25 +188,26 @@ def test_lossless_with_eos_inside_accepted_drafts(target):
     for eos in sorted(set(full[3:20]))[:3]:
         ref = ref_decode(target, prompt, 40, eos_id=eos)
         for make in make_drafters(target).values():
-            d = make()
-            res = generate(d.tap, prompt, 40, d, eos_id=eos)
+            res = generate(target, prompt, 40, make(), eos_id=eos)
             assert res.tokens == ref and res.stopped_by_eos
 
 
 @pytest.mark.parametrize("in_pass", [True, False])
 def test_a_shallow_tree_needs_fewer_pseudo_rows_and_drafts_the_same(target, in_pass):
-    "A depth-1 tree makes the tap compute one pseudo row per source row; its drafts equal the depth-1 part of the full ones."
+    "A depth-1 tree makes the drafter compute one pseudo row per source row; its drafts equal the depth-1 part of the full ones."
     shallow = [(0,), (1,), (2,)]
-    full = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), in_pass), PATHS)
-    one = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), in_pass), shallow)
-    assert one.tap.offsets == 1 and full.tap.offsets == 3
+    full = HiddenTransferDrafter(target, noisy_transfer(1), PATHS, in_pass)
+    one = HiddenTransferDrafter(target, noisy_transfer(1), shallow, in_pass)
+    assert one.offsets == 1 and full.offsets == 3
     prompt = [3, 14, 15, 9, 2, 6]
     with torch.no_grad():
-        for d in (full, one):
-            d.tap(torch.tensor([prompt[:-1]]), cache=d.tap.new_cache())
-        if in_pass: assert one.tap.pseudo.shape[2] == 1 and full.tap.pseudo.shape[2] == 3
-        assert torch.allclose(one.tap.offset_logits(), full.tap.offset_logits()[:1], atol=1e-10)
-    res = generate(one.tap, prompt, 30, one)
+        logits = {}
+        for name, d in (("full", full), ("one", one)):
+            out = d.run_target(target, torch.tensor([prompt[:-1]]), None, target.new_cache(), None)
+            logits[name] = d.offset_logits(d.keep_row(out.hidden[0], len(prompt) - 2))
+        if in_pass: assert one._pseudo.shape[2] == 1 and full._pseudo.shape[2] == 3
+        assert logits["one"].shape[0] == 1 and torch.allclose(logits["one"], logits["full"][:1], atol=1e-10)
+    res = generate(target, prompt, 30, one)
     assert res.tokens == ref_decode(target, prompt, 30) and all(s.drafted <= 3 for s in res.steps)
 
 
@@ -245,50 +215,50 @@ def test_one_pass_and_after_pass_draft_the_same(target):
     for prompt in PROMPTS:
         steps = {}
         for in_pass in (True, False):
-            d = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), in_pass), PATHS)
-            res = generate(d.tap, prompt, 30, d)
+            res = generate(target, prompt, 30, HiddenTransferDrafter(target, noisy_transfer(1), PATHS, in_pass))
             steps[in_pass] = [(s.drafted, s.accepted) for s in res.steps]
             assert all(s.draft_s >= 0 for s in res.steps)
         assert steps[True] == steps[False]
 
 
 def test_drafter_reused_across_prompts_stays_lossless(target):
-    d = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), True), PATHS)
+    d = HiddenTransferDrafter(target, noisy_transfer(1), PATHS, True)
     for prompt in [[3, 1, 4, 1, 5], [9], [2, 7], [9]]:
-        res = generate(d.tap, prompt, 20, d)
+        res = generate(target, prompt, 20, d)
         assert res.tokens == ref_decode(target, prompt, 20)
-        if len(prompt) == 1: assert res.steps[0].drafted == 0  # a stale tap must not be used for a new prompt
+        if len(prompt) == 1: assert res.steps[0].drafted == 0  # a stale row must not be used for a new prompt
 
 
-def test_observe_selects_the_last_accepted_node(target):
-    "Propose a tree, let the target verify it, and check the row the tap selected is the deepest accepted node."
+def test_observe_keeps_the_row_of_the_last_accepted_node(target):
+    "Propose a known tree, let the target verify it, and check the kept row drafts what the deepest accepted node would."
     prompt = [3, 14, 15, 9, 2, 6]
     cont = reference_decode(target, prompt, 6)
-    d = HiddenTransferDrafter(HiddenTapLM(target, noisy_transfer(1), True), PATHS)
+    tr = noisy_transfer(1)
+    d = HiddenTransferDrafter(target, tr, PATHS, True)
 
     class Fixed:  # a known tree whose accepted path is cont[0:2] via nodes 1 -> 3
-        tap = d.tap
+        needs_hidden, run_target, observe_prefill = True, d.run_target, d.observe_prefill
         def propose(self, context, max_tokens):
             wrong = lambda t: (t + 1) % 40
             return Draft([wrong(cont[0]), cont[0], wrong(cont[1]), cont[1], wrong(cont[2])], [-1, -1, 1, 1, 3]) \
                 if len(context) == len(prompt) else Draft.empty()
-        def observe(self, context, draft, accepted, logits):
-            d.observe(context, draft, accepted, logits)
-            if draft.tokens: self.seen = (accepted, d.tap.selected_row, d.tap.selected_pos, len(context))
+        def observe(self, context, draft, accepted, logits, hidden=None):
+            d.observe(context, draft, accepted, logits, hidden)
+            if draft.tokens: self.seen = (accepted, list(context), d.offset_logits(d._kept).clone())
     f = Fixed()
-    res = generate(d.tap, prompt, 5, f)
+    res = generate(target, prompt, 5, f)
     assert res.tokens == reference_decode(target, prompt, 5)
-    accepted, row, pos, n = f.seen
-    assert accepted == 2 and row == 1 + 3 and pos == n - 2
+    accepted, context, logits = f.seen
+    assert accepted == 2 and context == prompt + cont[:3]
+    with torch.no_grad():  # the accepted node's pseudo rows: the context up to cont[1]; the bonus cont[2] is the next root
+        assert torch.allclose(logits, brute_force_pseudo_logits(target, tr, prompt + cont[:2]), atol=1e-10)
 
 
 def test_drafters_reject_bad_trees(target):
-    tap = HiddenTapLM(target, noisy_transfer(1))
-    with pytest.raises(ValueError, match="paths is empty"): HiddenTransferDrafter(tap, [])
-    with pytest.raises(ValueError, match="bad tree path"): HiddenTransferDrafter(tap, [(0,), (0, 0, 0, 0)])  # deeper than k
-    with pytest.raises(ValueError, match="bad tree path"): HiddenTransferDrafter(tap, [(0, 1)])
-    with pytest.raises(ValueError, match="needs a HiddenTapLM built with a HiddenTransfer"):
-        HiddenTransferDrafter(HiddenTapLM(target), PATHS)
+    tr = noisy_transfer(1)
+    with pytest.raises(ValueError, match="paths is empty"): HiddenTransferDrafter(target, tr, [])
+    with pytest.raises(ValueError, match="bad tree path"): HiddenTransferDrafter(target, tr, [(0,), (0, 0, 0, 0)])  # deeper than k
+    with pytest.raises(ValueError, match="bad tree path"): HiddenTransferDrafter(target, tr, [(0, 1)])
 
 
 # --- training, accuracy, checkpoints ---------------------------------------------------------------------------------
@@ -318,8 +288,7 @@ def test_training_learns_and_drafts_get_accepted(sharp_target_and_stream):
     for name, model in [("trained", models["t1"].eval()), ("untrained", untrained)]:
         total = 0.0
         for prompt in [stream[:6].tolist(), stream[70:75].tolist(), [5, 6, 7]]:
-            d = HiddenTransferDrafter(HiddenTapLM(target, model), PATHS)
-            res = generate(d.tap, prompt, 60, d)
+            res = generate(target, prompt, 60, HiddenTransferDrafter(target, model, PATHS))
             assert res.tokens == ref_decode(target, prompt, 60)
             total += res.mean_accepted
         mat[name] = total / 3
@@ -397,3 +366,40 @@ def test_bench_decoder_is_lossless_on_the_zoo_target():
     for prompt in ([1], [40, 41, 42, 43, 44, 45, 46, 47]):
         res = decode(prompt, 12)
         assert res.tokens == generate(target, prompt, 12).tokens and len(res.steps) <= 12
+
+
+def test_train_drafters_equals_one_optimiser_per_model(sharp_target_and_stream):
+    "The fit-based loop equals the loop it replaced (one AdamW per model, each clipped by its own norm), bit for bit."
+    from paper_repro.core.train import warmup_cosine
+    from paper_repro.decoding.hidden_transfer import kl_to_target, offset_targets, teacher_pass, transfer_logits
+    target, stream = sharp_target_and_stream
+
+    def fresh():
+        torch.manual_seed(0)
+        return {"t0": noisy_transfer(0), "t1": noisy_transfer(1, seed=1), "med": noisy_heads(target)}
+    new, ref = fresh(), fresh()
+    steps, B, L, A, lr, warm = 4, 2, 32, 8, 2e-2, 2
+    train_drafters(target, new, stream, steps, batch_size=B, seq_len=L, anchors=A, lr=lr, warmup=warm, progress=False)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) for n, m in ref.items()}
+    gen, k = torch.Generator().manual_seed(0), 3
+    target.requires_grad_(False)
+    try:
+        for step in range(steps):
+            starts = torch.randint(0, len(stream) - L, (B,), generator=gen).tolist()
+            x = torch.stack([stream[s:s + L] for s in starts])
+            anc = torch.randperm(L - k, generator=gen)[:A].sort().values
+            logp, resid, cache = teacher_pass(target, x)
+            emb = target.embed_tokens(x)
+            for name, m in ref.items():
+                if isinstance(m, HiddenTransfer):
+                    loss = kl_to_target(offset_targets(logp, anc, k), transfer_logits(target, m, resid, cache, anc, emb))
+                else:
+                    every = torch.arange(L - k)
+                    loss = kl_to_target(offset_targets(logp, every, k), m(target.norm(resid[-1])[:, every]))
+                for g in opts[name].param_groups: g["lr"] = warmup_cosine(step, steps, warm, lr)
+                opts[name].zero_grad(set_to_none=True); loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opts[name].step()
+    finally:
+        target.requires_grad_(True)
+    for name in ref:
+        assert all(torch.equal(a, b) for a, b in zip(ref[name].parameters(), new[name].parameters())), name

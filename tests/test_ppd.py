@@ -8,10 +8,11 @@ import torch
 
 from paper_repro.core.decoding import Draft, Sampler, generate, reference_decode, verify_tree
 from paper_repro.core.lm import LMConfig, TransformerLM
-from paper_repro.decoding.ppd import (DynamicTrees, MedusaDrafter, MedusaHeads, PPDDrafter, PromptTokens, PromptTree,
-                                      _layout, accepted_node, best_paths, build_dynamic_trees, distill_batch,
-                                      distill_loss, group_inputs, offset_accuracy, path_probs, prompt_logits,
-                                      static_tree, train_ppd, tree_stats, verify_latency, choose_tree_size)
+from paper_repro.core.trees import MedusaDrafter, MedusaHeads
+from paper_repro.decoding.ppd import (DynamicTrees, PPDDrafter, PromptTokens, PromptTree, _layout, build_dynamic_trees,
+                                      distill_batch, distill_loss, group_inputs, offset_accuracy, path_probs,
+                                      prompt_logits, static_tree, train_ppd, tree_stats, verify_latency,
+                                      choose_tree_size)
 
 from conftest import tiny_lm
 
@@ -136,25 +137,39 @@ def test_training_lowers_the_loss_and_leaves_the_target_frozen(target):
     with pytest.raises(ValueError, match="medusa has 2 heads"):
         train_ppd(target, stream, 1, medusa=MedusaHeads(target.cfg.d_model, target.vocab_size, 2, target.lm_head), progress=False)
     with pytest.raises(ValueError, match="steps must be"): train_ppd(target, stream, 0)
+    with pytest.raises(ValueError, match="nothing to train"): train_ppd(target, stream, 1, train_prompts=False)
+
+
+def test_train_ppd_equals_one_optimiser_each(target):
+    "The fit-based loop equals the two-optimiser loop it replaced (own lr, own clipping), bit for bit."
+    from paper_repro.core.train import warmup_cosine
+    stream = torch.tensor(([1, 2, 3, 4, 5, 6, 7, 8] * 60))
+    steps, kw = 3, dict(batch_size=2, length=16, n_cuts=6)
+    med_new = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
+    med_ref = MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head)
+    pt_new, _ = train_ppd(target, stream, steps, medusa=med_new, progress=False, **kw)
+    pt_ref = PromptTokens.init_from(target, 3)
+    opts = [(torch.optim.AdamW([pt_ref.embeddings], lr=1e-2, weight_decay=0.0), 1e-2, [pt_ref.embeddings]),
+            (torch.optim.AdamW(med_ref.parameters(), lr=1e-3, weight_decay=0.0), 1e-3, list(med_ref.parameters()))]
+    gen = torch.Generator().manual_seed(0)
+    target.requires_grad_(False)
+    try:
+        for step in range(steps):
+            for opt, base, _ in opts:
+                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, 0, base)
+            b = distill_batch(target, stream, kw["batch_size"], kw["length"], kw["n_cuts"], 3, gen)
+            losses = [distill_loss(prompt_logits(target, pt_ref, b), b.teacher)[0], distill_loss(med_ref(b.hidden), b.teacher)[0]]
+            for (opt, _, params), loss in zip(opts, losses):
+                opt.zero_grad(set_to_none=True); loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+    finally:
+        target.requires_grad_(True)
+    assert torch.equal(pt_new.embeddings, pt_ref.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(med_new.parameters(), med_ref.parameters()))
+
 
 
 # ---------------------------------------------------------------- sparse trees
-
-def test_best_paths_match_brute_force():
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        acc = rng.dirichlet(np.ones(5), size=3) * 0.9
-        for depth, n in [(1, 3), (2, 10), (3, 40)]:
-            every = [p for d in range(1, depth + 1) for p in itertools.product(range(5), repeat=d)]
-            prob = {p: float(np.prod([acc[j, r] for j, r in enumerate(p)])) for p in every}
-            got = best_paths(acc, n, depth)
-            assert [round(p, 12) for _, p in got] == sorted((round(v, 12) for v in prob.values()), reverse=True)[:n]
-            assert all(abs(prob[path] - p) < 1e-12 for path, p in got)
-            paths = {p for p, _ in got}
-            assert all(p[:-1] in paths for p in paths if len(p) > 1)   # a tree
-    with pytest.raises(ValueError, match="max_depth"): best_paths(ACC, 3, 4)
-    with pytest.raises(ValueError, match="rows summing"): best_paths([[0.8, 0.5]], 3, 1)
-
 
 @pytest.mark.parametrize("size", [5, 8, 13, 24, 40])
 def test_dynamic_trees_fit_the_budget(size):
@@ -196,6 +211,7 @@ def test_expected_mat_matches_simulation():
 
 def test_prompt_tree_validation_and_static_tree():
     with pytest.raises(ValueError, match="before its parent"): PromptTree(((0, 1),), (0,), 3)
+    with pytest.raises(ValueError, match="appears twice"): PromptTree(((0,), (0,)), (0, 0), 3)
     with pytest.raises(ValueError, match="carries 4 prompt tokens"): PromptTree(((0,),), (4,), 3)
     with pytest.raises(ValueError, match="paths but"): PromptTree(((0,),), (), 3)
     t = PromptTree(((0,), (1,), (0, 0)), (3, 0, 1), 3)
@@ -219,21 +235,6 @@ def test_layout_respects_the_depth_limit():
     full = _layout(t, 5, ids)
     assert len(full.parents) == t.size - 1 and full.prompt_rows[-1] == [3, 4, 5]
     assert [full.tokens[i] for i in full.prompt_rows[2]] == [40, 41] and full.parents[full.prompt_rows[2][1]] == full.prompt_rows[2][0]
-
-
-# ---------------------------------------------------------------- the accepted node
-
-def test_accepted_node_agrees_with_the_verifier():
-    rng = random.Random(0)
-    for _ in range(300):
-        n = rng.randrange(1, 12)
-        parents = [rng.randrange(-1, i) for i in range(n)]
-        tokens = [rng.randrange(4) for _ in range(n)]          # duplicates and siblings with equal tokens
-        draft = Draft(tokens, parents)
-        target_tokens = torch.tensor([rng.randrange(4) for _ in range(n + 1)])
-        path, _ = verify_tree(draft, target_tokens)
-        node = accepted_node(parents, tokens, [tokens[i] for i in path])
-        assert node == (path[-1] if path else -1)
 
 
 # ---------------------------------------------------------------- the drafters: losslessness
@@ -266,6 +267,21 @@ def test_ppd_is_lossless(target, prompts, size):
             res = generate(target, prompt, n, PPDDrafter(target, prompts, trees, topk=4))
             assert res.tokens == reference_decode(target, prompt, n), (size, prompt, n)
             assert res.new_tokens == sum(s.accepted + s.bonus for s in res.steps)
+    assert not target.embed_tokens._forward_hooks and not target.embed_tokens._forward_pre_hooks
+
+
+def test_prompt_tokens_are_attached_only_during_the_drafters_passes(target, prompts):
+    d = PPDDrafter(target, prompts, build_dynamic_trees(ACC, 9), topk=4)
+    d.propose([1, 2], 5)
+    assert not target.embed_tokens._forward_hooks   # proposing attaches nothing
+    during = []
+    probe = target.norm.register_forward_hook(lambda m, a, o: during.append(bool(target.embed_tokens._forward_hooks)))
+    try:
+        res = generate(target, [3, 1, 4, 1], 12, d)
+    finally:
+        probe.remove()
+    assert res.tokens == reference_decode(target, [3, 1, 4, 1], 12)
+    assert len(during) == 1 + len(res.steps) and all(during)   # the prefill and every verification pass
     assert not target.embed_tokens._forward_hooks and not target.embed_tokens._forward_pre_hooks
 
 
@@ -306,8 +322,6 @@ def test_drafters_reject_bad_input(target, prompts):
     with pytest.raises(ValueError, match="topk must be an int"): PPDDrafter(target, prompts, trees, topk=0)
     with pytest.raises(ValueError, match="built for 2 prompt tokens"):
         PPDDrafter(target, prompts, build_dynamic_trees(ACC[:2], 12), topk=4)
-    with pytest.raises(ValueError, match="no prompt tokens"):
-        MedusaDrafter(target, MedusaHeads(target.cfg.d_model, target.vocab_size, 3, target.lm_head), trees.trees[2], topk=4)
     with pytest.raises(ValueError, match="n_heads must be"): MedusaHeads(target.cfg.d_model, target.vocab_size, 0, target.lm_head)
 
 
@@ -320,8 +334,9 @@ def test_medusa_baseline_is_lossless(target):
         tree = static_tree(ACC, size)
         for prompt in PROMPTS[:3]:
             for n in (1, 4, 33):
-                res = generate(target, prompt, n, MedusaDrafter(target, heads, tree, topk=4))
+                res = generate(target, prompt, n, MedusaDrafter(heads, tree.paths, warm_start=False))
                 assert res.tokens == reference_decode(target, prompt, n)
+                assert res.steps[0].drafted == 0   # cold, like PPD: the first step is a plain one
     assert not target.norm._forward_hooks
 
 

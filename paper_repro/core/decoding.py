@@ -10,20 +10,20 @@ Docs: https://paper-repro.github.io/paper_repro/core/decoding.html.md"""
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Hashable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .lm import CausalLM
+from .lm import CausalLM, LMOutput
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
-           'check_prompt', 'sync_device', 'generate', 'greedy_decode', 'reference_decode', 'BatchDecodeResult',
-           'batch_greedy_decode', 'DraftModelDrafter', 'MedusaHeads']
+__all__ = ['CLOCKS', 'Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
+           'check_prompt', 'sync_device', 'StepOutput', 'DecodeStep', 'decode_loop', 'returns_hidden', 'generate',
+           'greedy_decode', 'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter',
+           'time_calls']
 
 # %% ../../nbs/core/decoding.ipynb #4af98fad
 @dataclass
@@ -77,6 +77,19 @@ class Draft:
         Shared between drafts of the same shape: do not modify it in place."""
         return self._shape.ancestors
 
+    def accepted_node(self, accepted_tokens: Sequence[int]) -> int | None:
+        """The node the greedy verifier ends at when it accepted `accepted_tokens`: the first node, in draft order, at
+        depth `len(accepted_tokens)` whose path spells them (`verify_tree`'s tie rule); -1 (the root) when none were
+        accepted; None when no node does (only after a step cut short at an EOS)."""
+        A = len(accepted_tokens)
+        if A == 0: return -1
+        ok = [False] * len(self.tokens)
+        for i, (p, t) in enumerate(zip(self.parents, self.tokens)):
+            d = self._shape.depths[i]
+            ok[i] = d <= A and t == accepted_tokens[d - 1] and (p < 0 or ok[p])
+            if ok[i] and d == A: return i
+        return None
+
 @dataclass(frozen=True)
 class _TreeShape:
     depths: tuple[int, ...]
@@ -102,6 +115,9 @@ class Drafter(Protocol):
     "Proposes drafts; `observe` receives the outcome of each verification and the target's logits of that pass."
     def propose(self, context: list[int], max_tokens: int) -> Draft: ...
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: ...
+
+# Optional drafter members (see above): `needs_hidden: bool`, `observe_prefill(context, logits, hidden)`,
+# `run_target(target, tokens, positions, cache, attn_mask) -> LMOutput`.
 
 class NoDrafter:
     "Plain autoregressive decoding: never drafts."
@@ -232,13 +248,12 @@ class DecodeResult:
         return out
 
 # %% ../../nbs/core/decoding.ipynb #20eddf2d
-def check_prompt(prompt: Sequence[int], vocab_size: int, max_new_tokens: int) -> list[int]:
-    "The prompt as a list of ints, after checking it and the budget (a `ValueError` names what is wrong)."
-    prompt = [int(t) for t in prompt]
-    if not prompt: raise ValueError("prompt is empty: give at least one token (e.g. a BOS or EOS token)")
-    bad = [t for t in prompt if not 0 <= t < vocab_size]
-    if bad: raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def check_prompt(prompt, vocab_size: int, max_new_tokens: int) -> list[int]:
+    """The prompt as a list of ints, after checking it and the budget (a one-line `ValueError`/`TypeError` names what
+    is wrong). Takes a `list[int]`, a 1-D integer tensor (or 2-D with one row) or a tokenizer's `BatchEncoding`."""
+    from paper_repro.core.hf import as_token_list  # one coercion for the native model and the adapter (no transformers import)
+    prompt = as_token_list(prompt, vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
@@ -246,70 +261,154 @@ def sync_device(device: torch.device) -> None:
     "Wait for queued GPU work, so that wall-clock timings are honest (a no-op on CPU)."
     if device.type == "cuda": torch.cuda.synchronize(device)
 
+@dataclass
+class StepOutput:
+    "What one decoding step emitted; `decode_loop` cuts it at an EOS and turns it into a `StepStats`."
+    tokens: list[int]           # the emitted tokens, in order (at least one)
+    accepted: int               # how many of them are accepted draft tokens (the others are the bonus)
+    drafted: int = 0
+    tree_size: int = 0
+    source: str = ""
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    draft_calls: int = 0
+    bonus_first: bool = False   # the bonus is the first token (LUD), not the one after the accepted ones
+
+class DecodeStep:
+    """One decoding method's step, run by `decode_loop` (one object per call: it may keep state between steps).
+    Override `step`; `prefill` and `commit` have plain defaults."""
+    def __init__(self, target: CausalLM):
+        self.target = target
+        self.device = next(target.parameters()).device
+
+    def prefill(self, context: list[int], cache) -> int:
+        "Put `context[:-1]` in the cache (the last token is the first step's root); return the target calls made."
+        if len(context) < 2: return 0
+        self.target(torch.tensor([context[:-1]], device=self.device), cache=cache)
+        return 1
+
+    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
+        "Emit 1…`remaining` tokens after `context`, the committed tokens (read it, do not modify it)."
+        raise NotImplementedError
+
+    def commit(self, context: list[int], accepted: int) -> None:
+        "After the loop appended this step's tokens (cut at an EOS) to `context`; `accepted` counts after the cut."
+
+@torch.no_grad()
+def decode_loop(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, step: DecodeStep,
+                eos_id: int | None = None, extra_capacity: int = 0, lossless: bool = True) -> DecodeResult:
+    """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with `step`: prefill, steps, EOS cut, statistics,
+    timing. The cache is sized for prompt + budget + `extra_capacity` (what a step feeds beyond its output)."""
+    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
+    device = next(target.parameters()).device
+    sync_device(device)
+    t0 = time.perf_counter()
+    cache = target.new_cache(1, capacity=len(context) + max_new_tokens + extra_capacity)
+    res = DecodeResult([], len(context), device=str(device), lossless=lossless)
+    res.prefill_calls = step.prefill(context, cache)
+    while res.new_tokens < max_new_tokens:
+        remaining = max_new_tokens - res.new_tokens
+        out = step.step(context, cache, remaining)
+        if not 1 <= len(out.tokens) <= remaining:
+            raise ValueError(f"{type(step).__name__} emitted {len(out.tokens)} tokens; 1 to {remaining} allowed")
+        emitted = out.tokens
+        if eos_id is not None and eos_id in emitted:
+            emitted = emitted[: emitted.index(eos_id) + 1]
+            res.stopped_by_eos = True
+        accepted = max(0, min(out.accepted, len(emitted) - int(out.bonus_first)))
+        context.extend(emitted)
+        res.tokens.extend(emitted)
+        res.draft_calls += out.draft_calls
+        t_commit = time.perf_counter()
+        step.commit(context, accepted)  # e.g. the drafter learns from the pass: verification time
+        res.steps.append(StepStats(out.drafted, accepted, len(emitted) - accepted, out.tree_size, out.source,
+                                   out.draft_s, out.verify_s + time.perf_counter() - t_commit))
+        if res.stopped_by_eos: break
+    sync_device(device)
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+# %% ../../nbs/core/decoding.ipynb #5d3c1f0e
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+def returns_hidden(model: CausalLM) -> bool:
+    "Whether `model.forward` accepts `return_hidden=True` (and so can hand a drafter its final hidden states)."
+    return "return_hidden" in _forward_params(type(model))
+
+class _DraftVerifyStep(DecodeStep):
+    "`generate`'s step: the drafter proposes, one target pass verifies, the drafter observes."
+    def __init__(self, target: CausalLM, drafter: Drafter, sampler: Sampler, max_draft: int):
+        super().__init__(target)
+        self.drafter, self.sampler, self.max_draft = drafter, sampler, max_draft
+        self.hidden = bool(getattr(drafter, "needs_hidden", False))
+        self.run = getattr(drafter, "run_target", None)
+        if self.hidden and self.run is None and not returns_hidden(target):
+            raise ValueError(f"{type(drafter).__name__} reads the target's hidden states, but {type(target).__name__}"
+                             ".forward has no return_hidden option (TransformerLM has)")
+        self._last: tuple[Draft, LMOutput] | None = None
+
+    def _pass(self, tokens, positions=None, cache=None, attn_mask=None) -> LMOutput:
+        if self.run is not None: return self.run(self.target, tokens, positions, cache, attn_mask)
+        if self.hidden: return self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask, return_hidden=True)
+        return LMOutput(self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
+
+    def prefill(self, context: list[int], cache) -> int:
+        if len(context) < 2: return 0
+        out = self._pass(torch.tensor([context[:-1]], device=self.device), cache=cache)
+        hook = getattr(self.drafter, "observe_prefill", None)
+        if hook is not None: hook(context, out.logits[0], None if out.hidden is None else out.hidden[0])
+        return 1
+
+    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
+        t_draft = time.perf_counter()
+        draft = self.drafter.propose(context, min(remaining - 1, self.max_draft))
+        if draft.depth > remaining - 1:
+            raise ValueError(f"{type(self.drafter).__name__} proposed a draft {draft.depth} deep; at most {remaining - 1} allowed")
+        t_verify = time.perf_counter()
+        path, bonus, out = self._verify(cache, context[-1], draft)
+        self._last = (draft, out)
+        return StepOutput([draft.tokens[i] for i in path] + [bonus], len(path), len(draft), len(draft), draft.source,
+                          t_verify - t_draft, time.perf_counter() - t_verify, draft.draft_calls)
+
+    def commit(self, context: list[int], accepted: int) -> None:
+        draft, out = self._last
+        if self.hidden: self.drafter.observe(context, draft, accepted, out.logits, hidden=out.hidden)
+        else: self.drafter.observe(context, draft, accepted, out.logits)
+
+    def _verify(self, cache, root: int, draft: Draft) -> tuple[list[int], int, LMOutput]:
+        "One target pass over `[root] + draft`; cut the cache back to the accepted path; (path, bonus, the pass's rows)."
+        base, device, sampler = cache.length, self.device, self.sampler
+        tokens = torch.tensor([[root] + draft.tokens], device=device)
+        chain = draft.is_chain
+        if chain:
+            positions, mask, tree = None, None, None
+        else:
+            positions = torch.tensor([base] + [base + d for d in draft.depths()], device=device)
+            tree = draft.ancestor_mask().to(device)
+            mask = torch.cat([torch.ones(len(draft) + 1, base, dtype=torch.bool, device=device), tree], dim=1)
+        out = self._pass(tokens, positions, cache, mask)
+        logits = out.logits[0]
+        if draft.q is not None and not sampler.greedy:
+            accepted, bonus = verify_speculative(sampler.probs(logits), draft.q.to(logits.dtype), draft.tokens,
+                                                 sampler.generator(device))
+            path = list(range(accepted))
+        else:
+            depths = [0] + (list(range(1, len(draft) + 1)) if chain else draft.depths())
+            path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
+        if chain: cache.truncate(base + 1 + len(path))
+        else: cache.keep([base + 1 + i for i in path], start=base + 1)
+        return path, bonus, LMOutput(logits, None if out.hidden is None else out.hidden[0])
+
 @torch.no_grad()
 def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, drafter: Drafter | None = None,
              sampler: Sampler | None = None, eos_id: int | None = None, max_draft: int = 256) -> DecodeResult:
     """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with draft-then-verify.
     `drafter=None` is plain autoregressive decoding through the same loop. Greedy verification and per-position sampling
     are exact; drafts with probabilities `q` under sampling use speculative sampling (exact in distribution)."""
-    drafter = drafter or NoDrafter()
-    sampler = sampler or Sampler()
-    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
-    device = next(target.parameters()).device
-    sync_device(device)
-    t0 = time.perf_counter()
-    cache = target.new_cache(1, capacity=len(context) + max_new_tokens + max_draft + 1)
-    res = DecodeResult([], len(context), device=str(device))
-    if len(context) > 1:
-        target(torch.tensor([context[:-1]], device=device), cache=cache)
-        res.prefill_calls = 1
-    while res.new_tokens < max_new_tokens:
-        remaining = max_new_tokens - res.new_tokens
-        t_draft = time.perf_counter()
-        draft = drafter.propose(context, min(remaining - 1, max_draft))
-        if draft.depth > remaining - 1:
-            raise ValueError(f"{type(drafter).__name__} proposed a draft {draft.depth} deep; at most {remaining - 1} allowed")
-        t_verify = time.perf_counter()
-        path, bonus, logits = _verify_step(target, cache, context[-1], draft, sampler)
-        emitted = [draft.tokens[i] for i in path] + [bonus]
-        if eos_id is not None and eos_id in emitted:
-            emitted = emitted[: emitted.index(eos_id) + 1]
-            res.stopped_by_eos = True
-        accepted = min(len(path), len(emitted))
-        context.extend(emitted)
-        res.tokens.extend(emitted)
-        res.draft_calls += draft.draft_calls
-        drafter.observe(context, draft, accepted, logits)
-        res.steps.append(StepStats(len(draft), accepted, len(emitted) - accepted, len(draft), draft.source,
-                                   t_verify - t_draft, time.perf_counter() - t_verify))
-        if res.stopped_by_eos: break
-    sync_device(device)
-    res.wall_s = time.perf_counter() - t0
-    return res
-
-def _verify_step(target: CausalLM, cache, root: int, draft: Draft, sampler: Sampler) -> tuple[list[int], int, torch.Tensor]:
-    "One target pass over `[root] + draft`; cuts the cache back to the accepted path; returns (path, bonus, logits)."
-    base = cache.length
-    device = next(target.parameters()).device
-    tokens = torch.tensor([[root] + draft.tokens], device=device)
-    chain = draft.is_chain
-    if chain:
-        positions, mask, tree = None, None, None
-    else:
-        positions = torch.tensor([base] + [base + d for d in draft.depths()], device=device)
-        tree = draft.ancestor_mask().to(device)
-        mask = torch.cat([torch.ones(len(draft) + 1, base, dtype=torch.bool, device=device), tree], dim=1)
-    logits = target(tokens, positions=positions, cache=cache, attn_mask=mask)[0]
-    if draft.q is not None and not sampler.greedy:
-        accepted, bonus = verify_speculative(sampler.probs(logits), draft.q.to(logits.dtype), draft.tokens,
-                                             sampler.generator(device))
-        path = list(range(accepted))
-    else:
-        depths = [0] + (list(range(1, len(draft) + 1)) if chain else draft.depths())
-        path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
-    if chain: cache.truncate(base + 1 + len(path))
-    else: cache.keep([base + 1 + i for i in path], start=base + 1)
-    return path, bonus, logits
+    step = _DraftVerifyStep(target, drafter or NoDrafter(), sampler or Sampler(), max_draft)
+    return decode_loop(target, prompt, max_new_tokens, step, eos_id=eos_id, extra_capacity=max_draft + 1)
 
 # %% ../../nbs/core/decoding.ipynb #f17f9559
 def greedy_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, eos_id: int | None = None) -> DecodeResult:
@@ -463,28 +562,28 @@ class DraftModelDrafter:
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass
 
 # %% ../../nbs/core/decoding.ipynb #c229fa37
-class MedusaHeads(nn.Module):
-    "Medusa heads: `[..., d]` final hidden states → logits `[..., n_heads, V]` (see above)."
-    def __init__(self, d_model: int, vocab_size: int, n_heads: int, lm_head: nn.Linear | None = None,
-                 own_lm_head: bool = True):
-        super().__init__()
-        if not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"n_heads must be a positive int (one head per k (future offsets) guessed), got {n_heads!r}")
-        if not own_lm_head and lm_head is None: raise ValueError("own_lm_head=False needs the target's lm_head")
-        self.n_heads, self.own_lm_head = n_heads, own_lm_head
-        self.weight = nn.Parameter(torch.zeros(n_heads, d_model, d_model))  # zero: each head starts as the LM head
-        self.bias = nn.Parameter(torch.zeros(n_heads, d_model))
-        w = lm_head.weight.detach().clone() if lm_head is not None else torch.zeros(vocab_size, d_model)
-        if own_lm_head: self.out = nn.Parameter(w.expand(n_heads, -1, -1).clone())
-        else: self.register_buffer("out", w, persistent=False)  # frozen, and not saved: it is the target's
-        if lm_head is not None: self.to(device=w.device, dtype=w.dtype)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    @property
-    def k(self) -> int: return self.n_heads  # the number of future offsets guessed, as drafters call it
-    @property
-    def num_parameters(self) -> int: return sum(p.numel() for p in self.parameters())
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = h[..., None, :] + F.silu(torch.einsum("...d,ked->...ke", h, self.weight) + self.bias)
-        if self.own_lm_head: return torch.einsum("...kd,kvd->...kv", z, self.out)
-        return z @ self.out.T
+@torch.no_grad()
+def time_calls(calls: Mapping[Hashable, Callable[[], object]], device: torch.device | str, repeats: int = 20,
+               warmup: int = 2, clock: str = "wall", reset: Callable[[], object] | None = None
+               ) -> dict[Hashable, list[float]]:
+    """Seconds of each of `repeats` timed calls of every callable in `calls`, after `warmup` untimed rounds; rounds
+    interleave the callables; the device is synchronised around each timed call; `reset` runs untimed after every
+    call. `clock`: "wall" or "cpu" (process CPU time, CPU devices only)."""
+    if clock not in CLOCKS: raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    device = torch.device(device)
+    if clock == "cpu" and device.type != "cpu": raise ValueError(f"clock='cpu' needs a CPU model, got one on {device}")
+    if not isinstance(repeats, int) or repeats < 1: raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0: raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not calls: raise ValueError("calls is empty: give at least one callable to time")
+    now, times = CLOCKS[clock], {key: [] for key in calls}
+    for round_ in range(warmup + repeats):
+        for key, fn in calls.items():
+            sync_device(device)
+            t0 = now()
+            fn()
+            sync_device(device)
+            if round_ >= warmup: times[key].append(now() - t0)
+            if reset is not None: reset()
+    return times

@@ -352,11 +352,15 @@ class TransformerLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
-                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None,
+                return_hidden: bool = False) -> torch.Tensor | LMOutput:
         """Logits `[batch, T, vocab]` for `tokens` `[batch, T]` (or `embeds`); appends to `cache` if given (or
-        overwrites its slots from `cache_start`, see `hidden_states`)."""
-        return self.lm_head(self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start,
-                                               embeds=embeds, memory=memory))
+        overwrites its slots from `cache_start`, see `hidden_states`). `return_hidden=True`: an `LMOutput` that also
+        holds the final (post-norm) hidden states the LM head read."""
+        hidden = self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start, embeds=embeds,
+                                    memory=memory)
+        logits = self.lm_head(hidden)
+        return LMOutput(logits, hidden) if return_hidden else logits
 
 class ConditionedLM(nn.Module):
     """A cross-attention `TransformerLM` bound to one `CrossMemory`: a `CausalLM`, so the core decoders

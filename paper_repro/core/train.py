@@ -25,7 +25,7 @@ from .repro import atomic_write, resolve_device, seed_everything
 # %% auto #0
 __all__ = ['ScheduleFn', 'EVENTS', 'LossOutput', 'PRECISIONS', 'T', 'warmup_cosine', 'WarmupCosine', 'Constant', 'LinearDecay',
            'OptimConfig', 'param_groups', 'History', 'CancelFit', 'Callback', 'LambdaCallback', 'split_loss',
-           'to_device', 'Learner', 'fit', 'fp16_state_dict', 'round_fp16', 'load_or_train', 'module_blob',
+           'to_device', 'Learner', 'fit', 'frozen', 'fp16_state_dict', 'round_fp16', 'load_or_train', 'module_blob',
            'module_loader']
 
 # %% ../../nbs/core/train.ipynb #84f00f44
@@ -339,6 +339,18 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], LossOutput], batch
     learner = Learner(model, loss_fn, batches, steps, optim, schedule, param_groups, accumulate, callbacks, device,
                       precision, compile)
     return learner.run(progress=progress, desc=desc, log_every=log_every, eval_every=eval_every, eval_fn=eval_fn)
+
+# %% ../../nbs/core/train.ipynb #4b8e2d17
+from contextlib import contextmanager
+
+@contextmanager
+def frozen(*modules: nn.Module):
+    "Within the block no parameter of `modules` requires a gradient; the flags are restored afterwards (also on an error)."
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags: p.requires_grad_(False)
+    try: yield
+    finally:
+        for p, f in flags: p.requires_grad_(f)
 
 # %% ../../nbs/core/train.ipynb #ccec05ed
 def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

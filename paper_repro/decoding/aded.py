@@ -21,10 +21,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..core.decoding import Draft
+from ..core.trees import draft_from_paths
 
 # %% auto #0
 __all__ = ['NO_SUCCESSORS', 'MAKERS', 'BENCH_HEADLINE', 'Successors', 'TrigramMap', 'AdaptiveTrigrams', 'SearchTree',
-           'mcts_search', 'greedy_chain', 'best_first_paths', 'paths_to_draft', 'ADEDDrafter', 'bench_methods']
+           'mcts_search', 'greedy_chain', 'best_first_paths', 'ADEDDrafter', 'bench_methods']
 
 # %% ../../nbs/decoding/aded.ipynb #75f0ec7b
 class Successors:
@@ -244,25 +245,6 @@ def best_first_paths(successors: Callable[[tuple[int, int]], Successors], a: int
             heapq.heappush(heap, (neg_p * s / succ.cum[-1], tiebreak, path + (t,), y, t)); tiebreak += 1
     return paths
 
-# %% ../../nbs/decoding/aded.ipynb #0c237618
-def paths_to_draft(paths: Iterable[Sequence[int]], max_depth: int, max_nodes: int | None = None,
-                   source: str = "aded") -> Draft:
-    "Merge token paths into a prefix-tree `Draft`, each cut to `max_depth` tokens, at most `max_nodes` nodes."
-    tokens: list[int] = []
-    parents: list[int] = []
-    node_of: dict[tuple[int, int], int] = {}
-    limit = max_nodes if max_nodes is not None else float("inf")
-    for path in paths:
-        parent = -1
-        for t in list(path)[:max_depth]:
-            node = node_of.get((parent, int(t)))
-            if node is None:
-                if len(tokens) >= limit: return Draft(tokens, parents, source=source)  # full
-                node = node_of[(parent, int(t))] = len(tokens)
-                tokens.append(int(t)); parents.append(parent)
-            parent = node
-    return Draft(tokens, parents, source=source)
-
 # %% ../../nbs/decoding/aded.ipynb #cbcf3a33
 MAKERS = ("mcts", "chain", "tree")
 
@@ -300,7 +282,7 @@ class ADEDDrafter:
     def propose(self, context: list[int], max_tokens: int) -> Draft:
         self.trigrams.adapt(context)
         if max_tokens <= 0: return Draft.empty()
-        return paths_to_draft(self.paths(context), min(self.depth, max_tokens), self.max_nodes, source=self.maker)
+        return draft_from_paths(self.paths(context), min(self.depth, max_tokens), self.max_nodes, source=self.maker)
 
     def observe(self, context: list[int], draft: Draft, accepted: int, logits) -> None: pass
 

@@ -9,7 +9,6 @@ Docs: https://paper-repro.github.io/paper_repro/decoding/hidden_transfer.html.md
 # %% ../../nbs/decoding/hidden_transfer.ipynb #003e93a3
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from pathlib import Path
@@ -18,17 +17,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..core.decoding import Draft, MedusaHeads
-from ..core.zoo import warmup_cosine
-from ..core.lm import KVCache, TransformerLM, causal_mask, count_parameters, rope_cos_sin
+from ..core.lm import KVCache, LMOutput, TransformerLM, causal_mask, count_parameters, rope_cos_sin
+from ..core.train import OptimConfig, WarmupCosine, fit, frozen
+from ..core.trees import MedusaHeads, OffsetTreeDrafter, rank_hits
 
 # %% auto #0
 __all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'BENCH_HEADLINE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer',
-           'pseudo_mask', 'HiddenTapLM', 'choose_tree', 'tree_draft', 'HiddenTransferDrafter', 'MedusaDrafter',
-           'kl_to_target', 'teacher_pass', 'transfer_logits', 'offset_targets', 'train_drafters', 'rank_accuracy',
-           'save_drafter', 'load_drafter', 'bench_methods', 'LayerSkipLM', 'choose_skip_layers']
+           'pseudo_mask', 'HiddenTransferDrafter', 'kl_to_target', 'teacher_pass', 'transfer_logits', 'offset_targets',
+           'train_drafters', 'rank_accuracy', 'save_drafter', 'load_drafter', 'bench_methods', 'LayerSkipLM',
+           'choose_skip_layers']
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #68e47738
 def _check_layer(model: TransformerLM, layer: int, what: str = "layer", allow_last: bool = True) -> int:
@@ -97,81 +95,59 @@ def pseudo_mask(real_mask: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Te
     right = torch.kron(torch.eye(R, dtype=torch.long, device=real_mask.device), own).bool()  # + its own earlier pseudo rows
     return torch.cat([top, torch.cat([left, right.expand(*lead, R * k, R * k)], dim=-1)], dim=-2)
 
-class HiddenTapLM(nn.Module):
-    """The target as a `CausalLM` (same logits, same cache) that keeps per-row hidden states of its latest call for a
-    drafter: final states always; with `transfer`, layer-`transfer.layer` states and (`in_pass`) the pseudo rows."""
-    def __init__(self, target: TransformerLM, transfer: HiddenTransfer | None = None, in_pass: bool = True):
-        super().__init__()
-        if transfer is not None: _check_layer(target, transfer.layer, "transfer.layer", allow_last=False)
+# %% ../../nbs/decoding/hidden_transfer.ipynb #ea428acb
+class HiddenTransferDrafter(OffsetTreeDrafter):
+    """Drafts a tree of rank `paths` from the pseudo hidden states of `transfer` (see above). Use with
+    `generate(target, …)` on the same `target`: it runs the target's passes (`run_target`). `in_pass=True`: the pseudo
+    rows ride inside the verification pass (the paper); False: they run after it, one partial pass per draft."""
+    source = "hidden_transfer"
+
+    def __init__(self, target: TransformerLM, transfer: HiddenTransfer, paths: Sequence[tuple[int, ...]],
+                 in_pass: bool = True):
+        if not isinstance(transfer, HiddenTransfer):
+            raise TypeError(f"transfer must be a HiddenTransfer, got {type(transfer).__name__}")
+        _check_layer(target, transfer.layer, "transfer.layer", allow_last=False)
+        super().__init__(paths, transfer.k)
         self.target, self.transfer, self.in_pass = target, transfer, in_pass
-        self.offsets = transfer.k if transfer is not None else None  # pseudo rows per source row (a drafter may lower it)
-        self.clear()
+        self.offsets = self.depth  # pseudo rows per source row: only the depths the tree uses
+        self._pseudo = self._pseudo_rows = self._h_layer = self._cache = None  # what the latest pass kept
 
-    def clear(self) -> None:
-        "Forget the latest call (e.g. before reusing the tap on another prompt)."
-        self.final = self.h_layer = self.pseudo = self.cache = None
-        self.past, self.rows, self.pseudo_rows = 0, 0, None
-        self.selected_row, self.selected_pos = -1, -2
-
-    @property
-    def vocab_size(self) -> int: return self.target.vocab_size
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        "The target's cache (pseudo rows use its free slots past `length`; it grows if they need more)."
-        return self.target.new_cache(batch_size, capacity)
-
-    def select(self, row: int, position: int) -> None:
-        "The row of the latest call that holds the last committed-and-cached token, and that token's position."
-        self.selected_row, self.selected_pos = row, position
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        m = self.target
-        past = cache.length if cache is not None else 0
-        B, T = tokens.shape
+    def run_target(self, target: TransformerLM, tokens: torch.Tensor, positions: torch.Tensor | None,
+                   cache: KVCache | None, attn_mask: torch.Tensor | None) -> LMOutput:
+        "The target's pass (same logits, same cache), with the pseudo rows joined at layer `l` if `in_pass`."
+        if target is not self.target: raise ValueError("this HiddenTransferDrafter was built for another target model")
+        l, past, (B, T) = self.transfer.layer, (cache.length if cache is not None else 0), tokens.shape
         if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
         positions = positions.expand(B, T) if positions.dim() == 1 else positions
-        self.past, self.rows, self.cache = past, T, cache
-        self.select(T - 1, past + T - 1)  # right for a prefill or a chain; `observe` corrects it after a tree
-        if self.transfer is None:
-            self.final = m.hidden_states(tokens, positions, cache, attn_mask)
-            return m.lm_head(self.final)
-        l = self.transfer.layer
-        x = m.hidden_states(tokens, positions, cache, attn_mask, upto_layer=l)  # validates the call
-        self.h_layer = x
+        x = target.hidden_states(tokens, positions, cache, attn_mask, upto_layer=l)  # validates the call
         if cache is not None: cache.length = past  # the upper blocks write the same slots
         if not self.in_pass:
-            h = forward_from_layer(m, x, l, positions, cache, attn_mask)
+            h = forward_from_layer(target, x, l, positions, cache, attn_mask)
+            self._h_layer, self._cache = x, cache
         else:
-            rows = list(range(T)) if past > 0 else [T - 1]
-            self.pseudo_rows = rows
+            rows = list(range(T)) if past > 0 else [T - 1]  # a prefill: only its last row can be the next root's parent
             k, idx = self.offsets, torch.tensor(rows, device=tokens.device)
             pseudo = self.transfer(x[:, idx])[:, :, :k].reshape(B, len(rows) * k, -1)
-            ahead = torch.arange(1, k + 1, device=tokens.device)
-            ppos = (positions[:, idx, None] + ahead).reshape(B, -1)
+            ppos = (positions[:, idx, None] + torch.arange(1, k + 1, device=tokens.device)).reshape(B, -1)
             real = attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)
-            out = forward_from_layer(m, torch.cat([x, pseudo], 1), l, torch.cat([positions, ppos], 1), cache,
+            out = forward_from_layer(target, torch.cat([x, pseudo], 1), l, torch.cat([positions, ppos], 1), cache,
                                      pseudo_mask(real, idx, k))
-            h, self.pseudo = out[:, :T], out[:, T:].reshape(B, len(rows), k, -1)
+            h, self._pseudo, self._pseudo_rows = out[:, :T], out[:, T:].reshape(B, len(rows), k, -1), rows
         if cache is not None: cache.length = past + T
-        self.final = m.norm(h)
-        return m.lm_head(self.final)
+        final = target.norm(h)
+        return LMOutput(target.lm_head(final), final)
 
-    def ready_for(self, context: Sequence[int]) -> bool:
-        "Whether the selected row is the context's last cached token (false before any call or for a stale tap)."
-        return self.selected_row >= 0 and self.selected_pos == len(context) - 2
+    def keep_row(self, hidden: torch.Tensor, row: int):
+        if self.in_pass: return self._pseudo[0, self._pseudo_rows.index(row)]   # [offsets, d], before the final norm
+        return self._h_layer[:1, row], self._cache
 
-    def offset_logits(self, heads: MedusaHeads | None = None) -> torch.Tensor:
-        "Draft logits `[k, V]` for depths `1..k` below the next root, from the selected row (batch row 0)."
-        m, row = self.target, self.selected_row
-        if heads is not None: return heads(self.final[0, row])[:self.offsets]
-        if self.transfer is None: raise ValueError("this tap has no HiddenTransfer: pass Medusa `heads`")
-        if self.in_pass:
-            j = row if len(self.pseudo_rows) == self.rows else self.pseudo_rows.index(row)
-            return m.lm_head(m.norm(self.pseudo[0, j]))
-        # after the pass: run the k pseudo rows against the compacted cache, then free their slots again
-        k, cache = self.offsets, self.cache
-        base = cache.length  # == selected_pos + 1
-        pseudo = self.transfer(self.h_layer[:1, row])[:, :k]  # [1, k, d]
+    def offset_logits(self, kept) -> torch.Tensor:
+        m = self.target
+        if self.in_pass: return m.lm_head(m.norm(kept))
+        # after the pass: run the pseudo rows against the compacted cache, then free their slots again
+        x, cache = kept
+        k, base = self.offsets, cache.length  # base: the position of the next root
+        pseudo = self.transfer(x)[:, :k]  # [1, k, d]
         pos = torch.arange(base, base + k, device=pseudo.device)
         mask = torch.cat([torch.ones(k, base, dtype=torch.bool, device=pseudo.device),
                           torch.ones(k, k, dtype=torch.bool, device=pseudo.device).tril()], dim=1)
@@ -179,88 +155,7 @@ class HiddenTapLM(nn.Module):
         cache.length = base
         return m.lm_head(m.norm(h[0]))
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #a5547f6c
-def choose_tree(rank_acc: torch.Tensor, size: int) -> list[tuple[int, ...]]:
-    """The `size` rank paths with the highest product of per-depth accuracies (`rank_acc[d, r]`: probability that the
-    rank-`r` candidate at depth `d+1` is right), best first; every prefix of a chosen path is chosen before it."""
-    if rank_acc.dim() != 2: raise ValueError(f"rank_acc must be [depth, ranks], got shape {tuple(rank_acc.shape)}")
-    if not isinstance(size, int) or size < 0: raise ValueError(f"size must be a non-negative int, got {size!r}")
-    acc = rank_acc.double().clamp(1e-9, 1.0).tolist()
-    k, R = len(acc), len(acc[0])
-    heap = [(-acc[0][r], (r,)) for r in range(R)]
-    heapq.heapify(heap)
-    chosen: list[tuple[int, ...]] = []
-    while heap and len(chosen) < size:
-        neg_p, path = heapq.heappop(heap)
-        chosen.append(path)
-        if len(path) < k:
-            for r in range(R): heapq.heappush(heap, (neg_p * acc[len(path)][r], path + (r,)))
-    return chosen
-
-def tree_draft(candidates: Sequence[Sequence[int]], paths: Sequence[tuple[int, ...]], max_depth: int,
-               source: str = "", draft_calls: int = 0) -> Draft:
-    """A `Draft` with one node per rank path no deeper than `max_depth`; node `(r_1..r_d)` holds `candidates[d-1][r_d]`.
-    `paths` must be closed under prefixes."""
-    index: dict[tuple[int, ...], int] = {}
-    tokens, parents = [], []
-    for path in sorted((p for p in paths if len(p) <= max_depth), key=len):
-        if len(path) > len(candidates) or path[-1] >= len(candidates[len(path) - 1]):
-            raise ValueError(f"tree path {path} needs more depths/ranks than the {len(candidates)} candidate lists have")
-        parent = index.get(path[:-1], -1) if len(path) > 1 else -1
-        if len(path) > 1 and path[:-1] not in index: raise ValueError(f"tree path {path} has no parent path {path[:-1]}")
-        index[path] = len(tokens)
-        tokens.append(int(candidates[len(path) - 1][path[-1]])); parents.append(parent)
-    return Draft(tokens, parents, source=source, draft_calls=draft_calls)
-
-# %% ../../nbs/decoding/hidden_transfer.ipynb #ea428acb
-class _OffsetTreeDrafter:
-    "Shared logic: per-depth top-`width` candidates from the tap's selected row, arranged in a fixed rank-path tree."
-    source = "offsets"
-    def __init__(self, tap: HiddenTapLM, paths: Sequence[tuple[int, ...]], k: int):
-        if not paths: raise ValueError("paths is empty: give at least one rank path, e.g. [(0,)]")
-        known = set(paths)
-        for p in paths:
-            if not p or len(p) > k or any(r < 0 for r in p) or (len(p) > 1 and p[:-1] not in known):
-                raise ValueError(f"bad tree path {p}: paths need depth 1..{k}, ranks >= 0, and their prefixes")
-        self.tap, self.paths, self.k = tap, list(paths), k
-        self.width = 1 + max(max(p) for p in paths)
-        self.depth = max(len(p) for p in paths)
-        tap.offsets = self.depth  # the tap then computes pseudo rows (or heads) only for depths the tree uses
-
-    def _logits(self) -> torch.Tensor: raise NotImplementedError
-    def _draft_calls(self) -> int: return 0
-
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        if max_tokens <= 0 or not self.tap.ready_for(context): return Draft.empty()
-        depth = min(self.depth, max_tokens)
-        cands = self._logits()[:depth].topk(self.width, dim=-1).indices.tolist()  # the one host sync
-        return tree_draft(cands, self.paths, depth, self.source, self._draft_calls())
-
-    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
-        node = -1
-        for tok in context[len(context) - 1 - accepted: len(context) - 1]:  # the accepted tokens, the bonus after them
-            child = next((j for j in range(node + 1, len(draft))
-                          if draft.parents[j] == node and draft.tokens[j] == tok), None)
-            if child is None: break  # only after an EOS cut the step short; decoding stops there anyway
-            node = child
-        self.tap.select(node + 1, self.tap.past + len(draft.path_to(node)))
-
-class HiddenTransferDrafter(_OffsetTreeDrafter):
-    "Drafts from the pseudo hidden states of a `HiddenTapLM` with a `HiddenTransfer`."
-    source = "hidden_transfer"
-    def __init__(self, tap: HiddenTapLM, paths: Sequence[tuple[int, ...]]):
-        if tap.transfer is None: raise ValueError("HiddenTransferDrafter needs a HiddenTapLM built with a HiddenTransfer")
-        super().__init__(tap, paths, tap.transfer.k)
-    def _logits(self) -> torch.Tensor: return self.tap.offset_logits()
-    def _draft_calls(self) -> int: return 0 if self.tap.in_pass else 1  # the after-pass partial target call
-
-class MedusaDrafter(_OffsetTreeDrafter):
-    "Drafts from Medusa heads on the final hidden state a `HiddenTapLM` kept."
-    source = "medusa"
-    def __init__(self, tap: HiddenTapLM, heads: MedusaHeads, paths: Sequence[tuple[int, ...]]):
-        super().__init__(tap, paths, heads.k)
-        self.heads = heads
-    def _logits(self) -> torch.Tensor: return self.tap.offset_logits(self.heads)
+    def draft_calls(self) -> int: return 0 if self.in_pass else 1  # the after-pass partial target call
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #709a0d12
 def kl_to_target(target_logp: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
@@ -318,38 +213,36 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
         raise ValueError(f"steps, batch_size and anchors must be >= 1, got {steps}, {batch_size}, {anchors}")
     k = max(m.k for m in models.values())
     if seq_len - k < anchors: raise ValueError(f"seq_len={seq_len} leaves fewer than anchors={anchors} positions for k={k}")
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) for n, m in models.items()}
     gen = torch.Generator().manual_seed(seed)
-    frozen = [p.requires_grad for p in target.parameters()]
-    target.requires_grad_(False)
     dev = target.device
-    history = []
-    try:
-        for step in tqdm(range(steps), desc="train drafters", disable=not progress):
-            starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen).tolist()
-            x = torch.stack([stream[s:s + seq_len] for s in starts]).to(dev)
-            anc = torch.randperm(seq_len - k, generator=gen)[:anchors].sort().values.to(dev)
-            every = torch.arange(seq_len - k, device=dev)
-            logp, resid, cache = teacher_pass(target, x)
-            embeds = target.embed_tokens(x) if any(getattr(m, "layer", -1) == 0 for m in models.values()) else None
-            row = {"step": step}
-            for name, model in models.items():
-                if isinstance(model, HiddenTransfer):
-                    loss = kl_to_target(offset_targets(logp, anc, model.k),
-                                        transfer_logits(target, model, resid, cache, anc, embeds))
-                else:  # heads are cheap: every position
-                    loss = kl_to_target(offset_targets(logp, every, model.k), model(target.norm(resid[-1])[:, every]))
-                opt = opts[name]
-                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, warmup, lr)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                row[name] = loss.item()
-            history.append(row)
-    finally:
-        for p, f in zip(target.parameters(), frozen): p.requires_grad_(f)
-    return history
+    every = torch.arange(seq_len - k, device=dev)
+    with_embeds = any(getattr(m, "layer", -1) == 0 for m in models.values())
+
+    def batch(step: int):
+        "Windows, anchors, and the frozen target's pass over them (log-probs, residuals, cache)."
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen).tolist()
+        x = torch.stack([stream[s:s + seq_len] for s in starts]).to(dev)
+        anc = torch.randperm(seq_len - k, generator=gen)[:anchors].sort().values.to(dev)
+        logp, resid, cache = teacher_pass(target, x)
+        return anc, logp, resid, cache, target.embed_tokens(x) if with_embeds else None
+
+    def loss_fn(drafters: nn.ModuleDict, b) -> dict:
+        anc, logp, resid, cache, embeds = b
+        parts = {}
+        for name, model in drafters.items():
+            if isinstance(model, HiddenTransfer):
+                parts[name] = kl_to_target(offset_targets(logp, anc, model.k),
+                                           transfer_logits(target, model, resid, cache, anc, embeds))
+            else:  # heads are cheap: every position
+                parts[name] = kl_to_target(offset_targets(logp, every, model.k), model(target.norm(resid[-1])[:, every]))
+        return dict(loss=sum(parts.values()), **parts)
+
+    groups = [dict(params=list(m.parameters())) for m in models.values()]  # one group each, clipped by its own norm
+    optim = OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, clip_norm=1.0, clip_per_group=True)
+    with frozen(target):
+        hist = fit(nn.ModuleDict(models), loss_fn, batch, steps, optim, WarmupCosine(warmup), param_groups=groups,
+                   progress=progress, desc="train drafters")
+    return [dict(step=i, **{n: hist.parts[n][i] for n in models}) for i in range(len(hist.loss))]
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #aa58d604
 @torch.no_grad()
@@ -371,8 +264,7 @@ def rank_accuracy(target: TransformerLM, model: HiddenTransfer | MedusaHeads, st
                 logits = transfer_logits(target, model, resid, cache, anc, emb)
             else:
                 logits = model(target.norm(resid[-1])[:, anc])
-            top = logits.topk(width, dim=-1).indices                                       # [1, A, k, width]
-            hits += (top == want[..., None]).float().sum(dim=(0, 1))
+            hits += rank_hits(logits, want, width).sum(dim=(0, 1))                        # [k, width]
             count += len(anc)
     return (hits / count).cpu()
 
@@ -425,8 +317,8 @@ def bench_methods(models: BenchModels) -> list[BenchEntry]:
     target = models.target
     transfer = load_drafter(data_path(f"hidden_transfer_l{BENCH_LAYER}.pt"), target.device, target.dtype)
     def decode(prompt: list[int], max_new_tokens: int):
-        drafter = HiddenTransferDrafter(HiddenTapLM(target, transfer, in_pass=True), BENCH_TREE)  # a fresh tap per prompt
-        return generate(drafter.tap, prompt, max_new_tokens, drafter)
+        drafter = HiddenTransferDrafter(target, transfer, BENCH_TREE, in_pass=True)  # a fresh drafter per prompt
+        return generate(target, prompt, max_new_tokens, drafter)
     return [BenchEntry(f"hidden transfer l={BENCH_LAYER} (tree of {len(BENCH_TREE)})", decode, BENCH_HEADLINE)]
 
 # %% ../../nbs/decoding/hidden_transfer.ipynb #3c464970

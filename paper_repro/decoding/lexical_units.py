@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
-from ..core.zoo import warmup_cosine
-from ..core.decoding import DecodeResult, StepStats, sync_device
+from ..core.train import OptimConfig, WarmupCosine, fit
+from ..core.decoding import DecodeResult, DecodeStep, StepOutput, decode_loop
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
 from ..core.zoo import sample_batch
@@ -172,23 +172,20 @@ def finetune_lud(model: TransformerLM, stream: torch.Tensor, unit_len: torch.Ten
     if not 0 <= pad_id < model.vocab_size: raise ValueError(f"pad_id {pad_id} is outside [0, {model.vocab_size})")
     seed_everything(seed)
     marked = torch.stack([stream, unit_len], dim=1)  # sample_batch slices dim 0: windows of (token, unit_len) pairs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval() if cfg.distill else None
-    model.train()
-    log: list[dict] = []
-    bar = tqdm(range(cfg.steps), desc=f"LUD fine-tune α={cfg.alpha}", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups: g["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
-        batch = build_lud_batch(sample_batch(marked, cfg.batch_size, cfg.seq_len, gen), pad_id, cfg.k, cfg.stop_pad)
-        loss, real, pad = lud_loss(model, batch, teacher)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            log.append(dict(step=step, loss=loss.item(), real=real.item(), pad=pad.item(), pads=int(batch.is_pad.sum())))
-            bar.set_postfix(real=f"{log[-1]['real']:.3f}", pad=f"{log[-1]['pad']:.3f}")
+
+    def batch(step: int) -> LUDBatch:
+        return build_lud_batch(sample_batch(marked, cfg.batch_size, cfg.seq_len, gen), pad_id, cfg.k, cfg.stop_pad)
+
+    def loss_fn(m: TransformerLM, b: LUDBatch) -> dict:
+        loss, real, pad = lud_loss(m, b, teacher)
+        return dict(loss=loss, real=real, pad=pad, pads=b.is_pad.sum())
+
+    hist = fit(model, loss_fn, batch, cfg.steps, OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1),
+               WarmupCosine(cfg.warmup), progress=progress, desc=f"LUD fine-tune α={cfg.alpha}")
+    log = [dict(step=r["step"], loss=r["loss"], real=r["real"], pad=r["pad"], pads=int(r["pads"]))
+           for r in hist.rows() if r["step"] % 10 == 0 or r["step"] == cfg.steps - 1]
     return model.eval(), log
 
 # %% ../../nbs/decoding/lexical_units.ipynb #5b28d1ce
@@ -205,6 +202,32 @@ def _check_decode_args(model: TransformerLM, prompt: Sequence[int], max_new_toke
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
+class _LUDStep(DecodeStep):
+    "One LUD step for the core's `decode_loop`: the committed tokens, then `k - 1` `[PAD]`s, in one pass."
+    def __init__(self, model: TransformerLM, k: int, beta: float, pad_id: int):
+        super().__init__(model)
+        self.k, self.beta, self.pad_id = k, beta, pad_id
+
+    def prefill(self, context: list[int], cache) -> int:
+        self.pending = context[-1:]  # committed tokens whose keys/values are not in the cache yet
+        return super().prefill(context, cache)
+
+    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
+        t_step = time.perf_counter()
+        n = min(self.k, remaining)   # never predict past the budget
+        past = cache.length
+        feed = torch.tensor([self.pending + [self.pad_id] * (n - 1)], device=self.device)
+        logits = self.target(feed, cache=cache)[0, len(self.pending) - 1:]   # [n, V]: the next n positions
+        logits[:, self.pad_id] = float("-inf")                               # [PAD] is an input, never an output
+        conf, tok = logits.float().softmax(-1).max(-1)
+        m = (conf >= self.beta).long().cumprod(0).sum().clamp_min(1)
+        out = torch.cat([m[None], tok]).tolist()                             # the one host sync of the step
+        emitted = out[1:1 + out[0]]
+        cache.truncate(past + len(self.pending))                             # drop the [PAD] slots, keep the real tokens
+        self.pending = emitted
+        return StepOutput(emitted, len(emitted) - 1, drafted=n - 1, tree_size=n - 1, source="lud",
+                          verify_s=time.perf_counter() - t_step, bonus_first=True)
+
 @torch.no_grad()
 def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: int, k: int = 4, beta: float = 0.9,
                  pad_id: int | None = None, eos_id: int | None = None) -> DecodeResult:
@@ -213,38 +236,8 @@ def lud_generate(model: TransformerLM, prompt: Sequence[int], max_new_tokens: in
     `lossless=False`. `pad_id=None` means the last id, where `add_pad_token` puts it."""
     pad_id = model.vocab_size - 1 if pad_id is None else pad_id
     prompt = _check_decode_args(model, prompt, max_new_tokens, k, beta, pad_id)
-    device = model.device
-    sync_device(device)
-    t0 = time.perf_counter()
-    cache = model.new_cache(1, capacity=len(prompt) + max_new_tokens + k + 1)
-    res = DecodeResult([], len(prompt), device=str(device), lossless=False)
-    if len(prompt) > 1:
-        model(torch.tensor([prompt[:-1]], device=device), cache=cache)
-        res.prefill_calls = 1
-    pending = prompt[-1:]  # committed tokens whose keys/values are not in the cache yet
-    while res.new_tokens < max_new_tokens:
-        t_step = time.perf_counter()
-        n = min(k, max_new_tokens - res.new_tokens)   # never predict past the budget
-        past = cache.length
-        feed = torch.tensor([pending + [pad_id] * (n - 1)], device=device)
-        logits = model(feed, cache=cache)[0, len(pending) - 1:]   # [n, V]: the next n positions
-        logits[:, pad_id] = float("-inf")                         # [PAD] is an input, never an output
-        conf, tok = logits.float().softmax(-1).max(-1)
-        m = (conf >= beta).long().cumprod(0).sum().clamp_min(1)
-        out = torch.cat([m[None], tok]).tolist()                  # the one host sync of the step
-        emitted = out[1:1 + out[0]]
-        if eos_id is not None and eos_id in emitted:
-            emitted = emitted[:emitted.index(eos_id) + 1]
-            res.stopped_by_eos = True
-        cache.truncate(past + len(pending))                       # drop the [PAD] slots, keep the real tokens
-        pending = emitted
-        res.tokens.extend(emitted)
-        res.steps.append(StepStats(drafted=n - 1, accepted=len(emitted) - 1, bonus=1, tree_size=n - 1, source="lud",
-                                   draft_s=0.0, verify_s=time.perf_counter() - t_step))
-        if res.stopped_by_eos: break
-    sync_device(device)
-    res.wall_s = time.perf_counter() - t0
-    return res
+    return decode_loop(model, prompt, max_new_tokens, _LUDStep(model, k, beta, pad_id), eos_id=eos_id,
+                       extra_capacity=k + 1, lossless=False)
 
 # %% ../../nbs/decoding/lexical_units.ipynb #cf740e42
 LUD_FILE = "lexical_units_code.pt"

@@ -19,8 +19,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..core.decoding import (DecodeResult, Draft, DraftModelDrafter, Sampler, StepStats, check_prompt, sync_device,
-                                       verify_speculative, verify_tree)
+from ..core.decoding import (DecodeResult, DecodeStep, Draft, DraftModelDrafter, Sampler, StepOutput, decode_loop,
+                                       time_calls, verify_speculative, verify_tree)
 from ..core.lm import CausalLM
 
 # %% auto #0
@@ -206,6 +206,58 @@ def _verify_chain(logits: torch.Tensor, chain: list[int], q: torch.Tensor | None
     p = sampler.probs(logits[:m])
     return verify_speculative(torch.cat([p, p[-1:]]), q.to(device=device, dtype=p.dtype), chain, sampler.generator(device))
 
+class _PearlStep(DecodeStep):
+    "One PEARL round for the core's `decode_loop` (see above); the engine drafts the next round during the target pass."
+    def __init__(self, target: CausalLM, engine: DraftEngine, gamma: int, sampler: Sampler, eos_id: int | None,
+                 max_new_tokens: int):
+        super().__init__(target)
+        self.engine, self.gamma, self.sampler, self.eos_id, self.max_new = engine, gamma, sampler, eos_id, max_new_tokens
+
+    def prefill(self, context: list[int], cache) -> int:
+        self.context = list(context)  # prompt, finalized output, then the pending tokens
+        self.prompt_len = len(context)
+        self.final = len(context)     # context[:final] is prompt + finalized output; the rest is pending
+        self.shown = len(context)     # context[:shown] is unchanged since the draft engine last saw it
+        self.pending_q = None         # draft probabilities of the pending tokens (sampling)
+        self.engine.reset(self.context, _draft_sampler(self.sampler))
+        self.k = min(self.gamma, self.max_new)
+        self.engine.submit(self.shown, [], self.final, self.k)  # the draft prefills and drafts while the target prefills
+        self.submitted = True
+        return super().prefill(context, cache)
+
+    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
+        ctx, final, k = self.context, self.final, self.k
+        if k and not self.submitted:  # the job the last round decided on, sent just before the target pass it overlaps
+            self.engine.submit(self.shown, ctx[self.shown:], final, k)
+            self.shown = len(ctx)
+        self.submitted = False
+        pending = ctx[final:]
+        t_target = time.perf_counter()
+        logits = self.target(torch.tensor([ctx[final - 1:]], device=self.device), cache=cache)[0]
+        t_wait = time.perf_counter()
+        d = self.engine.collect() if k else Draft.empty()
+        t_verify = time.perf_counter()
+        chain = pending + d.tokens[:1]
+        q = None if self.sampler.greedy else torch.cat(([self.pending_q] if pending else []) + ([d.q[:1]] if k else []))
+        n, nxt = _verify_chain(logits, chain, q, self.sampler, self.device)
+        if n == len(chain):     # everything verified: d₁ is final, the rest of the draft is pending
+            emitted, bonus = chain, 0
+            ctx += d.tokens
+            self.pending_q = d.q[1:] if k and d.q is not None else None
+        else:                   # rejected at n: resample it, drop everything after it in the context and both caches
+            emitted, bonus = chain[:n] + [nxt], 1
+            del ctx[final + n:]
+            ctx.append(nxt)
+            cache.truncate(final + n)
+            self.shown, self.pending_q = min(self.shown, final + n), None
+        self.final = final + n + bonus
+        budget = self.max_new - (len(ctx) - self.prompt_len)  # output plus pending never exceeds the budget
+        self.k = 0 if self.eos_id is not None and self.eos_id in ctx[self.final:] else min(self.gamma, budget)
+        t_end = time.perf_counter()
+        return StepOutput(emitted, n, len(d), len(d), "post-verify" if pending else "pre-verify",
+                          draft_s=t_verify - t_wait, verify_s=(t_wait - t_target) + (t_end - t_verify),
+                          draft_calls=d.draft_calls)
+
 @torch.no_grad()
 def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequence[int], max_new_tokens: int,
                    gamma: int, sampler: Sampler | None = None, eos_id: int | None = None) -> DecodeResult:
@@ -216,85 +268,22 @@ def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequ
     engine = draft if hasattr(draft, "collect") else SequentialDraft(draft)  # (a Protocol isinstance is slow)
     if not isinstance(gamma, int) or not 1 <= gamma <= engine.max_gamma:
         raise ValueError(f"gamma must be an int in [1, {engine.max_gamma}], got {gamma!r}")
-    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
-    device = next(target.parameters()).device
-    sync_device(device)
-    t0 = time.perf_counter()
-    res = DecodeResult([], len(context), device=str(device))
-    engine.reset(context, _draft_sampler(sampler))
-    cache = target.new_cache(1, capacity=len(context) + max_new_tokens + 1)
-    final = len(context)        # context[:final] is prompt + finalized output; the rest is pending
-    shown = len(context)        # context[:shown] is unchanged since the draft engine last saw it
-    pending_q = None            # draft probabilities of the pending tokens (sampling)
-    k = min(gamma, max_new_tokens)
-    engine.submit(shown, [], final, k)  # the draft prefills and drafts while the target prefills
-    if len(context) > 1:
-        target(torch.tensor([context[:-1]], device=device), cache=cache)
-        res.prefill_calls = 1
-    while True:
-        pending = context[final:]
-        t_target = time.perf_counter()
-        logits = target(torch.tensor([context[final - 1:]], device=device), cache=cache)[0]
-        t_wait = time.perf_counter()
-        d = engine.collect() if k else Draft.empty()
-        t_verify = time.perf_counter()
-        chain = pending + d.tokens[:1]
-        q = None if sampler.greedy else torch.cat(([pending_q] if pending else []) + ([d.q[:1]] if k else []))
-        n, nxt = _verify_chain(logits, chain, q, sampler, device)
-        if n == len(chain):     # everything verified: d₁ is final, the rest of the draft is pending
-            emitted, bonus = chain, 0
-            context += d.tokens
-            pending_q = d.q[1:] if k and d.q is not None else None
-        else:                   # rejected at n: resample it, drop everything after it in the context and both caches
-            emitted, bonus = chain[:n] + [nxt], 1
-            del context[final + n:]
-            context.append(nxt)
-            cache.truncate(final + n)
-            shown, pending_q = min(shown, final + n), None
-        final += n + bonus
-        if eos_id is not None and eos_id in emitted:
-            emitted = emitted[: emitted.index(eos_id) + 1]
-            res.stopped_by_eos = True
-        accepted = min(n, len(emitted))
-        res.tokens.extend(emitted)
-        res.draft_calls += d.draft_calls
-        t_end = time.perf_counter()
-        res.steps.append(StepStats(len(d), accepted, len(emitted) - accepted, len(d),
-                                   "post-verify" if pending else "pre-verify",
-                                   draft_s=t_verify - t_wait, verify_s=(t_wait - t_target) + (t_end - t_verify)))
-        if res.stopped_by_eos or res.new_tokens >= max_new_tokens: break
-        budget = max_new_tokens - (len(context) - res.prompt_len)
-        k = 0 if eos_id is not None and eos_id in context[final:] else min(gamma, budget)
-        if k:
-            engine.submit(shown, context[shown:], final, k)
-            shown = len(context)
-    sync_device(device)
-    res.wall_s = time.perf_counter() - t0
-    return res
+    step = _PearlStep(target, engine, gamma, sampler, eos_id, max_new_tokens)
+    return decode_loop(target, prompt, max_new_tokens, step, eos_id=eos_id, extra_capacity=1)
 
 # %% ../../nbs/decoding/pearl.ipynb #beb9cc2d
 @torch.no_grad()
 def call_time(model: CausalLM, context: Sequence[int], repeats: int = 20, clock: str = "wall") -> float:
-    """Median seconds of one single-token decoding call after `context` (KV cache warm). `clock`: "wall" (any device)
-    or "cpu" (process CPU time; CPU models only)."""
+    """Median seconds of one single-token decoding call after `context` (KV cache warm), timed by the core's
+    `time_calls`. `clock`: "wall" (any device) or "cpu" (process CPU time; CPU models only)."""
     if not context: raise ValueError("context is empty: give at least one token")
-    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    if clock not in clocks: raise ValueError(f"clock must be one of {sorted(clocks)}, got {clock!r}")
     device = next(model.parameters()).device
-    if clock == "cpu" and device.type != "cpu": raise ValueError(f"clock='cpu' needs a CPU model, got one on {device}")
-    now = clocks[clock]
     cache = model.new_cache(1, capacity=len(context) + 2)
     if len(context) > 1: model(torch.tensor([list(context[:-1])], device=device), cache=cache)
     x = torch.tensor([[int(context[-1])]], device=device)
-    times = []
-    for _ in range(repeats + 2):  # two warm-up calls
-        sync_device(device)
-        t0 = now()
-        model(x, cache=cache)
-        sync_device(device)
-        times.append(now() - t0)
-        cache.truncate(len(context) - 1)
-    return sorted(times[2:])[len(times[2:]) // 2]
+    times = time_calls({"call": lambda: model(x, cache=cache)}, device, repeats=repeats, warmup=2, clock=clock,
+                       reset=lambda: cache.truncate(len(context) - 1))["call"]
+    return sorted(times)[len(times) // 2]
 
 def pearl_gamma(t_target: float, t_draft: float, max_gamma: int = 16) -> int:
     "γ ≈ c = t_target / t_draft (at least 1, at most `max_gamma`)."

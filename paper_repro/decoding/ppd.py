@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import io
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.decoding import Draft, MedusaHeads
-from ..core.zoo import warmup_cosine
+from ..core.decoding import Draft, time_calls
+from ..core.lm import LMOutput
+from ..core.train import OptimConfig, WarmupCosine, fit, frozen
+from ..core.trees import MedusaHeads, check_rank_accuracy, prefix_tree, rank_hits, top_paths
 
 # %% auto #0
 __all__ = ['PPD_FILE', 'BENCH_HEADLINE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch',
-           'prompt_logits', 'distill_loss', 'train_ppd', 'offset_accuracy', 'best_paths', 'PromptTree', 'path_probs',
-           'tree_stats', 'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'accepted_node', 'PPDDrafter',
-           'MedusaDrafter', 'verify_latency', 'choose_tree_size', 'save_ppd', 'load_ppd', 'bench_methods']
+           'prompt_logits', 'distill_loss', 'train_ppd', 'offset_accuracy', 'PromptTree', 'path_probs', 'tree_stats',
+           'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'PPDDrafter', 'verify_latency', 'choose_tree_size',
+           'save_ppd', 'load_ppd', 'bench_methods']
 
 # %% ../../nbs/decoding/ppd.ipynb #0b60b0cc
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -177,15 +178,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = 0.
     weights = decay ** torch.arange(m, device=kl.device, dtype=kl.dtype)
     return (weights * kl).sum() / m, kl.detach()
 
-@contextmanager
-def _frozen(model: nn.Module):
-    "Temporarily stop gradients into `model`'s own parameters."
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags: p.requires_grad_(False)
-    try: yield
-    finally:
-        for p, f in flags: p.requires_grad_(f)
-
 def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch_size: int = 8, length: int = 96,
               n_cuts: int = 24, lr: float = 1e-2, decay: float = 0.8, seed: int = 0, medusa: MedusaHeads | None = None,
               medusa_lr: float = 1e-3, prompts: PromptTokens | None = None, train_prompts: bool = True,
@@ -193,37 +185,35 @@ def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch
     """Train `n_tokens` prompt tokens for the frozen `target` by self-distillation on random truncations of `stream`
     (and, if given, `medusa` heads on the same batches; `train_prompts=False` trains only those). Returns the prompt
     tokens and the per-step losses."""
-    from tqdm.auto import tqdm
     if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps must be a positive int, got {steps!r}")
     if medusa is not None and medusa.n_heads != n_tokens:
         raise ValueError(f"medusa has {medusa.n_heads} heads but n_tokens={n_tokens}: they must guess the same offsets")
+    if not train_prompts and medusa is None: raise ValueError("nothing to train: train_prompts=False needs medusa heads")
     prompts = prompts if prompts is not None else PromptTokens.init_from(target, n_tokens)
     prompts.to(target.lm_head.weight.device)
     gen = torch.Generator().manual_seed(seed)
-    opts = [(torch.optim.AdamW([prompts.embeddings], lr=lr, weight_decay=0.0), lr)] if train_prompts else []
-    if medusa is not None: opts.append((torch.optim.AdamW(medusa.parameters(), lr=medusa_lr, weight_decay=0.0), medusa_lr))
-    history = []
-    with _frozen(target):
-        for step in tqdm(range(steps), desc="PPD training", disable=not progress):
-            for opt, base in opts:  # cosine decay to zero, no warm-up
-                for g in opt.param_groups: g["lr"] = warmup_cosine(step, steps, 0, base)
-            batch = distill_batch(target, stream, batch_size, length, n_cuts, n_tokens, gen)
-            row, losses = dict(step=step), []
-            if train_prompts:
-                loss, kl = distill_loss(prompt_logits(target, prompts, batch), batch.teacher, decay)
-                row.update(loss=loss.item(), **{f"kl_{i + 1}": float(v) for i, v in enumerate(kl)})
-                losses.append(loss)
-            if medusa is not None:
-                m_loss, m_kl = distill_loss(medusa(batch.hidden), batch.teacher, decay)
-                losses.append(m_loss)
-                row.update(medusa_loss=m_loss.item(), **{f"medusa_kl_{i + 1}": float(v) for i, v in enumerate(m_kl)})
-            for (opt, _), l in zip(opts, losses):
-                opt.zero_grad(set_to_none=True)
-                l.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-                opt.step()
-            history.append(row)
-    return prompts, history
+    trained = nn.ModuleDict({"prompts": prompts} if train_prompts else {})
+    if medusa is not None: trained["medusa"] = medusa
+    groups = ([dict(params=[prompts.embeddings], lr=lr)] if train_prompts else []) + \
+             ([dict(params=list(medusa.parameters()), lr=medusa_lr)] if medusa is not None else [])
+
+    def loss_fn(_, batch: DistillBatch) -> dict:
+        out = {}
+        if train_prompts:
+            loss, kl = distill_loss(prompt_logits(target, prompts, batch), batch.teacher, decay)
+            out.update(prompt_loss=loss, **{f"kl_{i + 1}": v for i, v in enumerate(kl)})
+        if medusa is not None:
+            m_loss, m_kl = distill_loss(medusa(batch.hidden), batch.teacher, decay)
+            out.update(medusa_loss=m_loss, **{f"medusa_kl_{i + 1}": v for i, v in enumerate(m_kl)})
+        return dict(loss=sum(out[k] for k in ("prompt_loss", "medusa_loss") if k in out), **out)
+
+    optim = OptimConfig(lr=lr, weight_decay=0.0, clip_norm=1.0, clip_per_group=True)  # cosine decay to zero, no warm-up
+    with frozen(target):
+        hist = fit(trained, loss_fn, lambda step: distill_batch(target, stream, batch_size, length, n_cuts, n_tokens, gen),
+                   steps, optim, WarmupCosine(), param_groups=groups, progress=progress, desc="PPD training")
+    rename = {"prompt_loss": "loss"}
+    return prompts, [{"step": r["step"], **{rename.get(k, k): v for k, v in r.items() if k not in ("step", "loss", "lr")}}
+                     for r in hist.rows()]
 
 # %% ../../nbs/decoding/ppd.ipynb #3e18dcc0
 @torch.no_grad()
@@ -238,34 +228,14 @@ def offset_accuracy(target, stream: torch.Tensor, prompts: PromptTokens | None =
     hits = {k: 0.0 for k, v in (("ppd", prompts), ("medusa", medusa)) if v is not None}
     for _ in range(n_batches):
         b = distill_batch(target, stream, batch_size, length, n_cuts, m, gen)
-        truth = b.greedy[..., 1:, None]  # g_2 … g_{m+1}
+        truth = b.greedy[..., 1:]  # g_2 … g_{m+1}
         if prompts is not None:
-            hits["ppd"] = hits["ppd"] + (prompt_logits(target, prompts, b).topk(topk, -1).indices == truth).float().mean((0, 1))
+            hits["ppd"] = hits["ppd"] + rank_hits(prompt_logits(target, prompts, b), truth, topk).mean((0, 1))
         if medusa is not None:
-            hits["medusa"] = hits["medusa"] + (medusa(b.hidden).topk(topk, -1).indices == truth).float().mean((0, 1))
+            hits["medusa"] = hits["medusa"] + rank_hits(medusa(b.hidden), truth, topk).mean((0, 1))
     return {k: (v / n_batches).cpu().numpy().astype(np.float64) for k, v in hits.items()}
 
 # %% ../../nbs/decoding/ppd.ipynb #aa4451b7
-def _check_acc(acc) -> np.ndarray:
-    a = np.asarray(acc, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1 or (a < 0).any() or (a.sum(1) > 1 + 1e-6).any():
-        raise ValueError(f"acc must be [m, k] probabilities with rows summing to <= 1, got shape {a.shape}")
-    return a
-
-def best_paths(acc, n: int, max_depth: int) -> list[tuple[tuple[int, ...], float]]:
-    "The `n` most probable rank paths of depth <= `max_depth` (probability `Π acc[j, r_j]`), most probable first."
-    a = _check_acc(acc)
-    if not 1 <= max_depth <= a.shape[0]: raise ValueError(f"max_depth must be in [1, {a.shape[0]}], got {max_depth}")
-    heap = [(-a[0, r], (r,)) for r in range(a.shape[1])]
-    heapq.heapify(heap)
-    out = []
-    while heap and len(out) < n:
-        negp, path = heapq.heappop(heap)
-        out.append((path, -negp))
-        if len(path) < max_depth:
-            for r in range(a.shape[1]): heapq.heappush(heap, (negp * a[len(path), r], path + (r,)))
-    return out
-
 @dataclass(frozen=True)
 class PromptTree:
     "Candidate rank paths (parents first) and the number of prompt tokens each carries; the root carries `n_prompt`."
@@ -276,12 +246,10 @@ class PromptTree:
     def __post_init__(self):
         if len(self.paths) != len(self.prompts):
             raise ValueError(f"{len(self.paths)} paths but {len(self.prompts)} prompt counts")
-        seen = set()
+        _, parents = prefix_tree(self.paths, strict=True)  # each path once, after its parent
+        object.__setattr__(self, "_parents", tuple(parents))
         for p, n in zip(self.paths, self.prompts):
-            if not p or p in seen or (len(p) > 1 and p[:-1] not in seen):
-                raise ValueError(f"path {p} is empty, repeated, or comes before its parent")
             if not 0 <= n <= self.n_prompt: raise ValueError(f"path {p} carries {n} prompt tokens; allowed 0…{self.n_prompt}")
-            seen.add(p)
 
     @property
     def size(self) -> int:
@@ -291,8 +259,7 @@ class PromptTree:
     def depth(self) -> int: return max((len(p) for p in self.paths), default=0)
     def parents(self) -> list[int]:
         "Index of each candidate's parent candidate (-1: the root)."
-        index = {p: i for i, p in enumerate(self.paths)}
-        return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
+        return list(self._parents)
 
 # %% ../../nbs/decoding/ppd.ipynb #1fa332c8
 def _allocate(paths: list[tuple[tuple[int, ...], float]], m: int, budget: int, value: Sequence[float]) -> tuple[int, ...]:
@@ -313,14 +280,14 @@ def _allocate(paths: list[tuple[tuple[int, ...], float]], m: int, budget: int, v
 
 def path_probs(tree: PromptTree, acc) -> np.ndarray:
     "Probability that each candidate of `tree` is accepted, `Π_j acc[j, r_j]` along its path."
-    a = _check_acc(acc)
+    a = check_rank_accuracy(acc)
     if tree.depth > a.shape[0]: raise ValueError(f"the tree is {tree.depth} deep but acc has {a.shape[0]} levels")
     return np.array([np.prod([a[j, r] for j, r in enumerate(path)]) for path in tree.paths], dtype=np.float64)
 
 def tree_stats(trees: Sequence[PromptTree], acc) -> tuple[float, np.ndarray, np.ndarray]:
     """Expected tokens per step (MAT) of the dynamic trees `trees[s]` (state `s` = guess levels available), the stationary
     distribution over states and the expected accepted candidates per state, under independent per-level acceptance."""
-    a = _check_acc(acc)
+    a = check_rank_accuracy(acc)
     m = len(trees) - 1
     P = np.zeros((m + 1, m + 1))
     E = np.zeros(m + 1)
@@ -350,12 +317,12 @@ class DynamicTrees:
 
 def build_dynamic_trees(acc, size: int, sweeps: int = 3) -> DynamicTrees:
     "The dynamic sparse trees for verification passes of at most `size` input positions (see above)."
-    a = _check_acc(acc)
+    a = check_rank_accuracy(acc)
     m = a.shape[0]
     if not isinstance(size, int) or size < m + 2:
         raise ValueError(f"size must be an int >= m + 2 = {m + 2} (root, its {m} prompt tokens, one candidate), got {size!r}")
     budget = size - 1 - m
-    ranked = {s: best_paths(a, budget, s) for s in range(1, m + 1)}
+    ranked = {s: top_paths(a, budget, s) for s in range(1, m + 1)}
     expected = {s: np.cumsum([0.0] + [p for _, p in ranked[s]]) for s in ranked}
     def trees_for(c: dict[int, int]) -> tuple[PromptTree, ...]:
         value = [1.0] + [1.0 + expected[s][c[s]] for s in range(1, m + 1)]
@@ -376,24 +343,12 @@ def build_dynamic_trees(acc, size: int, sweeps: int = 3) -> DynamicTrees:
 
 def static_tree(acc, size: int) -> PromptTree:
     "Medusa's tree: the `size - 1` most probable paths of full depth, no prompt tokens (its heads need none)."
-    a = _check_acc(acc)
+    a = check_rank_accuracy(acc)
     if not isinstance(size, int) or size < 2: raise ValueError(f"size must be an int >= 2, got {size!r}")
-    paths = sorted(best_paths(a, size - 1, a.shape[0]), key=lambda x: (len(x[0]), x[0]))
+    paths = sorted(top_paths(a, size - 1), key=lambda x: (len(x[0]), x[0]))
     return PromptTree(tuple(p for p, _ in paths), (0,) * len(paths), 0)
 
 # %% ../../nbs/decoding/ppd.ipynb #aaeef6ab
-def accepted_node(parents: Sequence[int], tokens: Sequence[int], accepted_tokens: Sequence[int]) -> int | None:
-    """Index of the draft node the greedy tree verifier accepts when the target emitted `accepted_tokens` from it: the
-    first node at depth `len(accepted_tokens)` whose path spells them (-1: the root; None: no such node)."""
-    A = len(accepted_tokens)
-    if A == 0: return -1
-    depth, ok = [0] * len(parents), [False] * len(parents)
-    for i, (p, t) in enumerate(zip(parents, tokens)):
-        depth[i] = 1 if p < 0 else depth[p] + 1
-        ok[i] = depth[i] <= A and t == accepted_tokens[depth[i] - 1] and (p < 0 or ok[p])
-        if ok[i] and depth[i] == A: return i
-    return None
-
 @dataclass
 class _Layout:
     "A tree cut to a depth limit, as draft nodes: candidates first, then prompt-token chains."
@@ -403,10 +358,8 @@ class _Layout:
     prompt_rows: dict[int, list[int]]   # draft node (-1: root) -> draft indices of its prompt tokens, in order
 
 def _layout(tree: PromptTree, max_depth: int, prompt_ids: Sequence[int]) -> _Layout:
+    _, parents = prefix_tree(tree.paths, max_depth, strict=True)  # the candidates no deeper than max_depth, in order
     keep = [i for i, p in enumerate(tree.paths) if len(p) <= max_depth]
-    new = {old: j for j, old in enumerate(keep)}
-    tree_parents = tree.parents()
-    parents = [new[tree_parents[i]] if tree_parents[i] >= 0 else -1 for i in keep]
     fill = [(j, len(tree.paths[i]) - 1, tree.paths[i][-1]) for j, i in enumerate(keep)]
     tokens = [0] * len(keep)
     prompt_rows: dict[int, list[int]] = {}
@@ -418,94 +371,54 @@ def _layout(tree: PromptTree, max_depth: int, prompt_ids: Sequence[int]) -> _Lay
         prompt_rows[node] = rows
     return _Layout(parents, tokens, fill, prompt_rows)
 
-class _GuessTreeDrafter:
-    "Shared machinery: a tree per state filled from per-level top-k guesses that `observe` derives from the accepted node."
-    source = "tree"
-
-    def __init__(self, target: nn.Module, topk: int, prompt_ids: Sequence[int]):
-        if not isinstance(topk, int) or not 1 <= topk <= target.vocab_size:
-            raise ValueError(f"topk must be an int in [1, vocab_size={target.vocab_size}], got {topk!r}")
-        self.target, self.topk, self.prompt_ids = target, topk, list(prompt_ids)
-        self.guesses: list[list[int]] = []   # top-k tokens per level for the next step
-        self._expect: tuple[int, int] | None = None  # (context length, last token) the guesses belong to
-        self._layouts: dict[tuple[int, int], _Layout] = {}
-        self._last: _Layout | None = None
-        self._handles: list = []
-
-    def tree(self, state: int) -> PromptTree: raise NotImplementedError
-    def _attach(self) -> list: return []
-    def _next_guesses(self, layout: _Layout, node: int, logits: torch.Tensor) -> list[list[int]]: raise NotImplementedError
-
-    def _detach(self) -> None:
-        for h in self._handles: h.remove()
-        self._handles = []
-
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        self._detach()  # a step interrupted between propose and observe must not leave hooks behind
-        if self._expect != (len(context), context[-1]): self.guesses = []  # a new or changed context: no guesses
-        state = len(self.guesses)
-        tree = self.tree(state)
-        limit = max(0, min(max_tokens, tree.depth + tree.n_prompt))
-        key = (state, limit)
-        if key not in self._layouts: self._layouts[key] = _layout(tree, limit, self.prompt_ids)
-        lay = self._last = self._layouts[key]
-        tokens = list(lay.tokens)
-        for i, level, rank in lay.fill: tokens[i] = self.guesses[level][rank]
-        self._handles = self._attach()
-        return Draft(tokens, list(lay.parents), source=self.source)
-
-    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
-        self._detach()
-        lay, self._last = self._last, None
-        self._expect = (len(context), context[-1])
-        if lay is None or len(draft) != len(lay.parents): self.guesses = []; return
-        node = accepted_node(draft.parents, draft.tokens, context[len(context) - 1 - accepted:len(context) - 1])
-        self.guesses = self._next_guesses(lay, node, logits) if node is not None else []
-
-class PPDDrafter(_GuessTreeDrafter):
+class PPDDrafter:
     """Parallel prompt decoding: dynamic sparse trees whose nodes carry prompt tokens; the accepted node's prompt-token
-    logits give the next step's guesses. Use with `generate(target, …)` on the same `target`."""
+    logits give the next step's guesses. Use with `generate(target, …)` on the same `target`: it runs the passes with
+    its prompt tokens attached (`run_target`)."""
     source = "ppd"
 
     def __init__(self, target: nn.Module, prompts: PromptTokens, trees: DynamicTrees, topk: int = 10):
         prompts._check(target)
         if trees.n_prompt != prompts.n_tokens:
             raise ValueError(f"trees were built for {trees.n_prompt} prompt tokens but there are {prompts.n_tokens}")
-        super().__init__(target, topk, prompts.ids)
-        self.prompts, self.trees = prompts, trees
+        if not isinstance(topk, int) or not 1 <= topk <= target.vocab_size:
+            raise ValueError(f"topk must be an int in [1, vocab_size={target.vocab_size}], got {topk!r}")
         need = max((r for t in trees.trees for p in t.paths for r in p), default=-1) + 1
         if need > topk: raise ValueError(f"the trees use guess rank {need - 1} but topk={topk}")
+        self.prompts, self.trees, self.topk = prompts, trees, topk
+        self.guesses: list[list[int]] = []   # top-k tokens per level for the next step
+        self._expect: tuple[int, int] | None = None  # (context length, last token) the guesses belong to
+        self._layouts: dict[tuple[int, int], _Layout] = {}
+        self._last: _Layout | None = None
 
-    def tree(self, state: int) -> PromptTree: return self.trees.trees[state]
-    def _attach(self) -> list: return self.prompts.attach(self.target)
+    def run_target(self, target: nn.Module, tokens: torch.Tensor, positions, cache, attn_mask) -> LMOutput:
+        "The target's pass with the prompt tokens attached: the draft's ids >= V read their embeddings."
+        with self.prompts.attached(target):
+            return LMOutput(target(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
+
+    def propose(self, context: list[int], max_tokens: int) -> Draft:
+        if self._expect != (len(context), context[-1]): self.guesses = []  # a new or changed context: no guesses
+        state = len(self.guesses)
+        tree = self.trees.trees[state]
+        limit = max(0, min(max_tokens, tree.depth + tree.n_prompt))
+        key = (state, limit)
+        if key not in self._layouts: self._layouts[key] = _layout(tree, limit, self.prompts.ids)
+        lay = self._last = self._layouts[key]
+        tokens = list(lay.tokens)
+        for i, level, rank in lay.fill: tokens[i] = self.guesses[level][rank]
+        return Draft(tokens, list(lay.parents), source=self.source)
+
+    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
+        lay, self._last = self._last, None
+        self._expect = (len(context), context[-1])
+        if lay is None or len(draft) != len(lay.parents): self.guesses = []; return
+        node = draft.accepted_node(context[len(context) - 1 - accepted:len(context) - 1])
+        self.guesses = self._next_guesses(lay, node, logits) if node is not None else []
 
     def _next_guesses(self, layout: _Layout, node: int, logits: torch.Tensor) -> list[list[int]]:
         rows = layout.prompt_rows.get(node, [])
         if not rows: return []
         return logits[[1 + r for r in rows]].topk(self.topk, dim=-1).indices.tolist()  # the one host sync
-
-class MedusaDrafter(_GuessTreeDrafter):
-    """Medusa-1 baseline: one static tree; the heads read the target's final hidden state at the accepted node, which a
-    hook on the target's final norm captures during the verification pass (our `TransformerLM` only)."""
-    source = "medusa"
-
-    def __init__(self, target: nn.Module, heads: MedusaHeads, tree: PromptTree, topk: int = 10):
-        if not isinstance(getattr(target, "norm", None), nn.Module):
-            raise ValueError("MedusaDrafter needs a TransformerLM (it reads the hidden states after target.norm)")
-        if tree.n_prompt != 0 or tree.depth > heads.n_heads:
-            raise ValueError(f"Medusa's tree must carry no prompt tokens and be at most {heads.n_heads} deep")
-        super().__init__(target, topk, [])
-        self.heads, self.static = heads, tree
-        self._hidden: torch.Tensor | None = None
-
-    def tree(self, state: int) -> PromptTree: return self.static if state else PromptTree((), (), 0)
-    def _attach(self) -> list:
-        def keep(module, args, out): self._hidden = out
-        return [self.target.norm.register_forward_hook(keep)]
-
-    def _next_guesses(self, layout: _Layout, node: int, logits: torch.Tensor) -> list[list[int]]:
-        hidden, self._hidden = self._hidden, None
-        return self.heads(hidden[0, 1 + node]).topk(self.topk, dim=-1).indices.tolist()
 
 # %% ../../nbs/decoding/ppd.ipynb #b7083123
 @torch.no_grad()
@@ -515,7 +428,6 @@ def verify_latency(target, sizes: Sequence[int], context_len: int = 128, repeats
     if not sizes or sizes[0] < 1: raise ValueError(f"sizes must be positive ints, got {sizes}")
     if context_len < 1: raise ValueError(f"context_len must be >= 1, got {context_len}")
     dev = next(target.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(seed)
     cache = target.new_cache(1, capacity=context_len + max(sizes) + 1)
     target(torch.randint(0, target.vocab_size, (1, context_len), generator=gen).to(dev), cache=cache)
@@ -524,15 +436,8 @@ def verify_latency(target, sizes: Sequence[int], context_len: int = 128, repeats
         mask = torch.ones(S, context_len + S, dtype=torch.bool).tril(context_len) if S > 1 else None
         inputs[S] = (torch.randint(0, target.vocab_size, (1, S), generator=gen).to(dev),
                      torch.arange(context_len, context_len + S, device=dev), None if mask is None else mask.to(dev))
-    times: dict[int, list[float]] = {S: [] for S in sizes}
-    for rep in range(repeats + 2):  # two warm-up rounds
-        for S in sizes:
-            tokens, positions, mask = inputs[S]
-            sync(); t0 = time.perf_counter()
-            target(tokens, positions=positions, cache=cache, attn_mask=mask)
-            sync()
-            if rep >= 2: times[S].append(time.perf_counter() - t0)
-            cache.truncate(context_len)
+    calls = {S: (lambda t=t, p=p, m=m: target(t, positions=p, cache=cache, attn_mask=m)) for S, (t, p, m) in inputs.items()}
+    times = time_calls(calls, dev, repeats=repeats, warmup=2, reset=lambda: cache.truncate(context_len))
     return {S: float(np.min(t)) for S, t in times.items()}  # other processes only ever add time: keep the fastest
 
 def choose_tree_size(latency: dict[int, float], expected_mat: dict[int, float]) -> tuple[int, dict[int, float]]:
@@ -549,7 +454,7 @@ def save_ppd(path, prompts: PromptTokens, accuracy, tree_size: int, extra: dict 
     from paper_repro.core.repro import atomic_write
     blob = {"format": "paper_repro.ppd/1", "vocab_size": prompts.vocab_size,
             "embeddings": prompts.embeddings.detach().float().cpu().clone(),
-            "accuracy": torch.tensor(_check_acc(accuracy)), "tree_size": int(tree_size), "extra": extra or {}}
+            "accuracy": torch.tensor(check_rank_accuracy(accuracy)), "tree_size": int(tree_size), "extra": extra or {}}
     buf = io.BytesIO()  # serialised in memory: the bytes (and checksum) then do not depend on a temporary file name
     torch.save(blob, buf)
     atomic_write(path, lambda p: Path(p).write_bytes(buf.getvalue()))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..core.decoding import Draft
+from ..core.trees import prefix_tree
 
 # %% auto #0
 __all__ = ['TEMPLATE_2_2_2', 'BENCH_HEADLINE', 'TreeTemplate', 'default_template', 'TokenRecyclingDrafter', 'bench_methods']
@@ -67,13 +68,8 @@ class TreeTemplate:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeTemplate":
-        "Build from root-to-node rank paths, e.g. `[[0], [1], [0, 0]]` (the official code's notation)."
-        index, parents, ranks = {}, [], []
-        for i, path in enumerate(map(tuple, paths)):
-            if not path: raise ValueError(f"template path {i} is empty (the root is implicit)")
-            if path[:-1] and path[:-1] not in index: raise ValueError(f"template path {path} comes before its parent")
-            if path in index: raise ValueError(f"template path {path} appears twice")
-            index[path] = i; parents.append(index[path[:-1]] if path[:-1] else -1); ranks.append(path[-1])
+        "Build from root-to-node rank paths, e.g. `[[0], [1], [0, 0]]` (the official code's notation; one node each)."
+        ranks, parents = prefix_tree(paths, strict=True)
         return cls(tuple(parents), tuple(ranks))
 
     def __len__(self) -> int: return len(self.parents)
