@@ -236,7 +236,7 @@ def _one_step(self: Learner) -> None:
         loss, parts = self.one_batch(micro)
         self.loss, self.parts = loss, parts
         self.callback("after_loss")
-        (loss if self.accumulate == 1 else loss / self.accumulate).backward()
+        (loss / self.accumulate).backward()  # exact for accumulate=1: x / 1 and its gradient g / 1 are x and g
         total = loss.detach() if total is None else total + loss.detach()
         for k, v in parts.items():
             v = v.detach() if isinstance(v, torch.Tensor) else v
@@ -244,9 +244,8 @@ def _one_step(self: Learner) -> None:
     self.clip()
     self.callback("after_backward")
     self.opt.step()
-    n = self.accumulate
-    self._losses.append(total if n == 1 else total / n)
-    for k, v in parts_sum.items(): self._parts.setdefault(k, []).append(v if n == 1 else v / n)
+    self._losses.append(total / self.accumulate)
+    for k, v in parts_sum.items(): self._parts.setdefault(k, []).append(v / self.accumulate)
     self.history.lr.append(self.opt.param_groups[0]["lr"])
 
 def _clip(self: Learner) -> None:
