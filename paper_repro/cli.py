@@ -30,16 +30,18 @@ from . import __version__
 from .core.catalog import (
     FAMILIES, PAPERS, STATUSES, Paper, catalog_frame, catalog_markdown, get_paper, load_claims, notebook_path,
     paper_status, results_dir, status_summary)
+from .core.claims import KINDS, claim_counts, holding_summary
 from .core.data import DataError
 from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
                                     open_runs, project_root, resolve_device, write_text_atomic)
 
 # %% auto #0
-__all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'CATALOG_START', 'CATALOG_END', 'BENCH_START', 'BENCH_END',
-           'HF_START', 'HF_END', 'CliError', 'RunOutcome', 'papers_with_notebooks', 'check_run', 'notebook_parameters',
-           'parse_param', 'coerce_param', 'notebook_params', 'output_dir', 'kernel_manager_class', 'run_paper',
-           'run_papers', 'NoResultsError', 'report_path', 'build_report', 'replace_section', 'replace_catalog_section',
-           'bench_markdown', 'hf_support_markdown', 'update_readme', 'build_parser', 'Terminated', 'main']
+__all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'OUTCOME_MARKS', 'CATALOG_START', 'CATALOG_END',
+           'BENCH_START', 'BENCH_END', 'HF_START', 'HF_END', 'CliError', 'RunOutcome', 'papers_with_notebooks',
+           'check_run', 'notebook_parameters', 'parse_param', 'coerce_param', 'notebook_params', 'output_dir',
+           'kernel_manager_class', 'run_paper', 'run_papers', 'claim_table', 'NoResultsError', 'report_path',
+           'build_report', 'replace_section', 'replace_catalog_section', 'bench_markdown', 'hf_support_markdown',
+           'update_readme', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -308,10 +310,28 @@ def _link(target: Path, base: Path, label: str) -> str:
     "A markdown link to `target`, relative to the folder `base` the document lives in."
     return f"[{label}]({Path(os.path.relpath(target, base)).as_posix()})"
 
-def _claim_rows(paper: Paper, claims: list[dict]) -> list[str]:
-    "One markdown table row per claim."
-    return [f"| {paper.slug} | `{c['id']}` | {_cell(c['statement'])} | {_fmt(c['paper_value'])} | {_fmt(c['our_value'])} "
-            f"| {_cell(c['unit'])} | {'✓' if c['holds'] else '✗'} | {_cell(c['note'])} |" for c in claims]
+OUTCOME_MARKS: dict[str, str] = {"holds": "✓ holds", "fails": "✗ fails", "inconclusive": "? inconclusive"}
+
+def _ours(c: dict) -> str:
+    "Our value, with its 95% interval and what it was taken over when the claim has one."
+    if c["interval"] is None: return _fmt(c["our_value"])
+    lo, hi = c["interval"]
+    return f"{_fmt(c['our_value'])} [{_fmt(lo)}, {_fmt(hi)}] ({c['n']} {c['spread_kind']})"
+
+def _paper_number(c: dict) -> str:
+    "The paper's number with its source (and `unchecked` where we could not read it there)."
+    if c["paper_value"] is None and not c["source"]: return "—"
+    checked = "" if c["source_checked"] or not c["source"] else ", unchecked"
+    return f"{_fmt(c['paper_value'])} ({_cell(c['source'])}{checked})" if c["source"] else _fmt(c["paper_value"])
+
+def claim_table(claims: list[dict]) -> list[str]:
+    "A claims ledger as markdown table lines: headline claims first, then ablations, then invariants."
+    ordered = sorted(claims, key=lambda c: KINDS.index(c["kind"]))
+    return ["| kind | claim | statement | paper (source) | ours | unit | outcome | note |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {c['kind']} | `{c['id']}` | {_cell(c['statement'])} | {_paper_number(c)} | {_ours(c)} "
+              f"| {_cell(c['unit'])} | {OUTCOME_MARKS[c['outcome']]} | {_cell(c['note'])} |" for c in ordered]]
+
 
 # %% ../nbs/core/cli.ipynb #63c136f0
 class NoResultsError(ValueError):
@@ -328,11 +348,19 @@ def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, bas
     "The report section of one paper with results: title, status, figure link, claims table."
     fig = res / "figure.png"
     figure = _link(fig, base, "figure.png") if fig.is_file() else "figure.png missing"
+    if status == "reproduced": status = f"reproduced ({holding_summary(claims)})"
     lines = [f"### {paper.number}. {paper.slug}: {_one_line(paper.title)} ({paper.year})", "",
              f"Status: **{status}** · {figure}", ""]
     if not claims: return lines + ["No claims recorded.", ""]
-    return lines + ["| paper | claim | statement | paper value | ours | unit | holds | note |",
-                    "|---|---|---|---|---|---|---|---|", *_claim_rows(paper, claims), ""]
+    return lines + [*claim_table(claims), ""]
+
+def _ledger_summary(scale: str, claims: list[dict], papers: int) -> list[str]:
+    "The report's count lines: headline claims by outcome, then ablations and invariants apart."
+    c = claim_counts(claims)
+    return [f"**Headline claims at scale `{scale}`:** {c['holds']} of {c['headline']} hold, {c['inconclusive']} "
+            f"inconclusive, {c['fails']} fail ({papers} papers with results).", "",
+            f"Not counted: ablations {c['ablation_holds']} of {c['ablation']} hold; implementation invariants "
+            f"{c['invariant_holds']} of {c['invariant']} hold."]
 
 def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: str | Path | None = None) -> str:
     """The markdown results report for `scale`: status counts, then each paper with results (claims and figure link),
@@ -343,14 +371,14 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
     base = Path(out_path if out_path is not None else report_path(scale, root)).resolve().parent
     statuses = {p.slug: paper_status(p, root) for p in PAPERS}
     counts = {s: list(statuses.values()).count(s) for s in STATUSES}
-    sections, not_run, n_claims, n_hold = [], [], 0, 0
+    sections, not_run, all_claims = [], [], []
     for p in PAPERS:
         res = results_dir(p, scale, root)
         if not (res / "claims.json").is_file():
             not_run.append(f"| {p.number} | {p.slug} | {p.family} | {statuses[p.slug]} |")
             continue
         claims = load_claims(res / "claims.json")  # raises, naming the file, if malformed
-        n_claims, n_hold = n_claims + len(claims), n_hold + sum(c["holds"] for c in claims)
+        all_claims += claims
         sections += _paper_section(p, claims, statuses[p.slug], res.resolve(), base)
     tables = {suite: root / "results" / scale / "bench" / f"{suite}.md" for suite, _ in _BENCH_SUITES}
     if not sections and not any(t.is_file() for t in tables.values()):
@@ -358,9 +386,12 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
                              f"table in results/{scale}/bench/); run `paper-repro run --all --scale {scale}` first")
     head = [f"# Results report: scale `{scale}`", "",
             f"Generated by `paper-repro report --scale {scale}` from `results/{scale}/*/claims.json`; every number comes "
-            "from a run. *holds* says whether the claim's direction holds in our run, not whether we matched the "
-            "paper's number.", "", status_summary(counts), "",
-            f"**Claims at scale `{scale}`:** {n_hold} of {n_claims} hold ({len(PAPERS) - len(not_run)} papers with results).", ""]
+            "from a run. A claim *holds* when its test, written before the run, passes: the statement's metric beats "
+            "its threshold, with the whole 95% interval beyond it where the number moves with seeds, timing or the "
+            "test items (otherwise it is *inconclusive*); it says nothing about matching the paper's number, which "
+            "our scale rarely allows. Only headline claims (the paper's own, with its number and source) are "
+            "counted; ablations and invariants are listed apart.", "", status_summary(counts), "",
+            *_ledger_summary(scale, all_claims, len(PAPERS) - len(not_run)), ""]
     body = ["## Papers with results", "", *(sections or ["None yet.", ""])]
     bench_part = []
     for suite, title in _BENCH_SUITES:
@@ -371,11 +402,7 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
         ledger = table.with_name(f"{suite}.claims.json")
         if ledger.is_file():
             bench_part += [f"Its claims ledger (`{suite}.claims.json`): each paper's headline next to the number "
-                           "measured here.", "", "| claim | statement | paper value | ours | unit | holds | note |",
-                           "|---|---|---|---|---|---|---|",
-                           *[f"| `{c['id']}` | {_cell(c['statement'])} | {_fmt(c['paper_value'])} | "
-                             f"{_fmt(c['our_value'])} | {_cell(c['unit'])} | {'✓' if c['holds'] else '✗'} | "
-                             f"{_cell(c['note'])} |" for c in load_claims(ledger)], ""]
+                           "measured here.", "", *claim_table(load_claims(ledger)), ""]
     tail = ["## Not run at this scale", "", "| # | paper | family | status |", "|---|---|---|---|", *not_run] if not_run else []
     return "\n".join(head + body + bench_part + tail).rstrip() + "\n"
 

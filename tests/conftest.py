@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from paper_repro.core.lm import LMConfig, TransformerLM
+from paper_repro.core.claims import make_claim
 
 # tiny models: one thread is faster than two, and leaves the other core to a parallel job
 torch.set_num_threads(1)
@@ -26,8 +27,9 @@ def draft_model():
 
 
 # a valid claim and a file helper for the catalogue / CLI tests
-CLAIM = dict(id="speedup", statement="faster than greedy", metric="speedup", unit="x", paper_value=2.0, our_value=1.5,
-             higher_is_better=True, setting="toy", holds=True, note="")
+CLAIM = make_claim(id="speedup", kind="headline", statement="faster than greedy", metric="speed-up over greedy",
+                   unit="x", paper_value=2.0, source="toy paper, Table 1", our_value=1.5, threshold=1.0,
+                   higher_is_better=True, setting="toy")
 
 
 def touch(path: Path, text: str = "") -> Path:

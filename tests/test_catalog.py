@@ -109,7 +109,7 @@ def test_frame_and_markdown(tmp_path):
     touch(notebook_path("pearl", tmp_path), "{}")
     touch(module_path("pearl", tmp_path))
     df = catalog_frame(tmp_path)
-    assert list(df.columns) == ["no", "slug", "family", "title", "year", "status"] and len(df) == 53
+    assert list(df.columns) == ["no", "slug", "family", "title", "year", "status", "detail"] and len(df) == 53
     assert set(df.status) <= set(STATUSES)
     assert df.set_index("slug").status[["copyspec", "pearl", "ppd"]].tolist() == ["reproduced", "implemented", "planned"]
     md = catalog_markdown(tmp_path)

@@ -26,7 +26,7 @@ def fake_paper_notebook(path: Path, slug: str, fail: bool = False) -> Path:
     body = ('raise ValueError("boom from the fake paper")' if fail else
             "from paper_repro.core.repro import start_run\n"
             f"run = start_run({slug!r}, scale=scale, device=device, seed=seed, out_dir=out_dir)\n"
-            'run.record_claim(id="toy_claim", statement="the toy holds", metric="x", unit="u", paper_value=1.0, '
+            'run.record_claim(id="toy_claim", kind="headline", source="toy paper", statement="the toy holds", metric="x", unit="u", paper_value=1.0, '
             'our_value=2.0, higher_is_better=True, setting="toy", holds=True)\n'
             "run.finish()")
     params = nbformat.v4.new_code_cell('scale = "cpu"\ndevice = "auto"\nseed = 0\nout_dir = None')

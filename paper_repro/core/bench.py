@@ -39,16 +39,17 @@ M = TypeVar("M")
 @dataclass(frozen=True)
 class Headline:
     "A paper's headline claim, set beside a benchmark row's measured number in the suite's claims ledger."
-    value: float | None        # the paper's number (None: the paper states the direction only)
+    value: float               # the paper's number
     statement: str             # the claim in one line
-    source: str                # where the number stands (paper section, table or abstract; the family's notes)
+    source: str                # where the number stands: the paper's table, figure or section, or its official repository
+    checked: bool = False      # whether we read the number there ourselves (False: taken from a secondary source)
     unit: str = "×"
     category: str = "overall"  # the suite's slice closest to the paper's setting (decoding: a task category)
 
     def __post_init__(self):
         v = self.value
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ValueError(f"Headline.value={v!r}: must be a finite number, or None where the paper gives no number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"Headline.value={v!r}: must be the paper's number (a headline claim has one)")
         for name in ("statement", "source", "unit", "category"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"Headline.{name}={getattr(self, name)!r}: must be a non-empty string")

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .repro import check_scale, project_root, validate_claim
+from .claims import holding_summary, validate_claim
+from .repro import check_scale, project_root
 
 # %% auto #0
 __all__ = ['PAPERS', 'FAMILIES', 'STATUSES', 'RESULT_FILES', 'Paper', 'get_paper', 'notebook_path', 'module_path', 'test_path',
-           'results_dir', 'load_claims', 'is_reproduced_at', 'paper_status', 'status_counts', 'papers_in',
-           'catalog_frame', 'status_summary', 'catalog_markdown']
+           'results_dir', 'load_claims', 'is_reproduced_at', 'paper_status', 'status_detail', 'status_counts',
+           'papers_in', 'catalog_frame', 'status_summary', 'catalog_markdown']
 
 # %% ../../nbs/core/catalog.ipynb #b6600b8f
 @dataclass(frozen=True)
@@ -205,12 +206,12 @@ STATUSES: tuple[str, ...] = ("planned", "implemented", "reproduced")
 RESULT_FILES: tuple[str, ...] = ("figure.png", "table.csv", "claims.json")
 
 def _claims_ok(path: Path) -> bool:
-    "Whether `path` holds a non-empty list of valid claims."
-    try: return len(load_claims(path)) > 0
+    "Whether `path` holds a valid list of claims with at least one headline claim."
+    try: return any(c["kind"] == "headline" for c in load_claims(path))
     except ValueError: return False
 
 def is_reproduced_at(paper: Paper | str, scale: str = "cpu", root: str | Path | None = None) -> bool:
-    "Whether the paper's results at `scale` are complete: figure, table and a non-empty, valid `claims.json`."
+    "Whether the paper's results at `scale` are complete: figure, table and a valid `claims.json` with a headline claim."
     d = results_dir(paper, scale, root)
     return all((d / f).is_file() for f in RESULT_FILES) and _claims_ok(d / "claims.json")
 
@@ -220,6 +221,12 @@ def paper_status(paper: Paper | str, root: str | Path | None = None) -> str:
     if not (notebook_path(p, root).is_file() and module_path(p, root).is_file()): return "planned"
     if test_path(p, root).is_file() and is_reproduced_at(p, "cpu", root): return "reproduced"
     return "implemented"
+
+def status_detail(paper: Paper | str, root: str | Path | None = None) -> str:
+    "The status with its holding count when reproduced: `reproduced (2 of 3 headline claims hold, 1 inconclusive)`."
+    status = paper_status(paper, root)
+    if status != "reproduced": return status
+    return f"reproduced ({holding_summary(load_claims(results_dir(paper, 'cpu', root) / 'claims.json'))})"
 
 def status_counts(root: str | Path | None = None) -> dict[str, int]:
     "How many papers are at each status, in `STATUSES` order."
@@ -234,10 +241,11 @@ def papers_in(family: str | None = None) -> tuple[Paper, ...]:
     return tuple(p for p in PAPERS if p.family == family)
 
 def catalog_frame(root: str | Path | None = None, family: str | None = None) -> pd.DataFrame:
-    "One row per paper (optionally of one `family`): `no`, `slug`, `family`, `title`, `year`, `status`."
-    rows = [dict(no=p.number, slug=p.slug, family=p.family, title=p.title, year=p.year, status=paper_status(p, root))
-            for p in papers_in(family)]
-    return pd.DataFrame(rows, columns=["no", "slug", "family", "title", "year", "status"])
+    """One row per paper (optionally of one `family`): `no`, `slug`, `family`, `title`, `year`, `status` and, for a
+    reproduced paper, `detail` (its headline claims holding)."""
+    rows = [dict(no=p.number, slug=p.slug, family=p.family, title=p.title, year=p.year, status=paper_status(p, root),
+                 detail=status_detail(p, root)) for p in papers_in(family)]
+    return pd.DataFrame(rows, columns=["no", "slug", "family", "title", "year", "status", "detail"])
 
 def _md_cell(text: object) -> str:
     "Make `text` safe inside a markdown table cell."
@@ -258,6 +266,7 @@ def catalog_markdown(root: str | Path | None = None, family: str | None = None) 
     for p in papers_in(family):
         status = paper_status(p, root)
         counts[status] += 1
+        if status == "reproduced": status = status_detail(p, root)
         nb = notebook_path(p, root)
         name = f"[{p.slug}]({nb.relative_to(root).as_posix()})" if nb.is_file() else p.slug
         lines.append(f"| {p.number} | {name} | {p.family} | {_md_cell(p.title)} ({p.year}) | {_md_cell(p.code) or '—'} "

@@ -28,11 +28,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .claims import Estimate, make_claim, validate_claim
+
 # %% auto #0
-__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'CLAIM_FIELDS', 'check_scale', 'resolve_device',
-           'project_root', 'relative_to_root', 'check_seed', 'seed_everything', 'atomic_write', 'write_text_atomic',
+__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'check_scale', 'resolve_device', 'project_root',
+           'relative_to_root', 'check_seed', 'seed_everything', 'atomic_write', 'write_text_atomic',
            'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
-           'validate_claim', 'RunContext', 'open_runs', 'start_run']
+           'RunContext', 'open_runs', 'start_run']
 
 # %% ../../nbs/core/repro.ipynb #bf4921b2
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -255,28 +257,6 @@ def recover_results(out_dir: str | Path) -> dict[str, str]:
     out_dir = Path(out_dir).resolve()
     return {s.name: _settle(s, out_dir) for s in _staging_dirs(out_dir) if s.is_dir()}
 
-# %% ../../nbs/core/repro.ipynb #21cccf4b
-CLAIM_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "id": str, "statement": str, "metric": str, "unit": str, "paper_value": (int, float, type(None)),
-    "our_value": (int, float), "higher_is_better": bool, "setting": str, "holds": bool, "note": str,
-}
-
-def validate_claim(claim: dict, where: str = "claim") -> dict:
-    "Check that `claim` has every field of `CLAIM_FIELDS` with the right type; raise `ValueError` naming the problem."
-    missing = [k for k in CLAIM_FIELDS if k not in claim]
-    if missing: raise ValueError(f"{where}: missing field(s) {missing}; required: {list(CLAIM_FIELDS)}")
-    for k, typ in CLAIM_FIELDS.items():
-        v = claim[k]
-        if isinstance(v, bool) and typ in ((int, float), (int, float, type(None))):
-            raise ValueError(f"{where}: field {k!r} must be a number, got bool {v!r}")
-        if not isinstance(v, typ):
-            raise ValueError(f"{where}: field {k!r} has type {type(v).__name__}, expected {typ}")
-    if not claim["id"].replace("_", "").isalnum() or claim["id"] != claim["id"].lower():
-        raise ValueError(f"{where}: id {claim['id']!r} must be snake_case")
-    if isinstance(claim["our_value"], float) and not np.isfinite(claim["our_value"]):
-        raise ValueError(f"{where}: our_value must be finite, got {claim['our_value']!r}")
-    return claim
-
 # %% ../../nbs/core/repro.ipynb #ca45d0a6
 def _git_commit(root: Path) -> str | None:
     try:
@@ -360,21 +340,23 @@ class RunContext:
         write_text_atomic(self._writable(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
         return self.path(f"{name}.csv")
 
-    def record_claim(self, *, id: str, statement: str, metric: str, unit: str, paper_value: float | None,
-                     our_value: float, higher_is_better: bool, setting: str, holds: bool, note: str = "",
-                     must_hold: bool = False) -> dict:
-        """Record one headline claim and rewrite the staged claims file (`claims.json` unless `claims_file` says
-        otherwise). With `must_hold=True` (for claims the implementation must meet, e.g. losslessness) a claim that
-        does not hold raises `AssertionError` after it has been staged: the run then fails and commits nothing."""
-        claim = validate_claim(dict(id=id, statement=statement, metric=metric, unit=unit,
-                                    paper_value=None if paper_value is None else float(paper_value),
-                                    our_value=float(our_value), higher_is_better=bool(higher_is_better),
-                                    setting=setting, holds=bool(holds), note=note), where=f"claim {id!r}")
+    def record_claim(self, *, id: str, kind: str, statement: str, metric: str, unit: str,
+                     our_value: float | Estimate, higher_is_better: bool, setting: str, threshold: float | None = None,
+                     holds: bool | None = None, paper_value: float | None = None, source: str = "",
+                     source_checked: bool = False, note: str = "", must_hold: bool | None = None) -> dict:
+        """Record one claim (built and checked by `core.claims.make_claim`, whose keywords these are) and rewrite the
+        staged claims file (`claims.json` unless `claims_file` says otherwise). A claim with `must_hold` (every
+        invariant, by default) that does not hold raises `AssertionError` after it has been staged: the run then
+        fails and commits nothing."""
+        claim = make_claim(id=id, kind=kind, statement=statement, metric=metric, unit=unit, our_value=our_value,
+                           higher_is_better=higher_is_better, setting=setting, threshold=threshold, holds=holds,
+                           paper_value=paper_value, source=source, source_checked=source_checked, note=note,
+                           must_hold=must_hold)
         target = self._writable(self.claims_file)
         self.claims = [c for c in self.claims if c["id"] != id] + [claim]
         write_json_atomic(target, self.claims)
-        if must_hold and not claim["holds"]:
-            raise AssertionError(f"claim {id!r} must hold but does not: ours={our_value} ({note})")
+        if claim["must_hold"] and not claim["holds"]:
+            raise AssertionError(f"claim {id!r} must hold but does not: ours={claim['our_value']} ({note})")
         return claim
 
     def finish(self, name: str = "run.json") -> dict:
