@@ -258,7 +258,7 @@ def recover_results(out_dir: str | Path) -> dict[str, str]:
     out_dir = Path(out_dir).resolve()
     return {s.name: _settle(s, out_dir) for s in _staging_dirs(out_dir) if s.is_dir()}
 
-# %% ../../nbs/core/repro.ipynb #6ad940ef
+# %% ../../nbs/core/repro.ipynb #5e914f10
 def _git_commit(root: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -270,7 +270,7 @@ def _versions() -> dict[str, str]:
     from paper_repro import __version__
     return {"python": platform.python_version(), "torch": torch.__version__, "paper_repro": __version__}
 
-# %% ../../nbs/core/repro.ipynb #b09a67d7
+# %% ../../nbs/core/repro.ipynb #3b346221
 # the open runs of this process, by results folder: a second start_run for the same folder replaces the first (in a
 # notebook, re-running the cells after a failure must not find the folder locked by its own kernel)
 _OPEN_RUNS: dict[Path, "RunContext"] = {}
@@ -318,7 +318,7 @@ class RunContext:
         "Whether files can still be written (neither finished nor replaced by a later run of the same folder)."
         return self.staging is not None
 
-# %% ../../nbs/core/repro.ipynb #6b64feff
+# %% ../../nbs/core/repro.ipynb #18f7edd2
 @patch
 def path(self: RunContext, name: str) -> Path:
     "Path of result file `name`: in staging while the run is open, in the results folder after `finish()`."
@@ -335,7 +335,7 @@ def _writable(self: RunContext, name: str) -> Path:
                            f"{relative_to_root(self.out_dir)}); start a new run to write {name!r}")
     return self.path(name)
 
-# %% ../../nbs/core/repro.ipynb #81542efc
+# %% ../../nbs/core/repro.ipynb #e51aa149
 @patch
 def save_fig(self: RunContext, fig, name: str = "figure.png", dpi: int = 120) -> Path:
     "Save a matplotlib figure atomically as `name` (PNG)."
@@ -357,7 +357,7 @@ def _markdown_table(df, floatfmt: str) -> str:
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
-# %% ../../nbs/core/repro.ipynb #0c38c392
+# %% ../../nbs/core/repro.ipynb #71d29892
 @patch
 def record_claim(self: RunContext, *, id: str, kind: str, statement: str, metric: str, unit: str,
                  our_value: float | Estimate, higher_is_better: bool, setting: str, threshold: float | None = None,
@@ -378,7 +378,7 @@ def record_claim(self: RunContext, *, id: str, kind: str, statement: str, metric
         raise AssertionError(f"claim {id!r} must hold but does not: ours={claim['our_value']} ({note})")
     return claim
 
-# %% ../../nbs/core/repro.ipynb #2f799b6d
+# %% ../../nbs/core/repro.ipynb #bd0ea667
 @patch
 def finish(self: RunContext, name: str = "run.json") -> dict:
     "Write the provenance file `name` (default `run.json`), commit the whole set into `out_dir`, return the provenance."
