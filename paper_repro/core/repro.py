@@ -37,7 +37,7 @@ __all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'che
            'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
            'RunContext', 'open_runs', 'start_run']
 
-# %% ../../nbs/core/repro.ipynb #bf4921b2
+# %% ../../nbs/core/repro.ipynb #f05661fd
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 
@@ -73,6 +73,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device {name!r} requested but MPS is not available here; use 'cpu' or 'auto'")
     return torch.device(name)
 
+# %% ../../nbs/core/repro.ipynb #e4becaf7
 def project_root() -> Path:
     "The checkout this package lives in (the folder holding `pyproject.toml`), else the current directory."
     import paper_repro  # the package, not this module: also right when run inside the notebook
@@ -135,7 +136,7 @@ def _json_default(o):
     if isinstance(o, torch.device): return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
-# %% ../../nbs/core/repro.ipynb #e86cdc5f
+# %% ../../nbs/core/repro.ipynb #eba6af48
 class RunLockedError(RuntimeError):
     "Another run is writing the same results folder; the message names it."
 
@@ -168,6 +169,7 @@ def _describe(info: dict | None) -> str:
     if not info: return "a process that has not yet said who it is"
     return f"pid {info.get('pid', '?')}, started {info.get('started', '?')}, command: {info.get('command', '?')}"
 
+# %% ../../nbs/core/repro.ipynb #97ff016c
 class ResultsLock:
     "An exclusive lock on one results folder for this process; `acquire` raises `RunLockedError` naming the holder."
     def __init__(self, out_dir: str | Path) -> None:
@@ -178,39 +180,43 @@ class ResultsLock:
     @property
     def held(self) -> bool: return self._fd is not None
 
-    def acquire(self) -> "ResultsLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RunLockedError(f"{relative_to_root(self.out_dir)} is being written by another run "
-                                     f"({_describe(lock_holder(self.out_dir))}); wait for it to end or stop it") from None
-            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError: same = False
-            if same: break
-            os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-        info = dict(pid=os.getpid(), started=_now_iso(), command=command[:300])
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
-        if self._fd is None: return
-        try:
-            recover_results(self.out_dir)
-        finally:
-            try: os.unlink(self.path)
-            except FileNotFoundError: pass
-            os.close(self._fd)  # closing the only descriptor drops the flock
-            self._fd = None
-
     def __enter__(self) -> "ResultsLock": return self.acquire()
     def __exit__(self, *exc) -> None: self.release()
+
+# %% ../../nbs/core/repro.ipynb #d3a45d6a
+@patch
+def acquire(self: ResultsLock) -> "ResultsLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(f"{relative_to_root(self.out_dir)} is being written by another run "
+                                 f"({_describe(lock_holder(self.out_dir))}); wait for it to end or stop it") from None
+        try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError: same = False
+        if same: break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    info = dict(pid=os.getpid(), started=_now_iso(), command=command[:300])
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    self._fd = fd
+    return self
+
+@patch
+def release(self: ResultsLock) -> None:
+    "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
+    if self._fd is None: return
+    try:
+        recover_results(self.out_dir)
+    finally:
+        try: os.unlink(self.path)
+        except FileNotFoundError: pass
+        os.close(self._fd)  # closing the only descriptor drops the flock
+        self._fd = None
+
 
 def _held_by_runner(out_dir: Path) -> bool:
     "Whether the `paper-repro run` that started this process holds the lock of `out_dir` (then we write under it)."
@@ -378,7 +384,7 @@ def record_claim(self: RunContext, *, id: str, kind: str, statement: str, metric
         raise AssertionError(f"claim {id!r} must hold but does not: ours={claim['our_value']} ({note})")
     return claim
 
-# %% ../../nbs/core/repro.ipynb #bd0ea667
+# %% ../../nbs/core/repro.ipynb #587cad6c
 @patch
 def finish(self: RunContext, name: str = "run.json") -> dict:
     "Write the provenance file `name` (default `run.json`), commit the whole set into `out_dir`, return the provenance."
@@ -411,6 +417,7 @@ def _close(self: RunContext) -> None:
         lock, self._lock = self._lock, None
         if lock is not None: lock.release()
 
+# %% ../../nbs/core/repro.ipynb #434face1
 def open_runs() -> list[RunContext]:
     "The runs this process has open: started, and neither finished, aborted nor replaced."
     with _OPEN_GUARD: return list(_OPEN_RUNS.values())
