@@ -169,7 +169,7 @@ def _describe(info: dict | None) -> str:
     if not info: return "a process that has not yet said who it is"
     return f"pid {info.get('pid', '?')}, started {info.get('started', '?')}, command: {info.get('command', '?')}"
 
-# %% ../../nbs/core/repro.ipynb #97ff016c
+# %% ../../nbs/core/repro.ipynb #683951dc
 class ResultsLock:
     "An exclusive lock on one results folder for this process; `acquire` raises `RunLockedError` naming the holder."
     def __init__(self, out_dir: str | Path) -> None:
@@ -183,7 +183,7 @@ class ResultsLock:
     def __enter__(self) -> "ResultsLock": return self.acquire()
     def __exit__(self, *exc) -> None: self.release()
 
-# %% ../../nbs/core/repro.ipynb #d3a45d6a
+# %% ../../nbs/core/repro.ipynb #fcba5b2c
 @patch
 def acquire(self: ResultsLock) -> "ResultsLock":
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +205,7 @@ def acquire(self: ResultsLock) -> "ResultsLock":
     self._fd = fd
     return self
 
+# %% ../../nbs/core/repro.ipynb #ed8c1047
 @patch
 def release(self: ResultsLock) -> None:
     "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
