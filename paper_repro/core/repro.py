@@ -183,7 +183,7 @@ class ResultsLock:
     def __enter__(self) -> "ResultsLock": return self.acquire()
     def __exit__(self, *exc) -> None: self.release()
 
-# %% ../../nbs/core/repro.ipynb #fcba5b2c
+# %% ../../nbs/core/repro.ipynb #7fdab71c
 @patch
 def acquire(self: ResultsLock) -> "ResultsLock":
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def acquire(self: ResultsLock) -> "ResultsLock":
     self._fd = fd
     return self
 
-# %% ../../nbs/core/repro.ipynb #ed8c1047
+# %% ../../nbs/core/repro.ipynb #cdce6b6c
 @patch
 def release(self: ResultsLock) -> None:
     "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
