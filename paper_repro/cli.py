@@ -64,7 +64,7 @@ def _one_line(text: object) -> str:
 @dataclass
 class RunOutcome:
     """How one paper's notebook run went: `ok`, wall seconds, the kept executed notebook and, if it failed, the error
-    line (`cell N \`first line\`: ExceptionName: last line`) and the number of the failed cell in the source notebook.
+    line ("cell N `first line`: ExceptionName: last line") and the number of the failed cell in the source notebook.
     `stored`: the source notebook, when the run's outputs were written back into it; `note`: why they were not, when
     they should have been."""
     slug: str
@@ -348,7 +348,7 @@ def _engine_name() -> str:
     return "paper_repro"
 
 def _failure(e: BaseException, tracker: _CellTracker, timeout: float | None) -> tuple[int | None, str]:
-    """The failed cell's source number and the error line of a failed run: `cell N \`first line\`: what happened`.
+    """The failed cell's source number and the error line of a failed run: "cell N `first line`: what happened".
     papermill's `PapermillExecutionError` names the cell and the kernel's exception; a time-out (nbclient's
     `CellTimeoutError`) or a dead kernel (`DeadKernelError`) is charged to the cell that was running."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
