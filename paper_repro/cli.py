@@ -294,12 +294,14 @@ def _forget_kernel(run_id: str) -> None:
 @dataclass
 class CellProgress:
     """Where one paper's run is: `done` of its `total` code cells have run after `elapsed_s` seconds; `cell` is the
-    number, in the source notebook, of the cell that just ran (`done == 0, cell == 0`: the run is starting)."""
+    number, in the source notebook, of the cell that just ran, which took `cell_s` seconds (`done == 0, cell == 0`:
+    the run is starting)."""
     slug: str
     done: int
     total: int
     elapsed_s: float
     cell: int = 0
+    cell_s: float = 0.0
 
 class _CellTracker:
     """Follows papermill's cell callbacks for one run: which source cell is running (papermill numbers the cells of
@@ -308,7 +310,7 @@ class _CellTracker:
         self.slug, self.total, self.on_progress, self.t0 = slug, total, on_progress, t0
         self.injected_at: int | None = None  # index of papermill's injected cell in the executed notebook
         self.current: tuple[int, str] | None = None  # (source number, first line) of the last cell started
-        self.done = 0
+        self.done, self.cell_t0 = 0, t0
 
     def number(self, index: int) -> int:
         "The 1-based position in the source notebook of the executed notebook's cell `index`."
@@ -316,13 +318,14 @@ class _CellTracker:
 
     def cell_start(self, cell, index: int) -> None:
         if "injected-parameters" in cell.metadata.get("tags", []): self.injected_at = index; return
-        self.current = (self.number(index), _first_line(cell.source))
+        self.current, self.cell_t0 = (self.number(index), _first_line(cell.source)), time.perf_counter()
 
     def cell_complete(self, cell, index: int) -> None:
         if cell.cell_type != "code" or "injected-parameters" in cell.metadata.get("tags", []): return
         self.done += 1
         if self.on_progress is not None:
-            self.on_progress(CellProgress(self.slug, self.done, self.total, time.perf_counter() - self.t0, self.number(index)))
+            now = time.perf_counter()
+            self.on_progress(CellProgress(self.slug, self.done, self.total, now - self.t0, self.number(index), now - self.cell_t0))
 
 @functools.cache
 def _engine_name() -> str:
@@ -633,14 +636,17 @@ def _shown_path(path: Path) -> str:
 
 class LineProgress:
     """Progress of running notebooks as lines (for a log, or a terminal shared by several papers): one when a paper
-    starts, then one every `every` code cells with the elapsed time; `RunOutcome`s print the end."""
-    def __init__(self, every: int = 5, file=None) -> None:
-        self.every, self.file, self._lock = every, file, threading.Lock()
+    starts, then one every `every` code cells and after any cell that took `slow_s` seconds or more, with the elapsed
+    time; `RunOutcome`s print the end."""
+    def __init__(self, every: int = 5, slow_s: float = 30.0, file=None) -> None:
+        self.every, self.slow_s, self.file, self._lock = every, slow_s, file, threading.Lock()
 
     def __call__(self, p: CellProgress) -> None:
+        slow = p.cell_s >= self.slow_s
         if p.done == 0: line = f"start   {p.slug} ({p.total} code cells)"
-        elif p.done % self.every == 0 and p.done < p.total:
-            line = f"        {p.slug}: {p.done}/{p.total} code cells done, {p.elapsed_s:.1f} s (cell {p.cell})"
+        elif (p.done % self.every == 0 or slow) and p.done < p.total:
+            took = f"cell {p.cell} took {p.cell_s:.1f} s" if slow else f"cell {p.cell}"
+            line = f"        {p.slug}: {p.done}/{p.total} code cells done, {p.elapsed_s:.1f} s ({took})"
         else: return
         with self._lock: print(line, file=self.file or sys.stdout, flush=True)
 
@@ -792,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(`paper-repro params SLUG` lists them)")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="bar: papermill's bar over each notebook's cells; lines: a line when a paper starts and every "
-                        "--progress-every code cells, with the elapsed time; auto (default): bar when stderr is a "
+                        "--progress-every code cells and after a cell that took 30 s or more, with the elapsed time; "
+                        "auto (default): bar when stderr is a "
                         "terminal, else lines")
     p.add_argument("--progress-every", type=int, default=5, metavar="N",
                    help="with --progress lines, a line every N code cells (default 5)")

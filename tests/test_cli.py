@@ -398,6 +398,17 @@ def test_progress_lines_when_stderr_is_not_a_terminal(fake_root, capsys):
     assert code == 0 and "start" not in out and "code cells done" not in out
 
 
+def test_progress_lines_for_slow_cells(capsys):
+    from paper_repro.cli import CellProgress, LineProgress
+    show = LineProgress(every=5, slow_s=30)
+    for p in [CellProgress("x", 0, 16, 0.0), CellProgress("x", 3, 16, 50.0, 7, 45.0), CellProgress("x", 4, 16, 51.0, 8, 1.0),
+              CellProgress("x", 5, 16, 52.0, 9, 1.0), CellProgress("x", 16, 16, 90.0, 20, 38.0)]:
+        show(p)
+    assert capsys.readouterr().out.splitlines() == [
+        "start   x (16 code cells)", "        x: 3/16 code cells done, 50.0 s (cell 7 took 45.0 s)",
+        "        x: 5/16 code cells done, 52.0 s (cell 9)"]  # the last cell: the ok/FAILED line says it
+
+
 def test_progress_bar_is_papermills(fake_root, capsys):
     code, out, err = cli(capsys, fake_root, "run", "copyspec", "--scale", "ci", "--device", "cpu", "--progress", "bar")
     assert code == 0 and "start   copyspec" not in out
