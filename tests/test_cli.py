@@ -509,3 +509,16 @@ def test_every_command_and_option_says_what_it_does(capsys):
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "-f YAML, --params-file YAML notebook parameters from a YAML file" in text and "--no-store" in text
+
+
+def test_annotated_parameters_read_as_papermill_reads_them():
+    "`paper-repro params` and papermill's --help-notebook agree on an annotated parameters cell (the tiny fixture's)."
+    import papermill
+    from paper_repro.cli import parameter_specs
+    tiny = Path(__file__).parent / "fixtures" / "tiny_paper.ipynb"
+    ours = {p.name: p for p in parameter_specs(tiny)}
+    theirs = papermill.inspect_notebook(str(tiny))
+    assert list(ours) == list(theirs)
+    for name in ("steps", "edit_self"):
+        assert ours[name].kind.__name__ == theirs[name]["inferred_type_name"]
+        assert ours[name].help == theirs[name]["help"] and repr(ours[name].default) == theirs[name]["default"]
