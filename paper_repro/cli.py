@@ -80,6 +80,7 @@ def papers_with_notebooks(root: str | Path | None = None) -> list[Paper]:
     "Every paper whose notebook exists in `root` (what `run --all` runs), in catalogue order."
     return [p for p in PAPERS if notebook_path(p, root).is_file()]
 
+# %% ../nbs/core/cli.ipynb #4712a981
 RESERVED_PARAMETERS = ("scale", "device", "seed", "out_dir")  # set by the runner itself
 
 def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: int,
@@ -105,6 +106,7 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
     for p in papers: notebook_params(p, params, root)
     return papers
 
+# %% ../nbs/core/cli.ipynb #82c26304
 NON_LITERAL = type("NonLiteral", (), {"__repr__": lambda self: "<not a literal>"})()  # a default we cannot read
 
 @dataclass
@@ -118,6 +120,7 @@ class NotebookParameter:
     kind: type | None
     help: str = ""
 
+# %% ../nbs/core/cli.ipynb #11f0271f
 _KINDS = {t.__name__: t for t in (bool, int, float, str, list, dict, tuple)}
 
 def parameter_specs(path: str | Path) -> list[NotebookParameter]:
@@ -149,11 +152,13 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
     (`NON_LITERAL` where the default is an expression rather than a literal)."""
     return {p.name: p.default for p in parameter_specs(path)}
 
+# %% ../nbs/core/cli.ipynb #bea0e108
 def parse_param(value: str) -> object:
     "A `-p` value as a Python literal (`True`, `3`, `0.5`, `'x'`), else the plain string."
     try: return ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): return value
 
+# %% ../nbs/core/cli.ipynb #543d303a
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 def coerce_param(name: str, value: object, default: object, where: str = "the notebook", kind: type | None = None) -> object:
@@ -190,6 +195,7 @@ def coerce_param(name: str, value: object, default: object, where: str = "the no
         raise ValueError(f"parameter {name!r} of {where} is {expected} (default {name} = {default!r}); got {value!r}")
     return got
 
+# %% ../nbs/core/cli.ipynb #d857e3fd
 def notebook_params(paper: Paper, params: dict | None, root: str | Path | None = None) -> dict[str, Any]:
     "`params` checked and typed against `paper`'s parameters cell (see `coerce_param`)."
     declared = {p.name: p for p in parameter_specs(notebook_path(paper, root))}
@@ -222,7 +228,6 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
                          f"{type(data).__name__}")
     return data
 
-
 # %% ../nbs/core/cli.ipynb #66fd75a7
 def _error_line(e: BaseException) -> str:
     "The last line of an exception, preferring the kernel-side `ename: evalue` papermill attaches."
@@ -242,6 +247,7 @@ def output_dir(paper: Paper, scale: str, root: str | Path | None = None, out_roo
     if out_root is None: return results_dir(paper, scale, root)
     return Path(out_root) / check_scale(scale) / paper.slug
 
+# %% ../nbs/core/cli.ipynb #3d2f8d5f
 # ipykernel logs a warning on every start (unencrypted local TCP sockets) and sometimes an error when the shutdown's
 # SIGINT races its event loop; both would bury the run's own report. Failures still surface: a cell's error through
 # papermill, a crashed kernel as papermill's DeadKernelError, and a dying process's own stderr is not a log record.
@@ -275,8 +281,9 @@ def kernel_manager_class() -> type:
             with _KERNELS_GUARD: _KERNELS[self.run_id] = self
     return RunKernelManager
 
+# %% ../nbs/core/cli.ipynb #1e2cf0c0
 def _signal_kernel(km, sig: int) -> None:
-    "Send `sig` to a kernel's process group (its own session: see above); ignore one that is gone."
+    "Send `sig` to a kernel's process group (each kernel has a session of its own); ignore one that is gone."
     prov = getattr(km, "provisioner", None)
     pgid = getattr(prov, "pgid", None) or getattr(prov, "pid", None)
     if pgid:
@@ -291,6 +298,7 @@ def _forget_kernel(run_id: str) -> None:
         _signal_kernel(km, signal.SIGKILL)
     with contextlib.suppress(OSError, TypeError): Path(km.connection_file).unlink(missing_ok=True)
 
+# %% ../nbs/core/cli.ipynb #c44b1ef4
 @dataclass
 class CellProgress:
     """Where one paper's run is: `done` of its `total` code cells have run after `elapsed_s` seconds; `cell` is the
@@ -327,6 +335,7 @@ class _CellTracker:
             now = time.perf_counter()
             self.on_progress(CellProgress(self.slug, self.done, self.total, now - self.t0, self.number(index), now - self.cell_t0))
 
+# %% ../nbs/core/cli.ipynb #8cffd128
 @functools.cache
 def _engine_name() -> str:
     "Register (once) papermill's nbclient engine with `_CellTracker` callbacks, as engine `paper_repro`."
@@ -350,6 +359,7 @@ def _engine_name() -> str:
     papermill_engines.register("paper_repro", RunEngine)
     return "paper_repro"
 
+# %% ../nbs/core/cli.ipynb #b2f8baf1
 def _failure(e: BaseException, tracker: _CellTracker, timeout: float | None) -> tuple[int | None, str]:
     """The failed cell's source number and the error line of a failed run: "cell N `first line`: what happened".
     papermill's `PapermillExecutionError` names the cell and the kernel's exception; a time-out (nbclient's
@@ -377,6 +387,7 @@ def stores_outputs(paper: Paper, scale: str, root: str | Path | None = None, out
     if scale != STORED_SCALE: return False
     return output_dir(paper, scale, root, out_root).resolve() == results_dir(paper, scale, root).resolve()
 
+# %% ../nbs/core/cli.ipynb #bf5476f1
 def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path | None = None,
               out_root: str | Path | None = None, timeout: float | None = None, params: dict | None = None,
               run_id: str | None = None, *, progress: Callable[[CellProgress], None] | None = None,
@@ -418,6 +429,7 @@ def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path
         except (ValueError, OSError) as e: outcome.note = f"outputs not stored in the notebook: {_one_line(e)}"
     return outcome
 
+# %% ../nbs/core/cli.ipynb #85c218de
 def _stop_kernels(futures: dict, grace: float) -> None:
     """Interrupt the kernels of `futures` (run id -> future), kill those still running after `grace` s, wait for all.
     SIGINT is sent again every second: one that lands between two cells, while the kernel ignores it, is lost."""
@@ -433,6 +445,7 @@ def _stop_kernels(futures: dict, grace: float) -> None:
         except KeyboardInterrupt:  # a second Ctrl-C: kill now
             deadline, last = 0.0, 0.0
 
+# %% ../nbs/core/cli.ipynb #37696a26
 def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", seed: int = 0, jobs: int = 1,
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
                on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None, *,
@@ -442,8 +455,8 @@ def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", s
     paper's results lock (`RunLockedError` if another run holds one). Returns one `RunOutcome` per paper in the order
     given; `on_done` is called as each one finishes, `progress` as each cell does (`run_paper`); `progress_bar` shows
     papermill's bar over each notebook's cells (one line per paper running). `store=False`: no run writes its outputs
-    back into its notebook. On Ctrl-C it stops the kernels, keeps the previous results and raises `KeyboardInterrupt`
-    (see above)."""
+    back into its notebook. On Ctrl-C it stops the kernels (`_stop_kernels`), keeps the previous results and raises
+    `KeyboardInterrupt`."""
     papers = check_run(slugs, scale, device, seed, jobs, root, params, timeout)
     typed = {p.slug: notebook_params(p, params, root) for p in papers}
     stop = threading.Event()
@@ -618,6 +631,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(df.to_string(index=False))
     return 0
 
+# %% ../nbs/core/cli.ipynb #158c7e6d
 def _report_outcome(o: RunOutcome) -> None:
     "Print one paper's result as soon as it finishes."
     if o.ok:
@@ -649,7 +663,6 @@ class LineProgress:
             line = f"        {p.slug}: {p.done}/{p.total} code cells done, {p.elapsed_s:.1f} s ({took})"
         else: return
         with self._lock: print(line, file=self.file or sys.stdout, flush=True)
-
 
 # %% ../nbs/core/cli.ipynb #cf81c0a6
 def _run_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -684,6 +697,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(outcomes) - n_failed} ok, {n_failed} failed")
     return 1 if n_failed else 0
 
+# %% ../nbs/core/cli.ipynb #7705a32e
 def _cmd_params(args: argparse.Namespace) -> int:
     "`paper-repro params SLUG`: the parameters of a paper's notebook, with their types and defaults."
     paper = get_paper(args.slug)
@@ -706,6 +720,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
             print("  " + "  ".join(f"{r[c]:{widths[c]}}" for c in cols).rstrip())
     return 0
 
+# %% ../nbs/core/cli.ipynb #2c690854
 def _cmd_report(args: argparse.Namespace) -> int:
     "`paper-repro report`: write the results report atomically (nothing when there is nothing to report: exit 1)."
     check_scale(args.scale)
@@ -849,6 +864,7 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum, frame) -> NoReturn:
     raise Terminated()
 
+# %% ../nbs/core/cli.ipynb #341fcb6b
 # errors that mean "this request cannot be carried out as given": one line, exit 2
 _EXPECTED = (ValueError, TypeError, DataError, RunLockedError)
 
