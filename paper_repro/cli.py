@@ -31,6 +31,7 @@ from .core.catalog import (
     FAMILIES, PAPERS, STATUSES, Paper, catalog_frame, catalog_markdown, get_paper, load_claims, notebook_path,
     paper_status, results_dir, status_summary)
 from .core.data import DataError
+from .core.executor import EXECUTORS, Executor, PaperTask, make_executor
 from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
                                     open_runs, project_root, resolve_device, write_text_atomic)
 
@@ -263,35 +264,19 @@ def _stop_kernels(futures: dict, grace: float) -> None:
 
 def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", seed: int = 0, jobs: int = 1,
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
-               on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None) -> list[RunOutcome]:
+               on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None,
+               executor: Executor | None = None) -> list[RunOutcome]:
     """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`) and taking every
     paper's results lock (`RunLockedError` if another run holds one). Returns one `RunOutcome` per paper in the order
     given; `on_done` is called as each one finishes. On Ctrl-C it stops the kernels, keeps the previous results and
-    raises `KeyboardInterrupt` (see above)."""
+    raises `KeyboardInterrupt` (see above). `executor` says where the notebooks run (`core.executor`): default
+    `LocalExecutor(jobs)`, threads of this process; `RayExecutor` fans them out over a Ray cluster."""
     papers = check_run(slugs, scale, device, seed, jobs, root, params, timeout)
     typed = {p.slug: notebook_params(p, params, root) for p in papers}
-    stop = threading.Event()
-    def one(p: Paper, run_id: str) -> RunOutcome:
-        if stop.is_set():
-            return RunOutcome(p.slug, False, 0.0, output_dir(p, scale, root, out_root) / "executed.ipynb", "not started (interrupted)")
-        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, typed[p.slug], run_id=run_id)
-        if stop.is_set(): outcome.error = "interrupted: stopped before it finished; its previous results are kept"
-        if on_done is not None: on_done(outcome)
-        return outcome
+    tasks = [PaperTask(p.slug, scale, device, seed, root, out_root, timeout, typed[p.slug]) for p in papers]
     with contextlib.ExitStack() as held:
-        for p in papers: held.enter_context(ResultsLock(output_dir(p, scale, root, out_root)))
-        # threads are enough: each papermill call starts and waits on its own kernel process
-        pool = ThreadPoolExecutor(max_workers=jobs)
-        futures = {f"{p.slug}-{uuid.uuid4().hex[:8]}": p for p in papers}
-        futures = {i: pool.submit(one, p, i) for i, p in futures.items()}
-        try:
-            return [f.result() for f in futures.values()]
-        except KeyboardInterrupt:
-            stop.set()
-            _stop_kernels(futures, INTERRUPT_GRACE_S)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for t in tasks: held.enter_context(ResultsLock(t.out_dir))
+        return (executor or make_executor("local", jobs)).run(tasks, on_done)
 
 # %% ../nbs/core/cli.ipynb #ad41816e
 def _fmt(v: object) -> str:
@@ -456,9 +441,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if twice: raise CliError(f"-p {', '.join(twice)} given more than once", code=2)
     params = dict(args.param or [])  # strings: typed against each notebook's parameters cell
     check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root, params, args.timeout)
-    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {args.jobs} at a time", flush=True)
+    executor = make_executor(args.executor, args.jobs, args.ray_address, args.cpus_per_task)
+    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {executor.describe()}", flush=True)
     outcomes = run_papers(slugs, args.scale, args.device, args.seed, args.jobs, args.root, args.out_root,
-                          args.timeout, on_done=_report_outcome, params=params)
+                          args.timeout, on_done=_report_outcome, params=params, executor=executor)
     width = max(len(o.slug) for o in outcomes)
     print("\nsummary:")
     for o in outcomes: print(f"  {'ok' if o.ok else 'FAILED':6}  {o.slug:{width}}  {o.wall_s:7.1f} s")
@@ -490,15 +476,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
+    executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
+        table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
         if args.suite == "dllm":
-            from paper_repro.dllm.bench import run_dllm_bench
-            table = run_dllm_bench(args.scale, args.device, out, args.seed)
             print(table.to_string(index=False))
             print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
             return 0
-        from paper_repro.core.bench import run_decoding_bench
-        table = run_decoding_bench(args.scale, args.device, out, args.seed, hf=not args.no_hf)
     except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
         raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
     print(table[table.category == "overall"].to_string(index=False))
@@ -513,6 +497,23 @@ def _positive_seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
+
+def _positive_number(text: str) -> float:
+    "argparse type of `--cpus-per-task`: a positive, finite number."
+    try: value = float(text)
+    except ValueError: value = float("nan")
+    if not (math.isfinite(value) and value > 0): raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    "`--executor`, `--ray-address`, `--cpus-per-task`: where `run` and `bench` do their work (see `core.executor`)."
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: this machine, -j at a time (default); ray: one Ray task per paper on a Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use (e.g. auto, or HOST:6379; default $RAY_ADDRESS, else a Ray instance "
+                        "started on this machine for the run)")
+    p.add_argument("--cpus-per-task", type=_positive_number, default=1, metavar="N",
+                   help="CPUs each Ray task asks for (default 1; a gpu-scale task also asks for one GPU)")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `paper-repro` argument parser with its five subcommands."
@@ -534,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR",
                    help="write to DIR/<scale>/<slug> instead of results/<scale>/<slug>")
     p.add_argument("--timeout", type=_positive_seconds, default=None, metavar="S", help="per-cell time limit in seconds")
+    _executor_options(p)
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="another notebook parameter, e.g. -p retrain True; the value must fit the type of the "
                         "parameter's default in the notebook (bool: True/False/true/false/1/0)")
@@ -551,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR", help="write to DIR/<scale>/bench")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
+    _executor_options(p)
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("readme", help="regenerate the README's catalogue and benchmark sections")
     p.add_argument("--check", action="store_true", help="only check; exit 1 if it is out of date")
