@@ -28,16 +28,14 @@ FAST = ("learn2pd", "subtitle_asr", "qwen_audio")  # the three quickest papers a
 def cluster():
     """A Ray instance in this process with two CPUs: two tasks at a time. `RayExecutor` uses it (and leaves it up).
     On a machine so loaded that Ray's own processes miss their startup deadline (its raylet waits 30 s for its
-    agents), it is tried twice, then the tests are skipped saying so: that is Ray's startup, not the code under test."""
-    for attempt in (1, 2):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
-                     logging_level="warning")
-            break
-        except Exception as e:  # Ray raises a bare Exception when its node times out during startup
-            if "timed out during startup" not in str(e): raise
-            ray.shutdown()
-            if attempt == 2: pytest.skip(f"a local Ray instance could not start here (machine overloaded?): {e}")
+    agents) the tests are skipped saying so: that is Ray's startup, not the code under test."""
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
+                 logging_level="warning")
+    except Exception as e:  # Ray raises a bare Exception when its node times out during startup
+        if "timed out during startup" not in str(e): raise
+        ray.shutdown()
+        pytest.skip(f"a local Ray instance could not start here (machine overloaded?): {e}")
     yield ray
     ray.shutdown()
 
