@@ -33,6 +33,7 @@ from .core.catalog import (
 from .core.claims import KINDS, claim_counts, holding_summary
 from .core.data import DataError
 from .core.outputs import STORED_SCALE, store_outputs
+from .core.executor import EXECUTORS, Executor, PaperTask, make_executor
 from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
                                     open_runs, project_root, resolve_device, write_text_atomic)
 
@@ -451,40 +452,22 @@ def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", s
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
                on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None, *,
                progress: Callable[[CellProgress], None] | None = None, progress_bar: bool = False,
-               store: bool = True) -> list[RunOutcome]:
+               store: bool = True, executor: Executor | None = None) -> list[RunOutcome]:
     """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`) and taking every
     paper's results lock (`RunLockedError` if another run holds one). Returns one `RunOutcome` per paper in the order
     given; `on_done` is called as each one finishes, `progress` as each cell does (`run_paper`); `progress_bar` shows
     papermill's bar over each notebook's cells (one line per paper running). `store=False`: no run writes its outputs
-    back into its notebook. On Ctrl-C it stops the kernels (`_stop_kernels`), keeps the previous results and raises
-    `KeyboardInterrupt`."""
+    back into its notebook. `executor` says where the notebooks run (`core.executor`): by default
+    `LocalExecutor(jobs)`, threads of this process, which on Ctrl-C stops the kernels, keeps the previous results and
+    raises `KeyboardInterrupt`; `RayExecutor` fans them out over a Ray cluster."""
     papers = check_run(slugs, scale, device, seed, jobs, root, params, timeout)
     typed = {p.slug: notebook_params(p, params, root) for p in papers}
-    stop = threading.Event()
-    slots = [p.slug for p in papers]
-    def one(p: Paper, run_id: str) -> RunOutcome:
-        if stop.is_set():
-            return RunOutcome(p.slug, False, 0.0, output_dir(p, scale, root, out_root) / "executed.ipynb", "not started (interrupted)")
-        bar = {"desc": p.slug, "position": slots.index(p.slug) % jobs, "leave": True} if progress_bar else False
-        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, typed[p.slug], run_id=run_id,
-                            progress=progress, progress_bar=bar, store=store)
-        if stop.is_set(): outcome.error = "interrupted: stopped before it finished; its previous results are kept"
-        if on_done is not None: on_done(outcome)
-        return outcome
+    bar = lambda i, p: {"desc": p.slug, "position": i % jobs, "leave": True} if progress_bar else False
+    tasks = [PaperTask(p.slug, scale, device, seed, root, out_root, timeout, typed[p.slug], store=store,
+                       progress=progress, progress_bar=bar(i, p)) for i, p in enumerate(papers)]
     with contextlib.ExitStack() as held:
-        for p in papers: held.enter_context(ResultsLock(output_dir(p, scale, root, out_root)))
-        # threads are enough: each papermill call starts and waits on its own kernel process
-        pool = ThreadPoolExecutor(max_workers=jobs)
-        futures = {f"{p.slug}-{uuid.uuid4().hex[:8]}": p for p in papers}
-        futures = {i: pool.submit(one, p, i) for i, p in futures.items()}
-        try:
-            return [f.result() for f in futures.values()]
-        except KeyboardInterrupt:
-            stop.set()
-            _stop_kernels(futures, INTERRUPT_GRACE_S)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for t in tasks: held.enter_context(ResultsLock(t.out_dir))
+        return (executor or make_executor("local", jobs)).run(tasks, on_done)
 
 # %% ../nbs/core/cli.ipynb #ad41816e
 def _fmt(v: object) -> str:
@@ -711,11 +694,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.progress_every < 1: raise CliError(f"--progress-every must be at least 1, got {args.progress_every}", code=2)
     mode = args.progress
     if mode == "auto": mode = "bar" if sys.stderr.isatty() else "lines"
-    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {args.jobs} at a time", flush=True)
+    executor = make_executor(args.executor, args.jobs, args.ray_address, args.cpus_per_task)
+    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {executor.describe()}", flush=True)
     outcomes = run_papers(slugs, args.scale, args.device, args.seed, args.jobs, args.root, args.out_root,
                           args.timeout, on_done=_report_outcome, params=params,
                           progress=LineProgress(args.progress_every) if mode == "lines" else None,
-                          progress_bar=mode == "bar", store=not args.no_store)
+                          progress_bar=mode == "bar", store=not args.no_store, executor=executor)
     width = max(len(o.slug) for o in outcomes)
     print("\nsummary:")
     for o in outcomes:
@@ -772,15 +756,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
+    executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
+        table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
         if args.suite == "dllm":
-            from paper_repro.dllm.bench import run_dllm_bench
-            table = run_dllm_bench(args.scale, args.device, out, args.seed)
             print(table.to_string(index=False))
             print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
             return 0
-        from paper_repro.core.bench import run_decoding_bench
-        table = run_decoding_bench(args.scale, args.device, out, args.seed, hf=not args.no_hf)
     except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
         raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
     print(table[table.category == "overall"].to_string(index=False))
@@ -801,6 +783,23 @@ def _command(sub, name: str, summary: str, description: str, func: Callable) -> 
     p = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}")
     p.set_defaults(func=func)
     return p
+
+def _positive_number(text: str) -> float:
+    "argparse type of `--cpus-per-task`: a positive, finite number."
+    try: value = float(text)
+    except ValueError: value = float("nan")
+    if not (math.isfinite(value) and value > 0): raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    "`--executor`, `--ray-address`, `--cpus-per-task`: where `run` and `bench` do their work (see `core.executor`)."
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: this machine, -j at a time (default); ray: one Ray task per paper on a Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use (e.g. auto, or HOST:6379; default $RAY_ADDRESS, else a Ray instance "
+                        "started on this machine for the run)")
+    p.add_argument("--cpus-per-task", type=_positive_number, default=1, metavar="N",
+                   help="CPUs each Ray task asks for (default 1; a gpu-scale task also asks for one GPU)")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `paper-repro` argument parser with its subcommands; each says what it does in `paper-repro NAME --help`."
@@ -834,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--params-file", type=Path, action="append", metavar="YAML",
                    help="notebook parameters from a YAML file of `name: value` lines, as papermill reads them; "
                         "checked like -p; several files: later ones win")
+    _executor_options(p)
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="another notebook parameter, e.g. -p retrain True; the value must fit the type of the "
                         "parameter's default in the notebook (bool: True/False/true/false/1/0); overrides -f "
@@ -872,6 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the benchmark (default 0)")
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR", help="write to DIR/<scale>/bench")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
+    _executor_options(p)
     p = _command(sub, "readme", "regenerate the README's catalogue and benchmark sections",
                  "The catalogue (each paper's derived status), the committed cpu decoding benchmark and the Hugging "
                  "Face support table, each between its two marker lines of README.md.", _cmd_readme)
