@@ -10,6 +10,7 @@ from paper_repro.core.decoding import (DraftModelDrafter, Sampler, batch_greedy_
                                        check_max_new_tokens, check_same_vocab, context_length, generate, greedy_decode,
                                        reference_decode)
 from paper_repro.core.lm import LMConfig, TransformerLM
+from paper_repro.decoding.aded import ADEDDrafter, TrigramMap
 from paper_repro.decoding.batchllm import naive_schedule, run_schedule
 from paper_repro.decoding.copyspec import CopyIndex, CopySpecDrafter
 from paper_repro.decoding.lexical_units import lud_generate
@@ -116,7 +117,8 @@ def test_the_context_check_is_exact():
 def test_a_drafter_with_another_vocabulary_is_refused_up_front(target):
     other = tiny_lm(vocab=50, d=16, layers=1, heads=2, seed=1)
     for drafter in (DraftModelDrafter(other, gamma=3), TokenRecyclingDrafter(50, k=4, template=default_template(8)),
-                    CopySpecDrafter(gamma=2, fallback=DraftModelDrafter(other))):
+                    CopySpecDrafter(gamma=2, fallback=DraftModelDrafter(other)),
+                    ADEDDrafter(TrigramMap.from_sequences([list(range(3, 50))], 50, 4), iterations=10)):
         with pytest.raises(ValueError) as e: generate(target, PROMPT, 8, drafter)
         assert "vocabulary of 50 tokens but the target TransformerLM has 40" in one_line(e)
     for draft in (other, SequentialDraft(other), ThreadDraft(other)):
