@@ -238,3 +238,12 @@ def test_the_build_ships_what_copy_data_copies_and_refuses_bad_data(setup_py, tm
         setup_py.checked_data_files(folder)
     (folder / "MANIFEST.json").unlink()
     with pytest.raises(SystemExit, match="MANIFEST.json is missing"): setup_py.checked_data_files(folder)
+
+
+def test_caches_go_to_the_data_folder_or_else_a_user_cache(installed, tmp_path, monkeypatch):
+    from paper_repro.core.data import cache_dir
+    from paper_repro.speech.corpus import default_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "paper_repro" and default_cache_dir() == cache_dir() / "speech"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "cache"

@@ -29,8 +29,8 @@ from .repro import atomic_write, relative_to_root, write_json_atomic
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS', 'PARALLEL_LANGS', 'CHUNK_RE', 'DataError',
            'data_source', 'data_dir', 'writable_data_dir', 'sha256_file', 'read_manifest', 'register_file', 'data_path',
-           'write_jsonl_gz', 'read_jsonl_gz', 'shipped_files', 'copy_data', 'build_code_corpus', 'load_code_corpus',
-           'build_parallel_corpus', 'load_parallel_corpus', 'rebuild', 'BPETokenizer', 'train_bpe']
+           'write_jsonl_gz', 'read_jsonl_gz', 'shipped_files', 'copy_data', 'cache_dir', 'build_code_corpus',
+           'load_code_corpus', 'build_parallel_corpus', 'load_parallel_corpus', 'rebuild', 'BPETokenizer', 'train_bpe']
 
 # %% ../../nbs/core/data.ipynb #5232b260
 class DataError(RuntimeError):
@@ -184,6 +184,13 @@ def copy_data(dest: str | Path, root: Path | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in shipped_files(src): shutil.copy2(src / name, dest / name)
     return dest
+
+def cache_dir() -> Path:
+    """Where rebuildable caches go (e.g. synthesised speech corpora): `cache/` in the data folder, or, when that is the
+    installed package's (never written), `$XDG_CACHE_HOME/paper_repro` (default `~/.cache/paper_repro`)."""
+    folder, source = data_source()
+    if source != "package": return folder / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "paper_repro"
 
 # %% ../../nbs/core/data.ipynb #33f7fff9
 CODE_CORPUS = "code_corpus.jsonl.gz"
