@@ -27,7 +27,13 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   $PIP install torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 fi
-echo "bootstrap: installing paper_repro (editable) with the dev and hf extras"
+# the distribution was called paper_repro (the public index's paper-repro, normalised) before it became
+# paper-repro-notebooks: remove that one, so that one distribution provides the package and the command
+if "$VENV/bin/python" -c "import importlib.metadata as m; m.distribution('paper_repro')" 2>/dev/null; then
+  echo "bootstrap: removing the distribution installed under the old name paper_repro"
+  $PIP uninstall -y paper_repro 2>&1 | grep -v "^WARNING: Location" || true
+fi
+echo "bootstrap: installing paper_repro (distribution paper-repro-notebooks, editable) with the dev and hf extras"
 $PIP install -e ".[dev,hf]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import paper_repro, nbdev, papermill, transformers" 
 echo "bootstrap: done"

@@ -27,6 +27,9 @@ step "README catalogue is up to date"
 step "pytest"
 "$BIN/pytest" -q
 
+step "the wheel: built from the sdist, installed outside the checkout, the README snippet run there (ci/check_wheel.sh)"
+ci/check_wheel.sh "$VENV"
+
 step "docs build (make docs: the site in _docs/ from nbs/, README.md and results/, offline)"
 make --no-print-directory docs VENV="$VENV"
 

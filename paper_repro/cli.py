@@ -31,6 +31,7 @@ from .core.catalog import (
     FAMILIES, PAPERS, STATUSES, Paper, catalog_frame, catalog_markdown, get_paper, load_claims, notebook_path,
     paper_status, results_dir, status_summary)
 from .core.claims import KINDS, claim_counts, holding_summary
+from .core.catalog import is_checkout, require_checkout
 from .core.data import DataError
 from .core.outputs import STORED_SCALE, store_outputs
 from .core.executor import EXECUTORS, Executor, PaperTask, make_executor
@@ -39,7 +40,7 @@ from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError
 
 # %% auto #0
 __all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INLINE_DPI', 'INTERRUPT_GRACE_S', 'OUTCOME_MARKS', 'CATALOG_START',
-           'CATALOG_END', 'BENCH_START', 'BENCH_END', 'HF_START', 'HF_END', 'CliError', 'RunOutcome',
+           'CATALOG_END', 'BENCH_START', 'BENCH_END', 'HF_START', 'HF_END', 'NEEDS_CHECKOUT', 'CliError', 'RunOutcome',
            'papers_with_notebooks', 'check_run', 'NotebookParameter', 'parameter_specs', 'notebook_parameters',
            'parse_param', 'coerce_param', 'notebook_params', 'read_params_file', 'output_dir', 'kernel_manager_class',
            'CellProgress', 'stores_outputs', 'run_paper', 'run_papers', 'claim_table', 'NoResultsError', 'report_path',
@@ -629,11 +630,17 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
 
 # %% ../nbs/core/cli.ipynb #6ed7c649
 def _cmd_list(args: argparse.Namespace) -> int:
-    "`paper-repro list`: the catalogue with status, as a table, markdown or JSON."
+    """`paper-repro list`: the catalogue with status, as a table, markdown or JSON. Outside a checkout the status (read
+    from nbs/ and results/) is left out, saying so on stderr, and the markdown (the README's, with notebook links) fails."""
     if args.format == "markdown":
+        require_checkout("`paper-repro list --format markdown`", args.root)
         print(catalog_markdown(args.root, family=args.family), end="")
         return 0
     df = catalog_frame(args.root, family=args.family)
+    if not is_checkout(args.root):
+        print(f"paper-repro: the status column needs a source checkout (nbs/, results/), and {args.root} has no nbs/: "
+              "listing the catalogue without it", file=sys.stderr)
+        df = df.drop(columns="status")
     if args.format == "json":
         print(json.dumps(df.to_dict(orient="records"), indent=2, ensure_ascii=False))
     else:  # keep the terminal table narrow: long titles are cut
@@ -893,6 +900,9 @@ def _raise_terminated(signum, frame) -> NoReturn:
     raise Terminated()
 
 # %% ../nbs/core/cli.ipynb #341fcb6b
+# the commands that read or write the notebooks and results of a source checkout: outside one, a one-line error (exit 2)
+NEEDS_CHECKOUT: tuple[str, ...] = ("run", "report", "bench", "readme")
+
 # errors that mean "this request cannot be carried out as given": one line, exit 2
 _EXPECTED = (ValueError, TypeError, DataError, RunLockedError)
 
@@ -905,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.root is None: args.root = project_root()
         if not Path(args.root).is_dir(): raise CliError(f"--root {args.root} is not a folder", code=2)
+        if args.command in NEEDS_CHECKOUT: require_checkout(f"`paper-repro {args.command}`", args.root)
         return args.func(args)
     except CliError as e:
         print(f"paper-repro: error: {_one_line(e)}", file=sys.stderr)

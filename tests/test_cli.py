@@ -228,6 +228,7 @@ def test_ctrl_c_stops_the_kernel_keeps_the_previous_results_and_exits_130(tmp_pa
 
 
 def test_run_all_with_no_notebooks(tmp_path, capsys):
+    (tmp_path / "nbs").mkdir()  # a checkout, without paper notebooks
     code, out, err = cli(capsys, tmp_path, "run", "--all")
     assert code == 2 and "no papers to run" in err
 
@@ -351,6 +352,7 @@ def test_readme_regenerate_and_check(results_root, capsys):
 @pytest.mark.parametrize("text", ["# no markers\n", f"{CATALOG_END}\n{CATALOG_START}\n",
                                   f"{CATALOG_START}\n{CATALOG_START}\n{CATALOG_END}\n", None])
 def test_readme_errors(tmp_path, capsys, text):
+    (tmp_path / "nbs").mkdir()  # a checkout
     if text is not None:
         touch(tmp_path / "README.md", text)
     code, out, err = cli(capsys, tmp_path, "readme")
@@ -369,6 +371,7 @@ def test_expected_errors_of_a_command_are_one_line(tmp_path, capsys, monkeypatch
     exc = kinds.get(error) or getattr(builtins, error)
     def boom(*a, **k): raise exc("data/MANIFEST.json is not valid JSON; restore it\nsecond line")
     monkeypatch.setattr(bench, "run_decoding_bench", boom)
+    (tmp_path / "nbs").mkdir()  # a checkout
     got, out, err = cli(capsys, tmp_path, "bench", "decoding", "--scale", "ci", "--device", "cpu")
     assert got == code and err.startswith("paper-repro: error: ") and err.count("\n") == 1, err
     assert "data/MANIFEST.json is not valid JSON; restore it second line" in err

@@ -1,4 +1,5 @@
 """paper_repro.core.data: committed corpora, checksums, the manifest, and the BPE tokenizer."""
+import hashlib
 import re
 import shutil
 
@@ -100,3 +101,149 @@ def test_read_manifest_reads_a_missing_one_as_empty_unless_asked(tmp_path):
     (tmp_path / "data").mkdir()
     assert read_manifest(tmp_path) == {}
     with pytest.raises(DataError, match="MANIFEST.json is missing; restore"): read_manifest(tmp_path, missing_ok=False)
+
+
+# --- where the data folder is: PAPER_REPRO_DATA, else the checkout's data/, else the installed package's -------------
+
+import importlib.util
+import json
+from pathlib import Path
+
+import paper_repro.core.data as data_mod
+import paper_repro.core.repro as repro_mod
+from paper_repro.core.data import (DATA_ENV, ReadOnlyDataError, copy_data, data_dir, data_source, shipped_files,
+                                   writable_data_dir, write_jsonl_gz)
+from paper_repro.core.repro import atomic_write, checkout_root
+
+
+def _data_folder(folder: Path, payload: bytes = b"shipped") -> Path:
+    "A data folder with one registered file, `a.bin`."
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(payload)
+    entry = dict(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload), source="s", licence="l", rebuild="r")
+    (folder / "MANIFEST.json").write_text(json.dumps({"a.bin": entry}))
+    return folder
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    "The package as a wheel would run: no checkout, its data in site-packages/paper_repro/_data (here: a tmp folder)."
+    shipped = _data_folder(tmp_path / "site-packages" / "paper_repro" / "_data")
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.setattr(data_mod, "checkout_root", lambda: None)
+    monkeypatch.setattr(data_mod, "package_data_dir", lambda: shipped)
+    monkeypatch.setattr(repro_mod, "package_data_dir", lambda: shipped)  # what atomic_write refuses to write into
+    return shipped
+
+
+def test_from_the_checkout_the_data_is_its_data_folder(monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert checkout_root() == project_root() and data_source() == (project_root() / "data", "checkout")
+    assert writable_data_dir() == data_dir() == project_root() / "data"
+    monkeypatch.setenv(DATA_ENV, "")  # empty is unset
+    assert data_source()[1] == "checkout"
+
+
+def test_installed_the_data_is_the_packages_and_is_checked(installed):
+    assert data_source() == (installed, "package") and data_path("a.bin") == installed / "a.bin"
+    (installed / "a.bin").write_bytes(b"tampered")
+    with pytest.raises(DataError, match=r"a.bin is corrupted.*To restore it, reinstall the package"): data_path("a.bin")
+    with pytest.raises(DataError, match=r"'nope' is not in .*_data/MANIFEST.json \(the data the installed package"):
+        data_path("nope")
+    (installed / "MANIFEST.json").unlink()
+    with pytest.raises(DataError, match=r"MANIFEST.json is missing; reinstall the package"): data_path("a.bin")
+
+
+def test_the_environment_variable_comes_first_and_a_root_before_it(installed, tmp_path, monkeypatch):
+    mine = _data_folder(tmp_path / "mine", b"mine")
+    monkeypatch.setenv(DATA_ENV, str(mine))
+    assert data_source() == (mine, DATA_ENV) and data_path("a.bin").read_bytes() == b"mine"
+    monkeypatch.setattr(data_mod, "checkout_root", lambda: tmp_path / "checkout")  # before a checkout, too
+    assert data_source() == (mine, DATA_ENV)
+    assert data_source(tmp_path / "proj") == (tmp_path / "proj" / "data", "root")  # an explicit root wins
+    monkeypatch.delenv(DATA_ENV)
+    assert data_source() == (tmp_path / "checkout" / "data", "checkout")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=rf"MANIFEST.json is missing; seed .*empty with .*copy_data.*or unset {DATA_ENV}"):
+        data_path("a.bin")
+
+
+def test_writes_never_go_into_the_shipped_data(installed, tmp_path, monkeypatch):
+    before = {p.name: p.read_bytes() for p in installed.iterdir()}
+    (installed / "b.bin").write_bytes(b"new")  # as if a writer had put it there: registering it must still be refused
+    with pytest.raises(ReadOnlyDataError, match=rf"^cannot write to .*_data: it is the data shipped inside the installed "
+                                                rf"package; set {DATA_ENV} to a folder of your own"):
+        register_file("b.bin", "s", "l", "r")
+    (installed / "b.bin").unlink()
+    for write in (lambda: atomic_write(installed / "a.bin", lambda p: p.write_bytes(b"x")),
+                  lambda: write_jsonl_gz(installed / "c.jsonl.gz", [{"a": 1}]),
+                  lambda: atomic_write(installed / "cache" / "x.npz", lambda p: p.write_bytes(b"x")),
+                  writable_data_dir):
+        with pytest.raises(ReadOnlyDataError, match=f"set {DATA_ENV}"): write()
+    assert {p.name: p.read_bytes() for p in installed.iterdir()} == before  # nothing written, not even a temporary file
+    mine = copy_data(tmp_path / "mine")  # the way out: a folder of one's own, seeded with the shipped files
+    monkeypatch.setenv(DATA_ENV, str(mine))
+    (mine / "b.bin").write_bytes(b"new")
+    register_file("b.bin", "s", "l", "r")
+    assert set(read_manifest()) == {"a.bin", "b.bin"} and data_path("b.bin") == mine / "b.bin"
+    assert {p.name: p.read_bytes() for p in installed.iterdir()} == before
+
+
+def test_retraining_outside_a_checkout_fails_before_it_trains(installed, tmp_path, monkeypatch):
+    from paper_repro.core.train import load_or_train
+    trained = []
+    kw = dict(load=lambda blob: blob["x"], dump=lambda x: {"x": x}, source="s", licence="l", rebuild="r")
+    with pytest.raises(ReadOnlyDataError, match=f"set {DATA_ENV}"):
+        load_or_train("w.pt", lambda: trained.append(1) or 3, retrain=True, **kw)
+    assert trained == [] and not (installed / "w.pt").exists()
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
+    assert load_or_train("w.pt", lambda: trained.append(1) or 3, retrain=True, **kw) == 3 and trained == [1]
+    assert load_or_train("w.pt", lambda: 1 / 0, **kw) == 3 and (tmp_path / "mine" / "w.pt").is_file()
+
+
+def test_copy_data_copies_checked_files_into_a_new_folder(installed, tmp_path):
+    (installed / ".a.bin.tmp-x").write_bytes(b"left by a kill")
+    (installed / "cache").mkdir()
+    assert shipped_files(installed) == ["MANIFEST.json", "a.bin"]
+    mine = copy_data(tmp_path / "mine")
+    assert sorted(p.name for p in mine.iterdir()) == ["MANIFEST.json", "a.bin"]
+    with pytest.raises(DataError, match="copy_data needs a new or empty folder, and .*mine is not empty"):
+        copy_data(mine)
+    (installed / "a.bin").write_bytes(b"tampered")
+    with pytest.raises(DataError, match="corrupted"): copy_data(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+# --- what the wheel ships: setup.py copies data/ into paper_repro/_data, checking it first ---------------------------
+
+@pytest.fixture(scope="module")
+def setup_py():
+    "setup.py's helpers (importing it does not run setup(): that is only for pip and setuptools' build hooks)."
+    spec = importlib.util.spec_from_file_location("paper_repro_setup", project_root() / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_ships_what_copy_data_copies_and_refuses_bad_data(setup_py, tmp_path):
+    assert setup_py.checked_data_files() == shipped_files(project_root() / "data")
+    assert {"MANIFEST.json", "zoo.json", *read_manifest()} == set(shipped_files(project_root() / "data"))
+    folder = _data_folder(tmp_path / "data")
+    (folder / ".x.tmp-1").write_bytes(b"")
+    assert setup_py.checked_data_files(folder) == ["MANIFEST.json", "a.bin"]
+    (folder / "a.bin").write_bytes(b"tampered")
+    with pytest.raises(SystemExit, match="a.bin does not match its sha256"): setup_py.checked_data_files(folder)
+    (folder / "a.bin").unlink()
+    with pytest.raises(SystemExit, match="a.bin is listed in data/MANIFEST.json but missing"):
+        setup_py.checked_data_files(folder)
+    (folder / "MANIFEST.json").unlink()
+    with pytest.raises(SystemExit, match="MANIFEST.json is missing"): setup_py.checked_data_files(folder)
+
+
+def test_caches_go_to_the_data_folder_or_else_a_user_cache(installed, tmp_path, monkeypatch):
+    from paper_repro.core.data import cache_dir
+    from paper_repro.speech.corpus import default_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "paper_repro" and default_cache_dir() == cache_dir() / "speech"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "cache"

@@ -19,9 +19,10 @@ from .claims import holding_summary, validate_claim
 from .repro import check_scale, project_root
 
 # %% auto #0
-__all__ = ['PAPERS', 'FAMILIES', 'STATUSES', 'RESULT_FILES', 'Paper', 'get_paper', 'notebook_path', 'module_path', 'test_path',
-           'results_dir', 'load_claims', 'is_reproduced_at', 'paper_status', 'status_detail', 'status_counts',
-           'papers_in', 'catalog_frame', 'status_summary', 'catalog_markdown']
+__all__ = ['PAPERS', 'FAMILIES', 'STATUSES', 'RESULT_FILES', 'Paper', 'get_paper', 'CheckoutError', 'is_checkout',
+           'require_checkout', 'notebook_path', 'module_path', 'test_path', 'results_dir', 'load_claims',
+           'is_reproduced_at', 'paper_status', 'status_detail', 'status_counts', 'papers_in', 'catalog_frame',
+           'status_summary', 'catalog_markdown']
 
 # %% ../../nbs/core/catalog.ipynb #b6600b8f
 @dataclass(frozen=True)
@@ -163,6 +164,22 @@ def _as_paper(paper: Paper | str) -> Paper:
 def _root(root: str | Path | None) -> Path:
     "The checkout to look in: `root` if given, else the one this package lives in."
     return Path(root) if root is not None else project_root()
+
+# %% ../../nbs/core/catalog.ipynb #a2b7d4c9
+class CheckoutError(ValueError):
+    "A command that needs a source checkout (its notebooks in `nbs/`, its `results/`) was given a folder without one."
+
+def is_checkout(root: str | Path | None = None) -> bool:
+    "Whether `root` (default: the project root) is a source checkout: it holds the notebooks, `nbs/`."
+    return (_root(root) / "nbs").is_dir()
+
+def require_checkout(what: str, root: str | Path | None = None) -> Path:
+    "`root` (default: the project root) if it is a source checkout, else a `CheckoutError` saying that `what` needs one."
+    r = _root(root)
+    if not is_checkout(r):
+        raise CheckoutError(f"{what} needs a source checkout of paper_repro (the notebooks in nbs/, results/), and "
+                            f"{r} has no nbs/: run it inside a clone of the repository, or give --root CHECKOUT")
+    return r
 
 # %% ../../nbs/core/catalog.ipynb #b4153ddc
 def notebook_path(paper: Paper | str, root: str | Path | None = None) -> Path:

@@ -14,28 +14,69 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .repro import atomic_write, project_root, relative_to_root, write_json_atomic
+from .repro import DATA_ENV, ReadOnlyDataError, checkout_root, package_data_dir
+from .repro import atomic_write, relative_to_root, write_json_atomic
 
 # %% auto #0
-__all__ = ['CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS', 'PARALLEL_LANGS', 'CHUNK_RE', 'DataError', 'data_dir',
-           'sha256_file', 'read_manifest', 'register_file', 'data_path', 'write_jsonl_gz', 'read_jsonl_gz',
-           'build_code_corpus', 'load_code_corpus', 'build_parallel_corpus', 'load_parallel_corpus', 'rebuild',
-           'BPETokenizer', 'train_bpe']
+__all__ = ['DATA_SOURCES', 'CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS', 'PARALLEL_LANGS', 'CHUNK_RE', 'DataError',
+           'data_source', 'data_dir', 'writable_data_dir', 'sha256_file', 'read_manifest', 'register_file', 'data_path',
+           'write_jsonl_gz', 'read_jsonl_gz', 'shipped_files', 'copy_data', 'cache_dir', 'build_code_corpus',
+           'load_code_corpus', 'build_parallel_corpus', 'load_parallel_corpus', 'rebuild', 'BPETokenizer', 'train_bpe']
 
 # %% ../../nbs/core/data.ipynb #5232b260
 class DataError(RuntimeError):
     "A data file is missing, corrupted, or cannot be rebuilt on this machine."
 
+DATA_SOURCES: tuple[str, ...] = ("root", DATA_ENV, "checkout", "package")
+
+def data_source(root: Path | None = None) -> tuple[Path, str]:
+    """The data folder and which of `DATA_SOURCES` chose it: `<root>/data` when a `root` is given; else the folder
+    `$PAPER_REPRO_DATA` names; else the checkout's `data/` when the package runs from a source checkout; else the data
+    the installed package ships (`package_data_dir()`)."""
+    if root is not None: return Path(root) / "data", "root"
+    if os.environ.get(DATA_ENV): return Path(os.environ[DATA_ENV]).expanduser().absolute(), DATA_ENV
+    checkout = checkout_root()
+    if checkout is not None: return checkout / "data", "checkout"
+    return package_data_dir(), "package"
+
 def data_dir(root: Path | None = None) -> Path:
-    "The `data/` folder of the project."
-    return (root or project_root()) / "data"
+    "The data folder read from (and, unless it is the installed package's, written to): see `data_source`."
+    return data_source(root)[0]
+
+def writable_data_dir(root: Path | None = None) -> Path:
+    """The data folder to write to (a retrained checkpoint, a manifest entry): `data_dir`, unless that is the data the
+    installed package ships, which stays as its checksums say: then a `ReadOnlyDataError` saying to set
+    `PAPER_REPRO_DATA`. Writers call it before the work, so a long retraining does not fail only at its end."""
+    folder, source = data_source(root)
+    if source == "package":
+        raise ReadOnlyDataError(f"cannot write to {folder}: it is the data shipped inside the installed package; set "
+                                f"{DATA_ENV} to a folder of your own (seed it with "
+                                f"paper_repro.core.data.copy_data(folder)) or work in a source checkout")
+    return folder
+
+def _manifest_name(source: str, folder: Path) -> str:
+    "How messages name the manifest of a data folder."
+    if source in ("root", "checkout"): return "data/MANIFEST.json"
+    if source == "package": return f"{folder}/MANIFEST.json (the data the installed package ships)"
+    return f"{folder}/MANIFEST.json ({DATA_ENV})"
+
+def _restore_hint(source: str, folder: Path) -> str:
+    "How to get a good manifest back, for each data source."
+    if source == "package":
+        return (f"reinstall the package (pip install --force-reinstall dist/paper_repro_notebooks-*.whl) or set "
+                f"{DATA_ENV} to a data folder of your own")
+    if source == DATA_ENV:
+        return f"seed {folder} with paper_repro.core.data.copy_data({str(folder)!r}), or unset {DATA_ENV}"
+    return "restore the committed one with `git checkout data/MANIFEST.json`"
 
 def sha256_file(path: Path) -> str:
     "Hex sha256 of a file, read in chunks."
@@ -46,8 +87,9 @@ def sha256_file(path: Path) -> str:
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-def _broken_manifest(path: Path, what: str) -> DataError:
-    return DataError(f"{relative_to_root(path)} {what}; restore the committed one with `git checkout data/MANIFEST.json`")
+def _broken_manifest(path: Path, what: str, root: Path | None = None) -> DataError:
+    folder, source = data_source(root)
+    return DataError(f"{relative_to_root(path)} {what}; {_restore_hint(source, folder)}")
 
 def read_manifest(root: Path | None = None, missing_ok: bool = True) -> dict[str, dict]:
     """The manifest as a dict `file name -> entry`, each entry checked (a `sha256`, and `bytes`/`rebuild` of the right
@@ -55,29 +97,32 @@ def read_manifest(root: Path | None = None, missing_ok: bool = True) -> dict[str
     an empty dict (a new `root` has none until `register_file` starts it), or with `missing_ok=False` (what
     `data_path` asks) the same `DataError`."""
     path = data_dir(root) / "MANIFEST.json"
+    broken = lambda what: _broken_manifest(path, what, root)
     if not path.is_file():
         if missing_ok: return {}
-        raise _broken_manifest(path, "is missing")
+        raise broken("is missing")
     try: manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e: raise _broken_manifest(path, f"is not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e: raise broken(f"is not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise _broken_manifest(path, f"must be a JSON object (file name -> entry), got a {type(manifest).__name__}")
+        raise broken(f"must be a JSON object (file name -> entry), got a {type(manifest).__name__}")
     for name, entry in manifest.items():
         if not isinstance(entry, dict):
-            raise _broken_manifest(path, f"entry {name!r} must be an object, got {type(entry).__name__}")
+            raise broken(f"entry {name!r} must be an object, got {type(entry).__name__}")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
-            raise _broken_manifest(path, f"entry {name!r} has no valid sha256 (64 hex digits), got {entry.get('sha256')!r}")
+            raise broken(f"entry {name!r} has no valid sha256 (64 hex digits), got {entry.get('sha256')!r}")
         if not isinstance(entry.get("bytes", 0), int) or not isinstance(entry.get("rebuild", ""), str):
-            raise _broken_manifest(path, f"entry {name!r} has a malformed 'bytes' or 'rebuild' field")
+            raise broken(f"entry {name!r} has a malformed 'bytes' or 'rebuild' field")
     return manifest
 
 def register_file(name: str, source: str, licence: str, rebuild: str, root: Path | None = None) -> dict:
-    "Record `data/<name>`'s checksum and provenance in the manifest (after building or training it)."
-    path = data_dir(root) / name
+    """Record `data/<name>`'s checksum and provenance in the manifest (after building or training it), in the folder
+    `writable_data_dir` names (never the installed package's data)."""
+    folder = writable_data_dir(root)
+    path = folder / name
     manifest = read_manifest(root)
     manifest[name] = dict(sha256=sha256_file(path), bytes=path.stat().st_size, source=source, licence=licence,
                           rebuild=rebuild)
-    write_json_atomic(data_dir(root) / "MANIFEST.json", dict(sorted(manifest.items())))
+    write_json_atomic(folder / "MANIFEST.json", dict(sorted(manifest.items())))
     return manifest[name]
 
 # files already checked in this process, keyed by path, size and mtime so a later change is re-checked
@@ -90,20 +135,21 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 def data_path(name: str, root: Path | None = None) -> Path:
     "Path of a verified data file; raises `DataError` if it is unknown, missing or its checksum differs."
     manifest = read_manifest(root, missing_ok=False)
+    folder, source = data_source(root)
     if name not in manifest:
-        raise DataError(f"data file {name!r} is not in data/MANIFEST.json; known files: {', '.join(sorted(manifest)) or 'none'}")
-    entry, path = manifest[name], data_dir(root) / name
+        raise DataError(f"data file {name!r} is not in {_manifest_name(source, folder)}; known files: "
+                        f"{', '.join(sorted(manifest)) or 'none'}")
+    entry, path = manifest[name], folder / name
     size = f"{entry['bytes']} bytes" if "bytes" in entry else "size not recorded"
-    rebuild = entry.get("rebuild") or "see `git log data/MANIFEST.json`"
+    fix = f"Rebuild it with: {entry.get('rebuild') or 'see `git log data/MANIFEST.json`'}"
+    if source == "package": fix = f"To restore it, {_restore_hint(source, folder)}"  # `make zoo` needs a checkout
     if not path.is_file():
-        raise DataError(f"data file {path} is missing (expected sha256 {entry['sha256'][:12]}…, {size}). "
-                        f"Rebuild it with: {rebuild}")
+        raise DataError(f"data file {path} is missing (expected sha256 {entry['sha256'][:12]}…, {size}). {fix}")
     if _stamp(path) in _verified: return path
     got = sha256_file(path)
     if got != entry["sha256"]:
         raise DataError(f"data file {path} is corrupted: sha256 {got[:12]}… but MANIFEST.json expects "
-                        f"{entry['sha256'][:12]}… ({size}, found {path.stat().st_size}). "
-                        f"Rebuild it with: {rebuild}")
+                        f"{entry['sha256'][:12]}… ({size}, found {path.stat().st_size}). {fix}")
     _verified.add(_stamp(path))
     return path
 
@@ -119,6 +165,32 @@ def read_jsonl_gz(path: Path) -> list[dict]:
     "Read gzip-compressed JSON lines."
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+# %% ../../nbs/core/data.ipynb #c5d8a3f1
+def shipped_files(folder: Path) -> list[str]:
+    "The files of a data folder that a wheel ships and `copy_data` copies: top-level, regular, not hidden; sorted."
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+def copy_data(dest: str | Path, root: Path | None = None) -> Path:
+    """Copy the data folder `data_dir(root)` (its manifest and every file of `shipped_files`, each manifest file
+    checksum-verified first) to `dest`, a new or empty folder, and return it; `PAPER_REPRO_DATA=<dest>` then reads from
+    and writes to the copy."""
+    dest = Path(dest).expanduser()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"copy_data needs a new or empty folder, and {dest} is "
+                        f"{'not a folder' if not dest.is_dir() else 'not empty'}")
+    src, manifest = data_dir(root), read_manifest(root, missing_ok=False)
+    for name in manifest: data_path(name, root)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in shipped_files(src): shutil.copy2(src / name, dest / name)
+    return dest
+
+def cache_dir() -> Path:
+    """Where rebuildable caches go (e.g. synthesised speech corpora): `cache/` in the data folder, or, when that is the
+    installed package's (never written), `$XDG_CACHE_HOME/paper_repro` (default `~/.cache/paper_repro`)."""
+    folder, source = data_source()
+    if source != "package": return folder / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "paper_repro"
 
 # %% ../../nbs/core/data.ipynb #33f7fff9
 CODE_CORPUS = "code_corpus.jsonl.gz"

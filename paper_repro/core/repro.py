@@ -32,10 +32,11 @@ import torch
 from .claims import Estimate, make_claim, validate_claim
 
 # %% auto #0
-__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'check_scale', 'resolve_device', 'project_root',
-           'relative_to_root', 'check_seed', 'seed_everything', 'atomic_write', 'write_text_atomic',
-           'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
-           'RunContext', 'open_runs', 'start_run']
+__all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'DATA_ENV', 'RUNNER_ENV', 'PARAMETERS_ENV', 'check_scale', 'resolve_device',
+           'checkout_root', 'project_root', 'relative_to_root', 'check_seed', 'seed_everything', 'ReadOnlyDataError',
+           'package_data_dir', 'check_writable', 'atomic_write', 'write_text_atomic', 'write_json_atomic',
+           'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results', 'RunContext', 'open_runs',
+           'start_run']
 
 # %% ../../nbs/core/repro.ipynb #f05661fd
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -74,13 +75,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 # %% ../../nbs/core/repro.ipynb #e4becaf7
-def project_root() -> Path:
-    "The checkout this package lives in (the folder holding `pyproject.toml`), else the current directory."
+def checkout_root() -> Path | None:
+    """The source checkout this package is imported from: the folder right above `paper_repro/` when it holds
+    `pyproject.toml` and the notebooks `nbs/`. None for an installed package (a wheel in site-packages), even one
+    installed into a virtual environment that lives inside a checkout."""
     import paper_repro  # the package, not this module: also right when run inside the notebook
-    here = Path(paper_repro.__file__).resolve().parent
-    for cand in (here, *here.parents):
-        if (cand / "pyproject.toml").exists() and (cand / "paper_repro").is_dir(): return cand
-    return Path.cwd()
+    root = Path(paper_repro.__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "nbs").is_dir() else None
+
+def project_root() -> Path:
+    "The checkout this package lives in (`checkout_root`), else the current directory (results are written there)."
+    return checkout_root() or Path.cwd()
 
 def relative_to_root(path: str | Path) -> str:
     "`path` relative to the project root (POSIX form) when it lies inside it, else absolute: what provenance records."
@@ -106,9 +111,31 @@ def seed_everything(seed: int) -> None:
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
 
 # %% ../../nbs/core/repro.ipynb #165e3809
+class ReadOnlyDataError(PermissionError):
+    "A write into the data an installed package ships (`paper_repro/_data/`): the message says to set `PAPER_REPRO_DATA`."
+
+DATA_ENV = "PAPER_REPRO_DATA"  # a data folder of your own: read instead of the shipped data, and written to
+
+def package_data_dir() -> Path:
+    """Where an installed wheel keeps the committed data, `paper_repro/_data/` inside the package (`importlib.resources`
+    finds it). A checkout has none: its `data/` is used."""
+    from importlib.resources import files
+    return Path(str(files("paper_repro").joinpath("_data")))
+
+def check_writable(path: str | Path) -> Path:
+    "`path`, unless it lies in the installed package's data: then a `ReadOnlyDataError` saying what to do instead."
+    path, shipped = Path(path).resolve(), package_data_dir().resolve()
+    if path == shipped or shipped in path.parents:
+        raise ReadOnlyDataError(f"cannot write {path}: it is the data shipped inside the installed package, which must "
+                                f"stay as its checksums say; set {DATA_ENV} to a folder of your own (seed it with "
+                                f"paper_repro.core.data.copy_data(folder)) or work in a source checkout")
+    return path
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    "Call `write(tmp_path)` then rename the temporary file onto `path`, so readers never see a partial file."
+    """Call `write(tmp_path)` then rename the temporary file onto `path`, so readers never see a partial file. Nothing
+    is written into the installed package's data (`check_writable`)."""
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
     os.close(fd)

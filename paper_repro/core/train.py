@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .data import DataError, data_dir, data_path, register_file
+from .data import DataError, data_dir, data_path, register_file, writable_data_dir
 from .repro import atomic_write, resolve_device, seed_everything
 
 # %% auto #0
@@ -379,8 +379,9 @@ def load_or_train(file: str, train: Callable[[], T], *, load: Callable[[dict], T
         if not (data_dir(root) / file).exists():  # a broken or missing manifest is data_path's error, not this one
             raise DataError(f"committed weights data/{file} are missing; rebuild them with: {rebuild}")
         return load(torch.load(data_path(file, root), map_location="cpu", weights_only=True))
+    folder = writable_data_dir(root)  # outside a checkout without PAPER_REPRO_DATA: fail now, not after the training
     blob = dump(train())
-    atomic_write(data_dir(root) / file, lambda p: torch.save(blob, p))
+    atomic_write(folder / file, lambda p: torch.save(blob, p))
     register_file(file, source=source, licence=licence, rebuild=rebuild, root=root)
     return load(torch.load(data_path(file, root), map_location="cpu", weights_only=True))
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import (BPETokenizer, DataError, data_dir, data_path, load_code_corpus, register_file,
-                                   train_bpe)
+                                   train_bpe, writable_data_dir)
 from .lm import LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from .repro import seed_everything, write_json_atomic
 from .train import OptimConfig, WarmupCosine, fit, warmup_cosine
@@ -122,7 +122,7 @@ def train_zoo(seed: int = 0, root: Path | None = None, progress: bool = True) ->
     t0 = time.time()
     texts = [r["text"] for r in load_code_corpus("train", root)]
     tok = train_bpe(texts, VOCAB_SIZE)
-    (data_dir(root) / TOKENIZER_FILE).write_text(tok.to_json())
+    (writable_data_dir(root) / TOKENIZER_FILE).write_text(tok.to_json())  # never into an installed package
     register_file(TOKENIZER_FILE, "byte-level BPE trained by nbs/core/zoo.ipynb on code_corpus (train)", "PSF-2.0",
                   "make zoo", root=root)
     card = {"tokenizer": {"vocab_size": tok.vocab_size, "train_s": round(time.time() - t0, 1)}}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy.signal import resample_poly
 
-from ..core.data import data_dir, sha256_file
+from ..core.data import cache_dir, sha256_file
 from ..core.repro import atomic_write, write_json_atomic
 from fastcore.basics import patch
 
@@ -470,8 +470,8 @@ def _assemble(spec: CorpusSpec, p: dict, clips: dict[tuple, np.ndarray]) -> tupl
 
 # %% ../../nbs/speech/corpus.ipynb #70a0aef9
 def default_cache_dir() -> Path:
-    "Where corpora are cached: `data/cache/speech/` of the checkout (git-ignored)."
-    return data_dir() / "cache" / "speech"
+    "Where corpora are cached: `data/cache/speech/` of the checkout (git-ignored); see `paper_repro.core.data.cache_dir`."
+    return cache_dir() / "speech"
 
 def cache_identity(spec: CorpusSpec, seed: int) -> dict:
     "Everything a cached corpus depends on."
