@@ -387,12 +387,14 @@ def recognition_embeddings(model: OneAVM, images: torch.Tensor, audio: torch.Ten
     return {"audio": emb, "visual": F.normalize(model.visual(images).amax((2, 3)), dim=-1)}
 
 def nn_accuracy(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor,
-                query_labels: torch.Tensor) -> float:
-    "1-nearest-neighbour (cosine) accuracy of `queries` against a labelled `gallery`."
+                query_labels: torch.Tensor, per_item: bool = False) -> float | torch.Tensor:
+    """1-nearest-neighbour (cosine) accuracy of `queries` against a labelled `gallery`; with `per_item`, whether each
+    query's nearest gallery item has its label (a bool tensor, one per query)."""
     if gallery.shape[1] != queries.shape[1]:
         raise ValueError(f"gallery and queries must have the same width, got {gallery.shape[1]} and {queries.shape[1]}")
     sims = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
-    return float((gallery_labels[sims.argmax(1)] == query_labels).double().mean())
+    correct = gallery_labels[sims.argmax(1)] == query_labels
+    return correct if per_item else float(correct.double().mean())
 
 # %% ../../nbs/speech/oneavm.ipynb #86683ed5
 def train_oneavm(model: OneAVM, clips: AVClips, steps: int, batch: int, losses: tuple[str, ...] = LOSSES,

@@ -20,6 +20,7 @@ import numpy as np
 import sacrebleu
 import torch
 
+from ..core.claims import LEVEL, Estimate
 from ..core.data import load_parallel_corpus
 from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, wer
@@ -32,9 +33,9 @@ __all__ = ['SOT', 'SOA', 'EOT', 'UNKNOWN', 'TIMESTAMPS', 'NOTIMESTAMPS', 'TASKS'
            'flat_token', 'special_tokens', 'build_vocab', 'task_prompt', 'caption_text', 'timestamp_target',
            'parse_timestamps', 'timestamp_errors', 'Phrase', 'normalize_text', 'candidate_phrases', 'select_phrases',
            'ClipInfo', 'TaskExample', 'clip_tasks', 'reference', 'example_tokens', 'encode_example', 'decode_output',
-           'plain_text', 'score_task', 'example_stats', 'paired_bootstrap', 'corpus_specs', 'ClipSet', 'build_clips',
-           'all_texts', 'encode_clips', 'batch_loss', 'run_examples', 'evaluate', 'QwenAudioTrainConfig',
-           'data_matched', 'sample_task_batch', 'train_model']
+           'plain_text', 'score_task', 'example_stats', 'paired_bootstrap', 'tasks_won', 'ratio_estimate',
+           'corpus_specs', 'ClipSet', 'build_clips', 'all_texts', 'encode_clips', 'batch_loss', 'run_examples',
+           'evaluate', 'QwenAudioTrainConfig', 'data_matched', 'sample_task_batch', 'train_model']
 
 # %% ../../nbs/speech/qwen_audio.ipynb #81eb5c87
 SOT, SOA, EOT, UNKNOWN = "<|startoftranscription|>", "<|startofanalysis|>", "<|endoftext|>", "<|unknown|>"
@@ -330,6 +331,49 @@ def paired_bootstrap(stats_a: Sequence[tuple[float, float]], stats_b: Sequence[t
     diffs = sign * (ratio(a, idx) - ratio(b, idx))
     lo, hi = np.nanpercentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).any() else (np.nan, np.nan)
     return point, float(lo), float(hi)
+
+# %% ../../nbs/speech/qwen_audio.ipynb #9df342ab
+def _ratio(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    "Ratio-of-sums metric of (numerator, denominator) rows `x` over index rows `idx` (NaN where nothing is counted)."
+    den = x[idx, 1].sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"): return np.where(den > 0, x[idx, 0].sum(-1) / den, np.nan)
+
+def _interval(value: float, boots: np.ndarray, n: int) -> Estimate:
+    "An `Estimate` (method bootstrap) of `value` from its bootstrap replicates `boots`."
+    low, high = (float(q) for q in np.nanquantile(boots, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2]))
+    return Estimate(value, min(low, value), max(high, value), float(np.nanstd(boots, ddof=1)), "bootstrap", n)
+
+def tasks_won(stats_a: dict[str, Sequence[tuple[float, float]]], stats_b: dict[str, Sequence[tuple[float, float]]],
+              n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Number of tasks where A's headline metric is at least as good as B's (`example_stats` rows per task, the same
+    examples in the same order for both), with a paired-bootstrap interval over each task's examples."""
+    if set(stats_a) != set(stats_b) or not stats_a:
+        raise ValueError(f"A and B need the same non-empty tasks, got {sorted(stats_a)} and {sorted(stats_b)}")
+    rng = np.random.default_rng(seed)
+    wins, boot_wins, n = 0, np.zeros(n_boot), 0
+    for task in stats_a:
+        a, b = np.asarray(stats_a[task], float), np.asarray(stats_b[task], float)
+        if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or not len(a):
+            raise ValueError(f"{task}: need two equally long, non-empty lists of (num, den) pairs; got {a.shape}, {b.shape}")
+        higher = HEADLINE[task][1]
+        def win(idx):
+            va, vb = _ratio(a, idx), _ratio(b, idx)
+            worst = -np.inf if higher else np.inf       # undefined (no word matched) counts as worst
+            va, vb = np.where(np.isnan(va), worst, va), np.where(np.isnan(vb), worst, vb)
+            return va >= vb if higher else va <= vb
+        wins += int(win(np.arange(len(a))[None])[0])
+        boot_wins += win(rng.integers(0, len(a), size=(n_boot, len(a))))
+        n += len(a)
+    return _interval(float(wins), boot_wins, n)
+
+def ratio_estimate(stats: Sequence[tuple[float, float]], n_boot: int = 2000, seed: int = 0) -> Estimate:
+    "One system's ratio-of-sums metric over `example_stats` rows, with a bootstrap interval over the examples."
+    x = np.asarray(stats, float)
+    if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2: raise ValueError(f"need >= 2 (num, den) pairs, got {x.shape}")
+    value = float(_ratio(x, np.arange(len(x))[None])[0])
+    if not math.isfinite(value): raise ValueError("the metric is undefined on these examples (nothing counted)")
+    return _interval(value, _ratio(x, np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))), len(x))
+
 
 # %% ../../nbs/speech/qwen_audio.ipynb #41db0fec
 from .corpus import CorpusSpec, SpeechCorpus, build_corpus

@@ -623,19 +623,23 @@ def synthesize_mels(model: SpeechT5, sequences: Sequence[Sequence[int]], speaker
 
 # %% ../../nbs/speech/speecht5.ipynb #b3c01388
 @torch.no_grad()
-def teacher_forced_l1(model: SpeechT5, data: SpeechData, vocab: Vocab, batch_size: int = 64) -> float:
-    "Mean |mel after post-net − reference| over valid frames and bands, with the reference frames fed back."
+def teacher_forced_l1(model: SpeechT5, data: SpeechData, vocab: Vocab, batch_size: int = 64,
+                      per_clip: bool = False) -> float | np.ndarray:
+    """Mean |mel after post-net − reference| over valid frames and bands, with the reference frames fed back; with
+    `per_clip`, each clip's own mean (an array, one per clip: the paired scores a bootstrap over clips resamples)."""
     dev = next(model.parameters()).device
     model.eval()
-    tot, n = 0.0, 0
+    tot, n, clips = 0.0, 0, []
     for s in range(0, len(data), batch_size):
         idx = list(range(s, min(s + batch_size, len(data))))
         mel, flen, spk = data.batch(idx, dev)
         hidden, hlen = model.encode_text([vocab.encode(data.texts[i]) for i in idx])
         _, after, _ = model.speech_decode(model.decoder.encode_memory(hidden, hlen), mel, spk)
         v = length_mask(flen, mel.shape[1])[..., None].to(mel.dtype)
-        tot += float(((after[:, :mel.shape[1]] - mel).abs() * v).sum()); n += int(v.sum()) * mel.shape[-1]
-    return tot / n
+        diff = (after[:, :mel.shape[1]] - mel).abs() * v
+        tot += float(diff.sum()); n += int(v.sum()) * mel.shape[-1]
+        clips += (diff.sum((1, 2)) / (v.sum((1, 2)) * mel.shape[-1])).tolist()
+    return np.asarray(clips) if per_clip else tot / n
 
 def dtw_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     "Mean per-frame L1 (averaged over bands) along the dynamic-time-warping path between `a` `[N, D]` and `b` `[M, D]`."

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 import sacrebleu
+from sacrebleu.metrics import BLEU
 
+from ..core.claims import LEVEL, Estimate
 from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import Vocab, wer
 from .corpus import CorpusSpec, check_lang
@@ -25,8 +27,9 @@ from .corpus import CorpusSpec, check_lang
 # %% auto #0
 __all__ = ['FILLERS', 'NUMBERS', 'DIALECT', 'ADVERBS', 'PARAPHRASES', 'SPECIALS', 'ARCHS', 'Targets', 'check_lang_supported',
            'condense', 'ScriptConfig', 'Script', 'make_script', 'make_scripts', 'lexicon', 'subtitle_vocab',
-           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'SubtitleASRConfig', 'SubtitleASR',
-           'transcribe_and_subtitle', 'SubtitleClip', 'collate', 'SubtitleTrainConfig', 'train_subtitle_asr']
+           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'bleu_diff_bootstrap', 'SubtitleASRConfig',
+           'SubtitleASR', 'transcribe_and_subtitle', 'SubtitleClip', 'collate', 'SubtitleTrainConfig',
+           'train_subtitle_asr']
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #370c3dce
 FILLERS: dict[str, tuple[str, ...]] = {"nl": ("euh", "ehm", "allee"), "en": ("uh", "um", "hmm")}
@@ -205,6 +208,23 @@ def subtitle_bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
     if len(refs) != len(hyps): raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     if not refs: raise ValueError("need at least one reference")
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #69cf6154
+def bleu_diff_bootstrap(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str], n_boot: int = 2000,
+                        seed: int = 0) -> Estimate:
+    "Corpus BLEU of `hyps_a` minus that of `hyps_b` (same references), with a paired-bootstrap interval over sentences."
+    if not (len(refs) == len(hyps_a) == len(hyps_b)) or len(refs) < 2:
+        raise ValueError(f"need >= 2 sentences and one hypothesis per reference: {len(refs)} references, "
+                         f"{len(hyps_a)} and {len(hyps_b)} hypotheses")
+    bleu = BLEU()
+    sa, sb = (np.asarray(bleu._extract_corpus_statistics(list(h), [list(refs)]), dtype=np.int64) for h in (hyps_a, hyps_b))
+    score = lambda stats: bleu._compute_score_from_stats(stats.tolist()).score
+    value = score(sa.sum(0)) - score(sb.sum(0))
+    idx = np.random.default_rng(seed).integers(0, len(refs), size=(n_boot, len(refs)))
+    boots = np.array([score(sa[r].sum(0)) - score(sb[r].sum(0)) for r in idx])
+    low, high = (float(q) for q in np.quantile(boots, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2]))
+    return Estimate(float(value), min(low, value), max(high, value), float(boots.std(ddof=1)), "bootstrap", len(refs))
+
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #32b0d2e7
 import torch
