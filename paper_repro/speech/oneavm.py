@@ -399,8 +399,9 @@ def nn_accuracy(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: to
 # %% ../../nbs/speech/oneavm.ipynb #86683ed5
 def train_oneavm(model: OneAVM, clips: AVClips, steps: int, batch: int, losses: tuple[str, ...] = LOSSES,
                  lr: float = 2e-3, seed: int = 0, log_every: int = 10, progress: bool | None = None) -> list[dict]:
-    """Train `model` in place on `losses` over `clips` (see above); returns `{"step", <each loss>, "total"}` rows for
-    every `log_every`-th step (0-based) and the last one."""
+    """Train `model` in place on the sum of `losses` (any of `LOSSES`: "avl" localised audio-visual contrast, "avs"
+    mix-and-separate, "mva" mixed visual alignment) over random batches of `clips`, with AdamW at `lr` in the core
+    loop; returns `{"step", <each loss>, "total"}` rows for every `log_every`-th step (0-based) and the last one."""
     if batch < 2: raise ValueError(f"batch must be at least 2 (a contrastive batch needs negatives), got {batch}")
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)

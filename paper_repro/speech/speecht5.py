@@ -517,7 +517,7 @@ class FinetuneConfig(_AdamWWarmupCosine):
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     ctc_weight: float = 0.5        # ASR: λ · CTC + (1 − λ) · CE
-    mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off, see below)
+    mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off: it slowed fine-tuning)
     mask_span: int = 5
 
 def asr_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tensor, texts: Sequence[str], vocab: Vocab,
