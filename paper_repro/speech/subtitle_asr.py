@@ -287,10 +287,14 @@ class SubtitleASRConfig:
                    eos_id=vocab.index["<eos>"], verbatim_id=vocab.index["<verbatim>"],
                    subtitle_id=vocab.index["<subtitle>"], **sizes)
 
-    def seq2seq(self) -> Seq2SeqConfig:
-        return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
-                             enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads,
-                             d_ff=self.d_ff, subsample=self.subsample, ctc_vocab=self.ctc_vocab)
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #338e18cc
+@patch
+def seq2seq(self: SubtitleASRConfig) -> Seq2SeqConfig:
+    "The substrate shape of the verbatim model inside: encoder 1, its CTC head and the verbatim decoder."
+    return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
+                         enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads,
+                         d_ff=self.d_ff, subsample=self.subsample, ctc_vocab=self.ctc_vocab)
 
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #d7814281
@@ -302,6 +306,8 @@ def _pad_targets(tgts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     for i, t in enumerate(tgts): pad[i, :len(t)] = torch.tensor(list(t), device=device)
     return pad, torch.tensor([len(t) for t in tgts], device=device)
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #350c964a
 class SubtitleASR(nn.Module):
     "Joint verbatim ASR + subtitling: one of `ARCHS` on the `SpeechSeq2Seq` substrate."
     def __init__(self, cfg: SubtitleASRConfig):
