@@ -238,3 +238,14 @@ def test_train_oneavm_on_fit_takes_the_steps_of_the_pre_fit_loop():
     for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):   # BatchNorm statistics too
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="batch must be at least 2"): train_oneavm(new, train, 2, 1)
+
+
+def test_nn_accuracy_per_item_is_the_mean_of_its_items():
+    from paper_repro.speech.oneavm import nn_accuracy
+    g = torch.eye(3)
+    gl = torch.tensor([0, 1, 2])
+    q = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.0, 1.0], [0.9, 0.0, 0.2]])
+    ql = torch.tensor([0, 1, 0])
+    items = nn_accuracy(g, gl, q, ql, per_item=True)
+    assert items.tolist() == [True, False, True]
+    assert nn_accuracy(g, gl, q, ql) == pytest.approx(2 / 3) == float(items.double().mean())

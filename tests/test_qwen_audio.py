@@ -391,3 +391,21 @@ def test_train_model_on_fit_takes_the_steps_of_the_pre_fit_loop(setup):
     (old, h_old), (new, h_new) = runs
     assert h_new == h_old and [h["step"] for h in h_new] == [3, 6, 7] and not new.training
     for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name
+
+
+def test_tasks_won_counts_wins_with_a_bootstrap_interval():
+    from paper_repro.speech.qwen_audio import ratio_estimate, tasks_won
+    perfect = {"language_id": [(1.0, 1.0)] * 20, "caption": [(1.0, 1.0)] * 20, "transcribe": [(0.0, 3.0)] * 20}
+    poor = {"language_id": [(0.0, 1.0)] * 20, "caption": [(1.0, 1.0)] * 10 + [(0.0, 1.0)] * 10,
+            "transcribe": [(3.0, 3.0)] * 20}
+    w = tasks_won(perfect, poor, n_boot=200)
+    assert (w.value, w.low, w.high, w.method, w.n) == (3.0, 3.0, 3.0, "bootstrap", 60)
+    assert tasks_won(poor, perfect, n_boot=200).value == 0.0          # lower WER is better: poor wins nothing
+    mixed = {**poor, "caption": [(0.0, 1.0)] + [(1.0, 1.0)] * 11 + [(0.0, 1.0)] * 8}   # 11 vs 10, not item by item
+    m = tasks_won(mixed, poor, n_boot=500)
+    assert m.value == 3.0 and m.low < 3.0                              # ties win; the near tie is not sure
+    ts = {"timestamps": [(0.0, 0.0)] * 5}                              # nothing matched: undefined, counts as worst
+    assert tasks_won(ts, {"timestamps": [(10.0, 2.0)] * 5}, n_boot=100).value == 0.0
+    with pytest.raises(ValueError, match="same non-empty tasks"): tasks_won(perfect, {"caption": poor["caption"]})
+    assert ratio_estimate([(30.0, 2.0), (10.0, 2.0)], n_boot=200).value == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="undefined"): ratio_estimate([(0.0, 0.0), (0.0, 0.0)])

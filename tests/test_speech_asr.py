@@ -257,3 +257,19 @@ def test_wer_cer_counts():
     assert c["wer"] == pytest.approx(3 / 5) == wer(["three one four", "nine two"], ["three four four one", "nine"])
     with pytest.raises(ValueError, match="2 references but 1"): wer(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="non-empty"): wer([""], ["a"])
+
+
+# ---------------------------------------------------------------- per-utterance errors (paired bootstrap scores)
+
+def test_item_errors_average_to_corpus_error_rates():
+    from paper_repro.speech.asr import item_errors
+    refs = ["three one four", "nine two", "five six seven eight"]
+    hyps = ["three four four one", "nine", "five six seven eight"]
+    e = item_errors(refs, hyps)
+    assert e.shape == (3,) and e[2] == 0 and e[0] > e[1] > 0
+    assert e.mean() == pytest.approx(wer(refs, hyps))
+    assert item_errors(refs, hyps, unit="char").mean() == pytest.approx(cer(refs, hyps))
+    other = ["three one four", "nine two", "five"]                       # a better and a worse system, paired
+    assert (item_errors(refs, hyps) - item_errors(refs, other)).mean() == pytest.approx(wer(refs, hyps) - wer(refs, other))
+    with pytest.raises(ValueError, match="unit='words'; valid: word, char"): item_errors(refs, hyps, unit="words")
+    with pytest.raises(ValueError, match="3 references but 2 hypotheses"): item_errors(refs, hyps[:2])

@@ -490,3 +490,14 @@ def test_initialisation_and_parameter_order_are_the_pre_refactor_ones():
     state = {k.replace("subsample.", "speech_prenet."): v for k, v in m.state_dict().items()}
     assert list(state) == list(ref["tiny_init"])
     for k, v in ref["tiny_init"].items(): assert torch.equal(state[k], v), k
+
+
+def test_teacher_forced_l1_per_clip_weighs_back_to_the_corpus_mean():
+    from paper_repro.speech.speecht5 import teacher_forced_l1
+    m, d = _model(), _data(n=5)
+    clips = teacher_forced_l1(m, d, VOCAB, batch_size=2, per_clip=True)
+    frames = np.array([len(x) for x in d.mels], dtype=np.float64)
+    assert clips.shape == (5,) and (clips > 0).all()
+    assert float((clips * frames).sum() / frames.sum()) == pytest.approx(teacher_forced_l1(m, d, VOCAB, batch_size=2))
+    one = teacher_forced_l1(m, d.subset([3]), VOCAB)                  # a clip's own score does not depend on its batch
+    assert clips[3] == pytest.approx(one)

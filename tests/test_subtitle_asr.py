@@ -308,3 +308,15 @@ def test_training_on_fit_takes_the_steps_of_the_pre_fit_loop(sizes, steps):
     (old, h_old), (new, h_new) = runs
     assert h_new == h_old and len(h_new) == (2 if steps > 50 else 1)
     for (name, a), b in zip(old.named_parameters(), new.parameters()): assert torch.equal(a, b), name
+
+
+def test_bleu_diff_bootstrap_is_a_difference_of_sacrebleu_corpus_scores():
+    from paper_repro.speech.subtitle_asr import bleu_diff_bootstrap, make_scripts, subtitle_bleu
+    s = make_scripts(60, "nl", seed=3)
+    refs, verb = [x.subtitle for x in s], [x.verbatim for x in s]
+    d = bleu_diff_bootstrap(refs, refs, verb, n_boot=300, seed=0)
+    assert d.value == pytest.approx(subtitle_bleu(refs, refs) - subtitle_bleu(refs, verb))
+    assert d.method == "bootstrap" and d.n == 60 and 0 < d.low <= d.value <= d.high
+    swapped = bleu_diff_bootstrap(refs, verb, refs, n_boot=300, seed=0)
+    assert swapped.value == pytest.approx(-d.value) and swapped.high < 0
+    with pytest.raises(ValueError, match="one hypothesis per reference"): bleu_diff_bootstrap(refs, verb[:5], refs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Protocol, Sequence
 
 import jiwer
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +24,7 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['BLANK', 'State', 'Vocab', 'ctc_loss', 'ctc_greedy_decode', 'ctc_prefix_beam_search', 'rnnt_log_likelihood',
            'rnnt_loss', 'Predictor', 'JoinerFn', 'state_where', 'state_select', 'LSTMPredictor', 'Joiner',
-           'rnnt_greedy_decode', 'RNNTHyp', 'rnnt_beam_search', 'wer', 'cer', 'error_counts']
+           'rnnt_greedy_decode', 'RNNTHyp', 'rnnt_beam_search', 'wer', 'cer', 'error_counts', 'item_errors']
 
 # %% ../../nbs/speech/asr.ipynb #637cbcfb
 BLANK = "<blank>"
@@ -361,3 +362,20 @@ def error_counts(refs: str | Sequence[str], hyps: str | Sequence[str]) -> dict[s
     n = o.substitutions + o.deletions + o.hits
     return dict(substitutions=o.substitutions, deletions=o.deletions, insertions=o.insertions, hits=o.hits,
                 ref_words=n, wer=(o.substitutions + o.deletions + o.insertions) / n)
+
+# %% ../../nbs/speech/asr.ipynb #5fdf438b
+def item_errors(refs: str | Sequence[str], hyps: str | Sequence[str], unit: str = "word") -> np.ndarray:
+    """Per-utterance edit errors over the mean reference length (`unit` "word" or "char"): their mean is the corpus
+    WER (CER) of the set, so paired differences of two systems average to the difference of corpus error rates."""
+    if unit not in ("word", "char"): raise ValueError(f"unit={unit!r}; valid: word, char")
+    refs, hyps = _check_pairs(refs, hyps)
+    if unit == "word":
+        out = [jiwer.process_words(r, h) for r, h in zip(refs, hyps)]
+        errs = np.array([o.substitutions + o.deletions + o.insertions for o in out], dtype=np.float64)
+        lens = np.array([len(r.split()) for r in refs], dtype=np.float64)
+    else:
+        out = [jiwer.process_characters(r, h) for r, h in zip(refs, hyps)]
+        errs = np.array([o.substitutions + o.deletions + o.insertions for o in out], dtype=np.float64)
+        lens = np.array([len(r) for r in refs], dtype=np.float64)
+    return errs / lens.mean()
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +41,8 @@ TONE_SLOPE = np.array([0.6, 1.8, 1.0, 2.4, 0.8, 1.4, 0.5, 2.0, 1.2, 0.7])   # ha
 TONE_ODD = np.array([0, 1, 0, 0, 1, 0, 0, 1, 0, 1], dtype=bool)            # odd harmonics only
 TONE_ENVELOPE = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])                   # 0 sustained, 1 plucked, 2 tremolo
 
+
+# %% ../../nbs/speech/oneavm.ipynb #14a08495
 def icon_mask(cls: int, size: int) -> np.ndarray:
     "Boolean `[size, size]` drawing of instrument `cls`'s icon."
     if not 0 <= cls < N_CLASSES: raise ValueError(f"cls must be in 0..{N_CLASSES - 1}, got {cls}")
@@ -75,6 +78,7 @@ def harmonic_tone(cls: int, rng: np.random.Generator, n: int = N_SAMPLES, sr: in
     x = x * env
     return (0.1 * rng.uniform(0.7, 1.3) * x / np.sqrt(np.mean(x ** 2) + 1e-12)).astype(np.float32)
 
+
 # %% ../../nbs/speech/oneavm.ipynb #0e7b5ee0
 @dataclass
 class AVClips:
@@ -93,6 +97,8 @@ class AVClips:
         return AVClips(self.images[idx], self.audio[idx], self.labels[idx], self.masks[idx], self.boxes[idx],
                        self.distractors[idx])
 
+
+# %% ../../nbs/speech/oneavm.ipynb #3eef2a0c
 def _layout(rng: np.random.Generator, sizes: list[int], img: int) -> list[tuple[int, int]]:
     "Random top-left corners for square icons of `sizes`, each at least 1 pixel away from the others."
     for _ in range(100):
@@ -110,8 +116,11 @@ def _layout(rng: np.random.Generator, sizes: list[int], img: int) -> list[tuple[
             return [(r0, c0) for r0, c0, _ in taken]
     raise RuntimeError(f"could not place icons of sizes {sizes} in a {img}-pixel frame")
 
+
+# %% ../../nbs/speech/oneavm.ipynb #6f867451
 def make_clips(n: int, seed: int, distractor: bool = True, noise: float = 0.04, img: int = IMG_SIZE) -> AVClips:
-    "Draw `n` clips deterministically from `seed` (see the text above)."
+    """Draw `n` clips deterministically from `seed`: each frame shows the sounding icon (and, with `distractor`, a silent
+    icon of another instrument) on a noisy background, and its audio is the sounding instrument's tone."""
     if n < 1: raise ValueError(f"n must be positive, got {n}")
     if noise < 0: raise ValueError(f"noise must be >= 0, got {noise}")
     if img < 16: raise ValueError(f"img must be at least 16 pixels, got {img}")
@@ -141,6 +150,7 @@ def make_clips(n: int, seed: int, distractor: bool = True, noise: float = 0.04, 
         audio[i] = harmonic_tone(int(labels[i]), rng)
     return AVClips(torch.from_numpy(np.clip(images, 0, 1)), torch.from_numpy(audio), torch.from_numpy(labels),
                    torch.from_numpy(masks), torch.from_numpy(boxes), torch.from_numpy(distr))
+
 
 # %% ../../nbs/speech/oneavm.ipynb #3f00d064
 class AudioFrontEnd(nn.Module):
@@ -178,10 +188,15 @@ class AudioFrontEnd(nn.Module):
         "Encoder input `[B, 1, M, T]`: log mel power, shifted and scaled to roughly zero mean and unit range."
         return ((torch.log(self.mel_power(wave).clamp(min=1e-8)) + 4.0) / 4.0).unsqueeze(1)
 
-    def to_linear(self, mel_mask: torch.Tensor) -> torch.Tensor:
-        "Mel-grid masks `[..., M, T]` → linear-frequency masks `[..., F, T]`."
-        return torch.matmul(self.unwarp.to(mel_mask.dtype), mel_mask)
 
+# %% ../../nbs/speech/oneavm.ipynb #da77126c
+@patch
+def to_linear(self: AudioFrontEnd, mel_mask: torch.Tensor) -> torch.Tensor:
+    "Mel-grid masks `[..., M, T]` → linear-frequency masks `[..., F, T]`."
+    return torch.matmul(self.unwarp.to(mel_mask.dtype), mel_mask)
+
+
+# %% ../../nbs/speech/oneavm.ipynb #1a676930
 def target_masks(front: AudioFrontEnd, wave_a: torch.Tensor, wave_b: torch.Tensor) -> torch.Tensor:
     "Ideal binary masks `[B, 2, M, T]` (float) on the mel grid for the two sources of `wave_a + wave_b`."
     if wave_a.shape != wave_b.shape: raise ValueError(f"sources must have the same shape, got {tuple(wave_a.shape)} and {tuple(wave_b.shape)}")
@@ -197,6 +212,7 @@ def apply_masks(front: AudioFrontEnd, mixture: torch.Tensor, mel_masks: torch.Te
     B, S = lin.shape[:2]
     est = front.istft((lin * spec[:, None]).reshape(B * S, *spec.shape[1:]), mixture.shape[-1])
     return est.reshape(B, S, -1)
+
 
 # %% ../../nbs/speech/oneavm.ipynb #147e76ff
 def box_map(boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -245,6 +261,8 @@ class VisualEncoder(nn.Module):
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         return self.net(images - 0.3)   # frames live in [0, 1] with a dark background: centre them roughly
 
+
+# %% ../../nbs/speech/oneavm.ipynb #4ca00af0
 class AudioUNet(nn.Module):
     "Log-mel `[B, 1, M, T]` → (embedding `[B, dim]`, separation maps `[B, K, M, T]`)."
     def __init__(self, dim: int = 64, k: int = 16, width: int = 16):
@@ -274,6 +292,8 @@ class AudioUNet(nn.Module):
         emb, skips = self.encode(x)
         return emb, self.decode(skips)
 
+
+# %% ../../nbs/speech/oneavm.ipynb #8570a955
 class OneAVM(nn.Module):
     "Shared audio and visual encoders with the heads the three losses need."
     def __init__(self, dim: int = 64, k: int = 16, tau: float = 0.07, pool_tau: float = 0.1):
@@ -292,6 +312,7 @@ class OneAVM(nn.Module):
         "L2-normalised visual feature maps `[B, D, h, w]`."
         return F.normalize(self.visual(images), dim=1)
 
+
 # %% ../../nbs/speech/oneavm.ipynb #08ff3e00
 LOSSES = ("avl", "avs", "mva")
 
@@ -306,6 +327,8 @@ def avl_loss(sim: torch.Tensor, tau: float) -> torch.Tensor:
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
+
+# %% ../../nbs/speech/oneavm.ipynb #203c879e
 def mva_loss(model: OneAVM, images: torch.Tensor, audio_emb: torch.Tensor, perm: torch.Tensor,
              lam: torch.Tensor) -> torch.Tensor:
     "Pixel-mixed frames `lam·x_i + (1−lam)·x_perm(i)` aligned with both audios (soft-target InfoNCE)."
@@ -317,6 +340,8 @@ def mva_loss(model: OneAVM, images: torch.Tensor, audio_emb: torch.Tensor, perm:
     target[rows, perm] += 1 - lam
     return torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
 
+
+# %% ../../nbs/speech/oneavm.ipynb #4a2bf540
 def separation_logits(model: OneAVM, mixture: torch.Tensor, visual_maps: torch.Tensor) -> torch.Tensor:
     "Mask logits `[B, S, M, T]` for the `S` frames `visual_maps` `[B, S, D, h, w]` of each mixture `[B, N]`."
     if visual_maps.dim() != 5: raise ValueError(f"visual_maps must be [B, S, D, h, w], got {tuple(visual_maps.shape)}")
@@ -328,6 +353,8 @@ def separation_logits(model: OneAVM, mixture: torch.Tensor, visual_maps: torch.T
     wb = model.cond(vis)                                                        # [B, S, K + 1]
     return torch.einsum("bsk,bkmt->bsmt", wb[..., :-1], maps) + wb[..., -1:, None]
 
+
+# %% ../../nbs/speech/oneavm.ipynb #6089d199
 def avs_loss(model: OneAVM, audio: torch.Tensor, visual_maps: torch.Tensor, labels: torch.Tensor,
              perm: torch.Tensor) -> torch.Tensor:
     "Mix-and-separate loss for pairs `(i, perm(i))` of different instruments."
@@ -343,6 +370,8 @@ def avs_loss(model: OneAVM, audio: torch.Tensor, visual_maps: torch.Tensor, labe
         weight = torch.log1p(p / p.mean((1, 2), keepdim=True))[:, None]
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.expand_as(logits).sum()
 
+
+# %% ../../nbs/speech/oneavm.ipynb #a5150893
 def oneavm_loss(model: OneAVM, images: torch.Tensor, audio: torch.Tensor, labels: torch.Tensor,
                 losses: tuple[str, ...] = LOSSES, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     "The chosen losses on one batch, each with weight 1, and their sum under `total`."
@@ -362,6 +391,7 @@ def oneavm_loss(model: OneAVM, images: torch.Tensor, audio: torch.Tensor, labels
     if "avs" in losses: out["avs"] = avs_loss(model, audio, vmaps, labels, perm)
     out["total"] = sum(out.values())
     return out
+
 
 # %% ../../nbs/speech/oneavm.ipynb #5fcc1d8f
 @torch.no_grad()
@@ -387,18 +417,21 @@ def recognition_embeddings(model: OneAVM, images: torch.Tensor, audio: torch.Ten
     return {"audio": emb, "visual": F.normalize(model.visual(images).amax((2, 3)), dim=-1)}
 
 def nn_accuracy(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor,
-                query_labels: torch.Tensor) -> float:
-    "1-nearest-neighbour (cosine) accuracy of `queries` against a labelled `gallery`."
+                query_labels: torch.Tensor, per_item: bool = False) -> float | torch.Tensor:
+    """1-nearest-neighbour (cosine) accuracy of `queries` against a labelled `gallery`; with `per_item`, whether each
+    query's nearest gallery item has its label (a bool tensor, one per query)."""
     if gallery.shape[1] != queries.shape[1]:
         raise ValueError(f"gallery and queries must have the same width, got {gallery.shape[1]} and {queries.shape[1]}")
     sims = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
-    return float((gallery_labels[sims.argmax(1)] == query_labels).double().mean())
+    correct = gallery_labels[sims.argmax(1)] == query_labels
+    return correct if per_item else float(correct.double().mean())
 
 # %% ../../nbs/speech/oneavm.ipynb #86683ed5
 def train_oneavm(model: OneAVM, clips: AVClips, steps: int, batch: int, losses: tuple[str, ...] = LOSSES,
                  lr: float = 2e-3, seed: int = 0, log_every: int = 10, progress: bool | None = None) -> list[dict]:
-    """Train `model` in place on `losses` over `clips` (see above); returns `{"step", <each loss>, "total"}` rows for
-    every `log_every`-th step (0-based) and the last one."""
+    """Train `model` in place on the sum of `losses` (any of `LOSSES`: "avl" localised audio-visual contrast, "avs"
+    mix-and-separate, "mva" mixed visual alignment) over random batches of `clips`, with AdamW at `lr` in the core
+    loop; returns `{"step", <each loss>, "total"}` rows for every `log_every`-th step (0-based) and the last one."""
     if batch < 2: raise ValueError(f"batch must be at least 2 (a contrastive batch needs negatives), got {batch}")
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 import sacrebleu
 import torch
 
+from ..core.claims import LEVEL, Estimate
 from ..core.data import load_parallel_corpus
 from ..core.train import LambdaCallback, OptimConfig, WarmupCosine, fit
 from .asr import Vocab, cer, wer
@@ -32,9 +34,9 @@ __all__ = ['SOT', 'SOA', 'EOT', 'UNKNOWN', 'TIMESTAMPS', 'NOTIMESTAMPS', 'TASKS'
            'flat_token', 'special_tokens', 'build_vocab', 'task_prompt', 'caption_text', 'timestamp_target',
            'parse_timestamps', 'timestamp_errors', 'Phrase', 'normalize_text', 'candidate_phrases', 'select_phrases',
            'ClipInfo', 'TaskExample', 'clip_tasks', 'reference', 'example_tokens', 'encode_example', 'decode_output',
-           'plain_text', 'score_task', 'example_stats', 'paired_bootstrap', 'corpus_specs', 'ClipSet', 'build_clips',
-           'all_texts', 'encode_clips', 'batch_loss', 'run_examples', 'evaluate', 'QwenAudioTrainConfig',
-           'data_matched', 'sample_task_batch', 'train_model']
+           'plain_text', 'score_task', 'example_stats', 'paired_bootstrap', 'tasks_won', 'ratio_estimate',
+           'corpus_specs', 'ClipSet', 'build_clips', 'all_texts', 'encode_clips', 'batch_loss', 'run_examples',
+           'evaluate', 'QwenAudioTrainConfig', 'data_matched', 'sample_task_batch', 'train_model']
 
 # %% ../../nbs/speech/qwen_audio.ipynb #81eb5c87
 SOT, SOA, EOT, UNKNOWN = "<|startoftranscription|>", "<|startofanalysis|>", "<|endoftext|>", "<|unknown|>"
@@ -45,6 +47,9 @@ TRANSLATION_LANGS: tuple[str, ...] = ("de", "fr")     # gettext catalogues with 
 TASK_TAGS = {"transcribe": "<|transcribe|>", "timestamps": "<|transcribe|>", "translate": "<|translate|>",
              "language_id": "<|analysis|>", "caption": "<|caption|>"}
 LANG_NAMES = {"en": "english", "de": "german", "nl": "dutch", "fr": "french"}
+
+
+# %% ../../nbs/speech/qwen_audio.ipynb #5fb9c4a8
 TIME_BIN_S = 0.04        # one time token per 40 ms
 MAX_TIME_S = 4.0         # the last time token; later times are clipped to it
 
@@ -65,6 +70,8 @@ def time_tokens(bin_s: float = TIME_BIN_S, max_s: float = MAX_TIME_S) -> list[st
 
 TIME_RE = re.compile(r"^<\|(\d+\.\d\d)\|>$")
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #4bfc1bc1
 def flat_token(task: str, lang: str | None) -> str:
     "The flat scheme's single task token for `task` (and its output language where the task has one)."
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -83,6 +90,7 @@ def build_vocab(texts: Sequence[str]) -> Vocab:
     chars = sorted(set("".join(texts)))
     if any(c in "<|>" for c in chars): raise ValueError("texts must not contain '<', '|' or '>' (tag delimiters)")
     return Vocab([*chars, *special_tokens()])
+
 
 # %% ../../nbs/speech/qwen_audio.ipynb #85d0c167
 def task_prompt(scheme: str, task: str, audio_lang: str, text_lang: str | None = None) -> list[str]:
@@ -113,6 +121,8 @@ def caption_text(variant: str | None, speed: int, pitch: int) -> str:
         if value not in table: raise ValueError(f"{name} {value!r} has no caption bin; valid: {sorted(table)}")
     return f"{VARIANT_GENDER[variant]}, {SPEED_BINS[speed]}, {PITCH_BINS[pitch]} pitch"
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #4805aa20
 def timestamp_target(words: Sequence[str], starts: Sequence[float], ends: Sequence[float]) -> list[str]:
     "Tokens (time tokens and whole words) of a time-stamped transcript: `<|s|>word<|e|>` per word."
     if not (len(words) == len(starts) == len(ends)) or not words:
@@ -142,6 +152,8 @@ def parse_timestamps(tokens: Sequence[str]) -> tuple[list[str], list[float], lis
             start, chars = t, []            # an opening time (or a closing one with nothing to close: reopen)
     return words, starts, ends
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #8431a163
 def timestamp_errors(ref_words: Sequence[str], ref_starts: Sequence[float], ref_ends: Sequence[float],
                      hyp_words: Sequence[str], hyp_starts: Sequence[float], hyp_ends: Sequence[float]) -> list[float]:
     "Absolute start and end errors (seconds) of the hypothesis words matched to identical reference words."
@@ -151,6 +163,7 @@ def timestamp_errors(ref_words: Sequence[str], ref_starts: Sequence[float], ref_
         for k in range(n):
             errs += [abs(hyp_starts[b + k] - ref_starts[a + k]), abs(hyp_ends[b + k] - ref_ends[a + k])]
     return errs
+
 
 # %% ../../nbs/speech/qwen_audio.ipynb #1d0a3eb2
 @dataclass(frozen=True)
@@ -208,6 +221,8 @@ class ClipInfo:
         return cls(rec["lang"], rec["text"], rec["variant"], int(rec["speed"]), int(rec["pitch"]),
                    tuple(rec["word_starts"]), tuple(rec["word_ends"]), phrase)
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #f6628dcc
 @dataclass(frozen=True)
 class TaskExample:
     "One training or test item: clip index, task, and the translation target language (else None)."
@@ -234,6 +249,8 @@ def reference(clip: ClipInfo, task: str, text_lang: str | None = None) -> list[s
     if task == "caption": return [caption_text(clip.variant, clip.speed, clip.pitch)]
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #883c5e74
 def example_tokens(clip: ClipInfo, ex: TaskExample, scheme: str) -> tuple[list[str], list[str]]:
     "Prompt and target token strings of `ex` under `scheme` (the target ends with `<|endoftext|>`)."
     prompt = task_prompt(scheme, ex.task, clip.lang, ex.text_lang)
@@ -244,6 +261,7 @@ def encode_example(vocab: Vocab, clip: ClipInfo, ex: TaskExample, scheme: str) -
     prompt, target = example_tokens(clip, ex, scheme)
     p = [i for t in prompt for i in vocab.encode(t)]
     return p + [i for t in target for i in vocab.encode(t)], len(p)
+
 
 # %% ../../nbs/speech/qwen_audio.ipynb #4c50092b
 def decode_output(vocab: Vocab, ids: Sequence[int]) -> list[str]:
@@ -261,6 +279,8 @@ def plain_text(tokens: Sequence[str]) -> str:
     "The text of output tokens without special tokens, whitespace collapsed."
     return " ".join("".join(t for t in tokens if not t.startswith("<|")).split())
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #80ac7825
 def score_task(task: str, clips: Sequence[ClipInfo], examples: Sequence[TaskExample],
                outputs: Sequence[Sequence[str]]) -> dict[str, float]:
     "The task's metrics over `examples` (all of `task`), given each example's output tokens."
@@ -295,6 +315,9 @@ def score_task(task: str, clips: Sequence[ClipInfo], examples: Sequence[TaskExam
             "pitch acc.": float(np.mean(parts[2]))}
 
 #: the one number per task that the figure and the claims use, and whether higher is better
+
+
+# %% ../../nbs/speech/qwen_audio.ipynb #cbc5059d
 HEADLINE = {"transcribe": ("WER", False), "timestamps": ("timestamp error (ms)", False),
             "translate": ("exact match", True), "language_id": ("accuracy", True), "caption": ("accuracy", True)}
 
@@ -313,6 +336,8 @@ def example_stats(task: str, clip: ClipInfo, ex: TaskExample, output: Sequence[s
         return float(plain_text(output) == reference(clip, task, ex.text_lang)[0]), 1.0
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #dced3e02
 def paired_bootstrap(stats_a: Sequence[tuple[float, float]], stats_b: Sequence[tuple[float, float]],
                      higher_is_better: bool, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Improvement of A over B in the headline metric (positive: A better) and its 95% paired-bootstrap interval,
@@ -331,6 +356,52 @@ def paired_bootstrap(stats_a: Sequence[tuple[float, float]], stats_b: Sequence[t
     lo, hi = np.nanpercentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).any() else (np.nan, np.nan)
     return point, float(lo), float(hi)
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #9df342ab
+def _ratio(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    "Ratio-of-sums metric of (numerator, denominator) rows `x` over index rows `idx` (NaN where nothing is counted)."
+    den = x[idx, 1].sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"): return np.where(den > 0, x[idx, 0].sum(-1) / den, np.nan)
+
+def _interval(value: float, boots: np.ndarray, n: int) -> Estimate:
+    "An `Estimate` (method bootstrap) of `value` from its bootstrap replicates `boots`."
+    low, high = (float(q) for q in np.nanquantile(boots, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2]))
+    return Estimate(value, min(low, value), max(high, value), float(np.nanstd(boots, ddof=1)), "bootstrap", n)
+
+
+# %% ../../nbs/speech/qwen_audio.ipynb #87a5ba4f
+def tasks_won(stats_a: dict[str, Sequence[tuple[float, float]]], stats_b: dict[str, Sequence[tuple[float, float]]],
+              n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Number of tasks where A's headline metric is at least as good as B's (`example_stats` rows per task, the same
+    examples in the same order for both), with a paired-bootstrap interval over each task's examples."""
+    if set(stats_a) != set(stats_b) or not stats_a:
+        raise ValueError(f"A and B need the same non-empty tasks, got {sorted(stats_a)} and {sorted(stats_b)}")
+    rng = np.random.default_rng(seed)
+    wins, boot_wins, n = 0, np.zeros(n_boot), 0
+    for task in stats_a:
+        a, b = np.asarray(stats_a[task], float), np.asarray(stats_b[task], float)
+        if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2 or not len(a):
+            raise ValueError(f"{task}: need two equally long, non-empty lists of (num, den) pairs; got {a.shape}, {b.shape}")
+        higher = HEADLINE[task][1]
+        def win(idx):
+            va, vb = _ratio(a, idx), _ratio(b, idx)
+            worst = -np.inf if higher else np.inf       # undefined (no word matched) counts as worst
+            va, vb = np.where(np.isnan(va), worst, va), np.where(np.isnan(vb), worst, vb)
+            return va >= vb if higher else va <= vb
+        wins += int(win(np.arange(len(a))[None])[0])
+        boot_wins += win(rng.integers(0, len(a), size=(n_boot, len(a))))
+        n += len(a)
+    return _interval(float(wins), boot_wins, n)
+
+def ratio_estimate(stats: Sequence[tuple[float, float]], n_boot: int = 2000, seed: int = 0) -> Estimate:
+    "One system's ratio-of-sums metric over `example_stats` rows, with a bootstrap interval over the examples."
+    x = np.asarray(stats, float)
+    if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2: raise ValueError(f"need >= 2 (num, den) pairs, got {x.shape}")
+    value = float(_ratio(x, np.arange(len(x))[None])[0])
+    if not math.isfinite(value): raise ValueError("the metric is undefined on these examples (nothing counted)")
+    return _interval(value, _ratio(x, np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))), len(x))
+
+
 # %% ../../nbs/speech/qwen_audio.ipynb #41db0fec
 from .corpus import CorpusSpec, SpeechCorpus, build_corpus
 
@@ -347,6 +418,8 @@ def corpus_specs(n_words: int, n_phrase_clips: int, phrases: Sequence[Phrase]) -
     return [CorpusSpec(kind="words", n=n_words, langs=LANGS, min_words=1, max_words=3, **common),
             CorpusSpec(kind="texts", n=n_phrase_clips, texts=tuple(("en", p.en) for p in phrases), **common)]
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #5687889f
 def _frontend_key(frontend: torch.nn.Module) -> tuple:
     "What a front end's output depends on: its settings and (for global normalisation) its statistics."
     names = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "log_floor", "normalize", "eps")
@@ -375,31 +448,36 @@ class ClipSet:
         for r, w in enumerate(waves): out[r, :len(w)] = w
         return out.to(device), lens.to(device)
 
-    def features(self, indices: Sequence[int], frontend: torch.nn.Module,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-padded front-end features `[B, T, n_mels]` and frame lengths of clips `indices`. Each clip's features
-        are computed once per front end and kept (the front end has no trained parameters; a padded batch gives each
-        utterance exactly its own features), which saves a quarter of a training step."""
-        key = _frontend_key(frontend)
-        if getattr(self, "_feat_key", None) != key: self._feat_key, self._feats = key, {}
-        todo = sorted({int(k) for k in indices} - self._feats.keys())
-        with torch.no_grad():
-            for a in range(0, len(todo), 64):
-                part = todo[a:a + 64]
-                f, n = frontend(*self.batch(part, next(iter(frontend.buffers())).device))
-                for r, k in enumerate(part): self._feats[k] = f[r, :n[r]].cpu()
-        feats = [self._feats[int(k)] for k in indices]
-        flen = torch.tensor([len(f) for f in feats])
-        out = feats[0].new_zeros(len(feats), int(flen.max()), feats[0].shape[1])
-        for r, f in enumerate(feats): out[r, :len(f)] = f
-        return out.to(device), flen.to(device)
-
     def examples(self, tasks: Sequence[str] = TASKS) -> list[TaskExample]:
         "Every (clip, task) example whose task is in `tasks`, clip by clip."
         for t in tasks:
             if t not in TASKS: raise ValueError(f"unknown task {t!r}; valid: {', '.join(TASKS)}")
         return [TaskExample(i, t, l) for i, c in enumerate(self.clips) for t, l in clip_tasks(c) if t in tasks]
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #5bbb6a16
+@patch
+def features(self: ClipSet, indices: Sequence[int], frontend: torch.nn.Module,
+             device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded front-end features `[B, T, n_mels]` and frame lengths of clips `indices`. Each clip's features
+    are computed once per front end and kept (the front end has no trained parameters; a padded batch gives each
+    utterance exactly its own features), which saves a quarter of a training step."""
+    key = _frontend_key(frontend)
+    if getattr(self, "_feat_key", None) != key: self._feat_key, self._feats = key, {}
+    todo = sorted({int(k) for k in indices} - self._feats.keys())
+    with torch.no_grad():
+        for a in range(0, len(todo), 64):
+            part = todo[a:a + 64]
+            f, n = frontend(*self.batch(part, next(iter(frontend.buffers())).device))
+            for r, k in enumerate(part): self._feats[k] = f[r, :n[r]].cpu()
+    feats = [self._feats[int(k)] for k in indices]
+    flen = torch.tensor([len(f) for f in feats])
+    out = feats[0].new_zeros(len(feats), int(flen.max()), feats[0].shape[1])
+    for r, f in enumerate(feats): out[r, :len(f)] = f
+    return out.to(device), flen.to(device)
+
+
+# %% ../../nbs/speech/qwen_audio.ipynb #25634c28
 def build_clips(n_words: int, n_phrase_clips: int, phrases: Sequence[Phrase], seed: int, **kw) -> ClipSet:
     "Build (or load from the cache) both corpora and join them; `kw` goes to `build_corpus` (e.g. `cache_dir`)."
     return ClipSet([build_corpus(s, seed=seed, **kw) for s in corpus_specs(n_words, n_phrase_clips, phrases)], phrases)
@@ -409,6 +487,7 @@ def all_texts(phrases: Sequence[Phrase]) -> list[str]:
     caps = [caption_text(v, s, p) for v in VARIANTS for s in SPEEDS for p in PITCHES]
     return [*(" ".join(WORDS[l]) for l in LANGS), *(t for p in phrases for t in (p.en, p.de, p.fr)),
             *LANG_NAMES.values(), *caps]
+
 
 # %% ../../nbs/speech/qwen_audio.ipynb #f8583264
 import random
@@ -493,6 +572,8 @@ class QwenAudioTrainConfig:
         "Linear warm-up, cosine decay to 0, as a factor of the base rate (the form `LambdaLR` computed before `fit`)."
         return WarmupCosine(self.warmup, multiplicative=True)
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #7d47e114
 def data_matched(cfg: QwenAudioTrainConfig, n_tasks: int) -> QwenAudioTrainConfig:
     "`cfg` compressed to `steps / n_tasks` updates (warm-up and evaluation interval alike; at least one step each)."
     if n_tasks < 1: raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
@@ -506,6 +587,8 @@ def sample_task_batch(by_task: dict[str, list[TaskExample]], batch: int, rng: ra
     if not tasks: raise ValueError("no examples to sample from")
     return [rng.choice(by_task[t]) for t in (rng.choice(tasks) for _ in range(batch))]
 
+
+# %% ../../nbs/speech/qwen_audio.ipynb #5e897e86
 def train_model(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Sequence[TaskExample], scheme: str,
                 cfg: QwenAudioTrainConfig, seed: int = 0, eval_fn: Callable[[int], dict] | None = None,
                 progress: bool | None = None, desc: str = "train") -> list[dict]:
@@ -531,3 +614,4 @@ def train_model(model: SpeechSeq2Seq, vocab: Vocab, clips: ClipSet, examples: Se
     fit(model, loss_fn, lambda i: sample_task_batch(by_task, cfg.batch, rng), cfg.steps, cfg.optim(), cfg.schedule(),
         callbacks=[LambdaCallback(after_step=record)], progress=progress, desc=desc)
     return history
+

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,6 +131,8 @@ class SpeechData:
         for r, i in enumerate(idx): out[r, :lens[r]] = self.mels[i]
         return out.to(device), lens.to(device), self.speakers[idx].to(device)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #726070fd
 def make_frontend(corpus: SpeechCorpus, n: int = 400) -> LogMel:
     "A 40-band `LogMel` with global per-band statistics measured on the first `n` clips of `corpus`."
     from paper_repro.speech.features import feature_stats
@@ -150,6 +153,7 @@ def featurize(corpus: SpeechCorpus, frontend: LogMel, batch_size: int = 64) -> S
     speakers = torch.tensor([speaker_index(r["voice"], r["variant"]) for r in corpus.records])
     return SpeechData(mels, corpus.texts, speakers)
 
+
 # %% ../../nbs/speech/speecht5.ipynb #296481a9
 UNIT_STACK = 4   # 10 ms frames per unit = the speech pre-net's subsampling factor
 
@@ -158,6 +162,8 @@ def unit_features(mel: torch.Tensor, n_mfcc: int = 13, stack: int = UNIT_STACK) 
     n = mel.shape[0] // stack
     return mfcc(mel[:n * stack], n_mfcc).reshape(n, n_mfcc * stack)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #a9525231
 @dataclass
 class KMeansUnits:
     "k-means codebook over standardised features: `__call__` maps features `[N, D]` to unit ids `[N]`."
@@ -191,9 +197,12 @@ class KMeansUnits:
 
     def state(self) -> dict: return dict(mean=self.mean, std=self.std, centroids=self.centroids)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #f06581cd
 def add_units(data: SpeechData, units: KMeansUnits) -> SpeechData:
     "`data` with unit labels (one per 4 frames) from `units`."
     return SpeechData(data.mels, data.texts, data.speakers, [units(unit_features(m)) for m in data.mels])
+
 
 # %% ../../nbs/speech/speecht5.ipynb #7f0a276a
 def span_mask(lengths: torch.Tensor, T: int, prob: float = 0.065, span: int = 5,
@@ -269,6 +278,8 @@ class SpeechDecoderPrenet(nn.Module):
         x = F.dropout(F.relu(self.fc2(x)), self.dropout, training=True)
         return self.out(x) + self.speaker(speakers)[:, None, :]
 
+
+# %% ../../nbs/speech/speecht5.ipynb #8d35dca1
 class SpeechDecoderPostnet(nn.Module):
     "Decoder states `[B, S, d]` → mel before/after the convolutional post-net `[B, S·r, n_mels]`, stop logits `[B, S·r]`."
     def __init__(self, d_model: int, n_mels: int, r: int, channels: int = 128, layers: int = 5, kernel: int = 5,
@@ -295,11 +306,14 @@ class SpeechDecoderPostnet(nn.Module):
             if i < len(self.convs) - 1: x = F.dropout(torch.tanh(x), self.dropout, self.training)
         return mel + x.transpose(1, 2)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #cb4fb706
 def group_frames(mel: torch.Tensor, r: int) -> torch.Tensor:
     "Pad `[B, F, D]` to a multiple of `r` frames and group them: `[B, ceil(F/r), r·D]`."
     B, Fr, D = mel.shape
     S = -(-Fr // r)
     return F.pad(mel, (0, 0, 0, S * r - Fr)).reshape(B, S, r * D)
+
 
 # %% ../../nbs/speech/speecht5.ipynb #989efbc2
 @dataclass(frozen=True)
@@ -332,11 +346,15 @@ class SpeechT5Config:
                              enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads, d_ff=self.d_ff,
                              subsample=UNIT_STACK)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #702a2a2f
 def _renamed_prenet_keys(module, state_dict, prefix, *args) -> None:
     "Load-time key map: weights saved before SpeechT5 subclassed `SpeechSeq2Seq` call the speech pre-net `speech_prenet`."
     for key in [k for k in state_dict if k.startswith(prefix + "speech_prenet.")]:
         state_dict[prefix + "subsample." + key[len(prefix + "speech_prenet."):]] = state_dict.pop(key)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #62d513a1
 class SpeechT5(SpeechSeq2Seq):
     """Shared encoder and decoder (the `SpeechSeq2Seq` pair, with its CTC head) with speech/text pre-nets and post-nets
     and a shared codebook. The speech encoder pre-net is `SpeechSeq2Seq.subsample`; there is no log-mel front end
@@ -354,42 +372,50 @@ class SpeechT5(SpeechSeq2Seq):
         self.quantizer = GumbelVQ(d, cfg.vq_groups, cfg.vq_vars)
         self.register_load_state_dict_pre_hook(_renamed_prenet_keys)
 
-    # --- encoder side ---
     def encode_speech(self, mel: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         "Encoder states `[B, S, d]` and lengths of log-mels `[B, F, n_mels]`; `mask` `[B, S]` hides pre-net frames."
         return self.encode_features(mel, lengths, mask, self.mask_embed)
 
-    def encode_text(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        "Encoder states `[B, S, d]` and lengths of token sequences (padded with the blank id, which is never attended)."
-        dev = self.encoder.device
-        lens = torch.tensor([len(s) for s in sequences], device=dev)
-        if not len(lens) or int(lens.min()) < 1: raise ValueError("every text sequence needs at least one token")
-        tok = torch.zeros(len(sequences), int(lens.max()), dtype=torch.long, device=dev)
-        for i, s in enumerate(sequences): tok[i, :len(s)] = torch.tensor(list(s), dtype=torch.long, device=dev)
-        return encode(self.encoder, self.encoder.embed_tokens(tok), lens), lens
 
-    # --- the interface between encoder and decoder ---
-    def memory(self, hidden: torch.Tensor, lengths: torch.Tensor, swap_prob: float = 0.0,
-               generator: torch.Generator | None = None):
-        """The decoder's cross-attention memory of encoder states; with `swap_prob > 0` (pre-training) a fraction of
-        the states is first swapped for their codes. Returns the memory, the diversity loss and the perplexity."""
-        zero = hidden.new_zeros(())
-        if swap_prob <= 0: return self.decoder.encode_memory(hidden, lengths), zero, zero
-        codes, _, diversity, ppl = self.quantizer(hidden, length_mask(lengths, hidden.shape[1]))
-        mixed, _ = swap_with_codes(hidden, codes, lengths, swap_prob, generator)
-        return self.decoder.encode_memory(mixed, lengths), diversity, ppl
+# %% ../../nbs/speech/speecht5.ipynb #e287ad4a
+@patch
+def encode_text(self: SpeechT5, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Encoder states `[B, S, d]` and lengths of token sequences (padded with the blank id, which is never attended)."
+    dev = self.encoder.device
+    lens = torch.tensor([len(s) for s in sequences], device=dev)
+    if not len(lens) or int(lens.min()) < 1: raise ValueError("every text sequence needs at least one token")
+    tok = torch.zeros(len(sequences), int(lens.max()), dtype=torch.long, device=dev)
+    for i, s in enumerate(sequences): tok[i, :len(s)] = torch.tensor(list(s), dtype=torch.long, device=dev)
+    return encode(self.encoder, self.encoder.embed_tokens(tok), lens), lens
 
-    # --- speech decoder side ---
-    def speech_decode(self, memory, mel: torch.Tensor, speakers: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        "Teacher-forced speech decoding of target mels `[B, F, n_mels]`: mel before/after the post-net and stop logits."
-        steps = group_frames(mel, self.cfg.r)                                      # [B, S, r·n_mels]
-        prev = F.pad(steps, (0, 0, 1, 0))[:, :-1]                                  # step s reads step s-1's frames
-        h = self.decoder.hidden_states(embeds=self.speech_dec_prenet(prev, speakers), memory=memory)
-        before, stop = self.speech_postnet.frames(h)
-        return before, self.speech_postnet.refine(before), stop
 
+# %% ../../nbs/speech/speecht5.ipynb #1afbc242
+@patch
+def memory(self: SpeechT5, hidden: torch.Tensor, lengths: torch.Tensor, swap_prob: float = 0.0,
+           generator: torch.Generator | None = None):
+    """The decoder's cross-attention memory of encoder states; with `swap_prob > 0` (pre-training) a fraction of
+    the states is first swapped for their codes. Returns the memory, the diversity loss and the perplexity."""
+    zero = hidden.new_zeros(())
+    if swap_prob <= 0: return self.decoder.encode_memory(hidden, lengths), zero, zero
+    codes, _, diversity, ppl = self.quantizer(hidden, length_mask(lengths, hidden.shape[1]))
+    mixed, _ = swap_with_codes(hidden, codes, lengths, swap_prob, generator)
+    return self.decoder.encode_memory(mixed, lengths), diversity, ppl
+
+
+# %% ../../nbs/speech/speecht5.ipynb #97c97bfb
+@patch
+def speech_decode(self: SpeechT5, memory, mel: torch.Tensor, speakers: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Teacher-forced speech decoding of target mels `[B, F, n_mels]`: mel before/after the post-net and stop logits."
+    steps = group_frames(mel, self.cfg.r)                                      # [B, S, r·n_mels]
+    prev = F.pad(steps, (0, 0, 1, 0))[:, :-1]                                  # step s reads step s-1's frames
+    h = self.decoder.hidden_states(embeds=self.speech_dec_prenet(prev, speakers), memory=memory)
+    before, stop = self.speech_postnet.frames(h)
+    return before, self.speech_postnet.refine(before), stop
+
+
+# %% ../../nbs/speech/speecht5.ipynb #74e6cdd1
 def speech_decoder_loss(before: torch.Tensor, after: torch.Tensor, stop: torch.Tensor, mel: torch.Tensor,
                         lengths: torch.Tensor, stop_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """L1 of the mel before and after the post-net over each clip's valid frames, plus the stop-flag cross-entropy
@@ -404,6 +430,7 @@ def speech_decoder_loss(before: torch.Tensor, after: torch.Tensor, stop: torch.T
                                              pos_weight=torch.tensor(stop_weight, device=mel.device))
     return dict(l1=l1, bce=bce, total=l1 + bce)
 
+
 # %% ../../nbs/speech/speecht5.ipynb #32b5ff2e
 class _AdamWWarmupCosine:
     "Pre-training's and fine-tuning's optimiser and schedule, from a config's `lr`, `weight_decay`, `clip_norm`, `warmup`."
@@ -415,6 +442,8 @@ class _AdamWWarmupCosine:
         "Linear warm-up to `lr`, then a cosine down to a tenth of it at the last step."
         return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #30ada183
 @dataclass
 class PretrainConfig(_AdamWWarmupCosine):
     "What `pretrain` trains on and how."
@@ -434,6 +463,8 @@ class PretrainConfig(_AdamWWarmupCosine):
     mask_span: int = 5
     log_every: int = 100
 
+
+# %% ../../nbs/speech/speecht5.ipynb #fd98dd09
 def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> torch.Tensor:
     "Unit labels `[B, S]` aligned to encoder states (−100 = no label: past a clip's end or its last full unit)."
     out = torch.full((len(units), S), -100, dtype=torch.long)
@@ -442,6 +473,8 @@ def pad_units(units: Sequence[torch.Tensor], lengths: torch.Tensor, S: int) -> t
         out[b, :n] = u[:n]
     return out.to(lengths.device)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #983a7a10
 def speech_pretrain_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tensor, speakers: torch.Tensor,
                            units: Sequence[torch.Tensor], cfg: PretrainConfig,
                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -457,6 +490,8 @@ def speech_pretrain_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tenso
     return dict(unit=unit, l1=recon["l1"], bce=recon["bce"], diversity=diversity, perplexity=ppl,
                 total=unit + recon["total"] + cfg.diversity_weight * diversity)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #1b0e04ae
 def text_pretrain_losses(model: SpeechT5, texts: Sequence[str], vocab: Vocab, cfg: PretrainConfig,
                          rng: np.random.Generator, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     "BART text infilling (and the codebook's diversity loss) on one text batch."
@@ -466,6 +501,8 @@ def text_pretrain_losses(model: SpeechT5, texts: Sequence[str], vocab: Vocab, cf
     text = decoder_loss(model.decoder, memory, [decoder_sequence(vocab, t) for t in texts], 1)
     return dict(text=text, diversity=diversity, perplexity=ppl, total=text + cfg.diversity_weight * diversity)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #13c11216
 def pretrain(model: SpeechT5, speech: SpeechData | None, texts: Sequence[str], vocab: Vocab, cfg: PretrainConfig,
              seed: int = 0, progress: bool | None = None, desc: str = "pre-training") -> list[dict]:
     """Pre-train `model` in place on unpaired speech (with unit labels) and text with the core loop (`fit`); returns
@@ -506,6 +543,7 @@ def pretrain(model: SpeechT5, speech: SpeechData | None, texts: Sequence[str], v
         callbacks=[LambdaCallback(before_step=anneal), log], progress=progress, desc=desc)
     return log.rows
 
+
 # %% ../../nbs/speech/speecht5.ipynb #5053dc31
 @dataclass
 class FinetuneConfig(_AdamWWarmupCosine):
@@ -517,9 +555,11 @@ class FinetuneConfig(_AdamWWarmupCosine):
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     ctc_weight: float = 0.5        # ASR: λ · CTC + (1 − λ) · CE
-    mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off, see below)
+    mask_prob: float = 0.0         # ASR: span masking of pre-net frames as augmentation (0: off: it slowed fine-tuning)
     mask_span: int = 5
 
+
+# %% ../../nbs/speech/speecht5.ipynb #0ae18271
 def asr_losses(model: SpeechT5, mel: torch.Tensor, flen: torch.Tensor, texts: Sequence[str], vocab: Vocab,
                ctc_weight: float = 0.5, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     "Joint CTC/attention ASR loss of one batch (both terms per target token)."
@@ -537,6 +577,8 @@ def tts_losses(model: SpeechT5, texts: Sequence[str], mel: torch.Tensor, flen: t
     memory = model.decoder.encode_memory(hidden, hlen)
     return speech_decoder_loss(*model.speech_decode(memory, mel, speakers), mel, flen)
 
+
+# %% ../../nbs/speech/speecht5.ipynb #1c543cd5
 def _finetune(model: SpeechT5, data: SpeechData, cfg: FinetuneConfig, seed: int, step_loss, progress: bool | None,
               desc: str) -> list[float]:
     "`fit` on batches of distinct clips drawn with a generator seeded by `seed`; `step_loss(model, idx, device)`."
@@ -567,6 +609,7 @@ def finetune_tts(model: SpeechT5, data: SpeechData, vocab: Vocab, cfg: FinetuneC
         mel, flen, spk = data.batch(idx, dev)
         return tts_losses(m, [data.texts[i] for i in idx], mel, flen, spk, vocab)["total"]
     return _finetune(model, data, cfg, seed, step_loss, progress, desc)
+
 
 # %% ../../nbs/speech/speecht5.ipynb #219d1aca
 @torch.no_grad()
@@ -623,19 +666,23 @@ def synthesize_mels(model: SpeechT5, sequences: Sequence[Sequence[int]], speaker
 
 # %% ../../nbs/speech/speecht5.ipynb #b3c01388
 @torch.no_grad()
-def teacher_forced_l1(model: SpeechT5, data: SpeechData, vocab: Vocab, batch_size: int = 64) -> float:
-    "Mean |mel after post-net − reference| over valid frames and bands, with the reference frames fed back."
+def teacher_forced_l1(model: SpeechT5, data: SpeechData, vocab: Vocab, batch_size: int = 64,
+                      per_clip: bool = False) -> float | np.ndarray:
+    """Mean |mel after post-net − reference| over valid frames and bands, with the reference frames fed back; with
+    `per_clip`, each clip's own mean (an array, one per clip: the paired scores a bootstrap over clips resamples)."""
     dev = next(model.parameters()).device
     model.eval()
-    tot, n = 0.0, 0
+    tot, n, clips = 0.0, 0, []
     for s in range(0, len(data), batch_size):
         idx = list(range(s, min(s + batch_size, len(data))))
         mel, flen, spk = data.batch(idx, dev)
         hidden, hlen = model.encode_text([vocab.encode(data.texts[i]) for i in idx])
         _, after, _ = model.speech_decode(model.decoder.encode_memory(hidden, hlen), mel, spk)
         v = length_mask(flen, mel.shape[1])[..., None].to(mel.dtype)
-        tot += float(((after[:, :mel.shape[1]] - mel).abs() * v).sum()); n += int(v.sum()) * mel.shape[-1]
-    return tot / n
+        diff = (after[:, :mel.shape[1]] - mel).abs() * v
+        tot += float(diff.sum()); n += int(v.sum()) * mel.shape[-1]
+        clips += (diff.sum((1, 2)) / (v.sum((1, 2)) * mel.shape[-1])).tolist()
+    return np.asarray(clips) if per_clip else tot / n
 
 def dtw_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     "Mean per-frame L1 (averaged over bands) along the dynamic-time-warping path between `a` `[N, D]` and `b` `[M, D]`."

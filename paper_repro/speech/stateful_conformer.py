@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from torch import nn
 
@@ -85,6 +86,8 @@ class CausalConv1d(nn.Conv1d):
         full = torch.cat([cache, x], -1)
         return super().forward(full), full[..., full.shape[-1] - self.cache_len:]
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #b3cfa952
 class CausalSubsampling(nn.Module):
     "Stacked causal stride-2 convolutions + ReLU: `[B, T, n_mels]` → `[B, ceil(T / factor), d]`."
     def __init__(self, n_mels: int, d: int, factor: int = 8, kernel: int = 3):
@@ -114,6 +117,7 @@ class CausalSubsampling(nn.Module):
             y, c = conv.step(x, c)
             x = F.relu(y); new.append(c)
         return self.out(x.transpose(1, 2)), new
+
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #6fc415f3
 class RelPosSelfAttention(nn.Module):
@@ -161,6 +165,8 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.LayerNorm(d), nn.Linear(d, mult * d), nn.SiLU(), nn.Dropout(dropout),
                          nn.Linear(mult * d, d), nn.Dropout(dropout))
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #12e40c34
 class ConvModule(nn.Module):
     "Conformer convolution module with a causal depthwise convolution (streamable with a `kernel - 1` frame cache)."
     def __init__(self, d: int, kernel: int = 9, dropout: float = 0.0):
@@ -179,6 +185,8 @@ class ConvModule(nn.Module):
         y, cache = self.dw.step(self._pre(x), cache)
         return self._post(y), cache
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #f61224ed
 class ConformerLayer(nn.Module):
     "One Conformer block: ½FF → MHSA → conv → ½FF → LayerNorm, each residual."
     def __init__(self, d: int, heads: int, ff_mult: int = 4, kernel: int = 9, dropout: float = 0.0, max_rel: int = 64):
@@ -201,6 +209,7 @@ class ConformerLayer(nn.Module):
         x = x + c
         return self.out_norm(x + 0.5 * self.ff2(x)), LayerCache(k, v, conv)
 
+
 # %% ../../nbs/speech/stateful_conformer.ipynb #3b78727b
 @dataclass
 class LayerCache:
@@ -221,6 +230,8 @@ class StreamState:
         "Number of cached values (per batch row × batch)."
         return sum(t.numel() for t in self.sub) + sum(c.k.numel() + c.v.numel() + c.conv.numel() for c in self.layers)
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #08f3776d
 @dataclass
 class EncoderConfig:
     "Shape of a `ConformerEncoder` (defaults: the tiny model of our experiments)."
@@ -234,6 +245,8 @@ class EncoderConfig:
     dropout: float = 0.1
     max_rel: int = 64
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #98a9d470
 class ConformerEncoder(nn.Module):
     "Causal-subsampling Conformer encoder with chunked limited attention and cache-aware streaming."
     def __init__(self, cfg: EncoderConfig = EncoderConfig()):
@@ -270,24 +283,29 @@ class ConformerEncoder(nn.Module):
                            [LayerCache(z(batch, H, ctx.left, dh), z(batch, H, ctx.left, dh),
                                        z(batch, self.cfg.d, self.cfg.kernel - 1)) for _ in self.layers])
 
-    def stream_step(self, feats: torch.Tensor, state: StreamState,
-                    out_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, StreamState]:
-        "Next `chunk · subsampling` feature frames `[B, ·, n_mels]` → next `chunk` encoder frames and the new state."
-        ctx, C = state.ctx, state.ctx.chunk
-        if feats.shape[1] != C * self.cfg.subsampling:
-            raise ValueError(f"a chunk is {C * self.cfg.subsampling} feature frames ({C} encoder frames × subsampling "
-                             f"{self.cfg.subsampling}), got {feats.shape[1]}")
-        x, sub = self.sub.step(feats, state.sub)
-        B = x.shape[0]
-        key_pos = torch.arange(state.offset - ctx.left, state.offset + C, device=x.device)
-        key_valid = (key_pos >= 0)[None, :].expand(B, -1)                  # the initial zero cache is not real
-        if out_lengths is not None: key_valid = key_valid & (key_pos[None, :] < out_lengths.to(x.device)[:, None])
-        layers = []
-        for layer, cache in zip(self.layers, state.layers):
-            x, cache = layer.step(x, cache, key_valid)
-            layers.append(cache)
-        return x, StreamState(ctx, sub, layers, state.offset + C)
 
+# %% ../../nbs/speech/stateful_conformer.ipynb #7a30dea2
+@patch
+def stream_step(self: ConformerEncoder, feats: torch.Tensor, state: StreamState,
+                out_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, StreamState]:
+    "Next `chunk · subsampling` feature frames `[B, ·, n_mels]` → next `chunk` encoder frames and the new state."
+    ctx, C = state.ctx, state.ctx.chunk
+    if feats.shape[1] != C * self.cfg.subsampling:
+        raise ValueError(f"a chunk is {C * self.cfg.subsampling} feature frames ({C} encoder frames × subsampling "
+                         f"{self.cfg.subsampling}), got {feats.shape[1]}")
+    x, sub = self.sub.step(feats, state.sub)
+    B = x.shape[0]
+    key_pos = torch.arange(state.offset - ctx.left, state.offset + C, device=x.device)
+    key_valid = (key_pos >= 0)[None, :].expand(B, -1)                  # the initial zero cache is not real
+    if out_lengths is not None: key_valid = key_valid & (key_pos[None, :] < out_lengths.to(x.device)[:, None])
+    layers = []
+    for layer, cache in zip(self.layers, state.layers):
+        x, cache = layer.step(x, cache, key_valid)
+        layers.append(cache)
+    return x, StreamState(ctx, sub, layers, state.offset + C)
+
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #1345af95
 def stream_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch.Tensor,
                   ctx: AttContext) -> tuple[torch.Tensor, torch.Tensor]:
     "Encode a batch chunk by chunk with the cache (what a streaming server does); same outputs as `encoder(..., ctx)`."
@@ -300,6 +318,7 @@ def stream_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch
         y, state = encoder.stream_step(feats[:, c * step:(c + 1) * step], state, out_len)
         outs.append(y)
     return torch.cat(outs, 1)[:, :int(out_len.max())], out_len
+
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #8bf74fad
 class StreamingASR(nn.Module):
@@ -326,26 +345,30 @@ class StreamingASR(nn.Module):
         for i, s in enumerate(seqs): out[i, :len(s)] = torch.tensor(s, device=device)
         return out, lens
 
-    def loss(self, enc: torch.Tensor, enc_len: torch.Tensor, targets: torch.Tensor, target_len: torch.Tensor,
-             ctc_weight: float = 0.3) -> dict[str, torch.Tensor]:
-        "`total = ctc_weight · CTC + (1 − ctc_weight) · RNNT` (per-token CTC, per-utterance RNN-T / tokens)."
-        if not 0.0 <= ctc_weight <= 1.0: raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
-        zero = enc.new_zeros(())
-        ctc = ctc_loss(self.ctc_head(enc), enc_len, targets, target_len) if ctc_weight > 0 else zero
-        if ctc_weight < 1:
-            lattice = self.joiner.lattice(enc, self.predictor(targets))
-            # normalise the RNN-T NLL per target token, like the CTC loss, so the two are on one scale
-            rnnt = (rnnt_loss(lattice, targets, enc_len, target_len, reduction="none") / target_len).mean()
-        else:
-            rnnt = zero
-        return dict(total=ctc_weight * ctc + (1 - ctc_weight) * rnnt, ctc=ctc, rnnt=rnnt)
-
     def decode(self, enc: torch.Tensor, enc_len: torch.Tensor, decoder: str = "rnnt") -> list[str]:
         "Greedy transcripts of encoder frames with the `'ctc'` or `'rnnt'` decoder."
         if decoder == "ctc": ids = ctc_greedy_decode(self.ctc_head(enc), enc_len)
         elif decoder == "rnnt": ids, _ = rnnt_greedy_decode(enc, enc_len, self.predictor, self.joiner)
         else: raise ValueError(f"unknown decoder {decoder!r}; valid: 'ctc', 'rnnt'")
         return [" ".join(self.vocab.tokens[i] for i in seq) for seq in ids]
+
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #e09b1e07
+@patch
+def loss(self: StreamingASR, enc: torch.Tensor, enc_len: torch.Tensor, targets: torch.Tensor, target_len: torch.Tensor,
+         ctc_weight: float = 0.3) -> dict[str, torch.Tensor]:
+    "`total = ctc_weight · CTC + (1 − ctc_weight) · RNNT` (per-token CTC, per-utterance RNN-T / tokens)."
+    if not 0.0 <= ctc_weight <= 1.0: raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    zero = enc.new_zeros(())
+    ctc = ctc_loss(self.ctc_head(enc), enc_len, targets, target_len) if ctc_weight > 0 else zero
+    if ctc_weight < 1:
+        lattice = self.joiner.lattice(enc, self.predictor(targets))
+        # normalise the RNN-T NLL per target token, like the CTC loss, so the two are on one scale
+        rnnt = (rnnt_loss(lattice, targets, enc_len, target_len, reduction="none") / target_len).mean()
+    else:
+        rnnt = zero
+    return dict(total=ctc_weight * ctc + (1 - ctc_weight) * rnnt, ctc=ctc, rnnt=rnnt)
+
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #dee98e91
 @dataclass
@@ -369,6 +392,8 @@ class StreamingTrainConfig:
         "Linear warm-up and cosine decay to a tenth, multiplied from step 0, as a factor of the base rate (`LambdaLR`)."
         return WarmupCosine(self.warmup, floor=0.1, multiplicative=True)
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #fd078f2b
 def length_buckets(lengths, batch: int, generator: torch.Generator) -> list[list[int]]:
     "Batches of indices of similar length (sorted, cut into batches, shuffled batch order; a little jitter)."
     lengths = torch.as_tensor(lengths, dtype=torch.float64)
@@ -382,6 +407,8 @@ def _batch_features(model: StreamingASR, corpus, idx: list[int], device):
     with torch.no_grad(): feats, flen = model.features(wave, lens)
     return feats, flen
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #9645d895
 def evaluate_asr(model: StreamingASR, corpus, ctx: AttContext, decoders=("ctc", "rnnt"), batch: int = 64,
                  streaming: bool = False) -> dict[str, float]:
     "Greedy WER of each decoder on a corpus (full masked pass, or chunk-by-chunk streaming), and the mean losses."
@@ -406,6 +433,8 @@ def evaluate_asr(model: StreamingASR, corpus, ctx: AttContext, decoders=("ctc", 
     out.update(ctc_loss=ctc_l / len(corpus), rnnt_loss=rnnt_l / len(corpus))
     return out
 
+
+# %% ../../nbs/speech/stateful_conformer.ipynb #404b2c71
 def train_asr(model: StreamingASR, corpus, contexts: list[AttContext],
               cfg: StreamingTrainConfig = StreamingTrainConfig(),
               dev_corpus=None, seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
@@ -439,6 +468,7 @@ def train_asr(model: StreamingASR, corpus, contexts: list[AttContext],
                eval_every=None if dev_corpus is None else cfg.eval_every, progress=progress, desc=desc)
     return [dict(step=r["step"], train_loss=hist.loss[r["step"] - 1], **{k: v for k, v in r.items() if k != "step"})
             for r in hist.evals]
+
 
 # %% ../../nbs/speech/stateful_conformer.ipynb #751e8bb9
 def buffered_encode(encoder: ConformerEncoder, feats: torch.Tensor, lengths: torch.Tensor, chunk: int, right: int,

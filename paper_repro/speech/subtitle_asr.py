@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from fastcore.basics import patch
 import sacrebleu
+from sacrebleu.metrics import BLEU
 
+from ..core.claims import LEVEL, Estimate
 from ..core.train import OptimConfig, WarmupCosine, fit
 from .asr import Vocab, wer
 from .corpus import CorpusSpec, check_lang
@@ -25,8 +28,9 @@ from .corpus import CorpusSpec, check_lang
 # %% auto #0
 __all__ = ['FILLERS', 'NUMBERS', 'DIALECT', 'ADVERBS', 'PARAPHRASES', 'SPECIALS', 'ARCHS', 'Targets', 'check_lang_supported',
            'condense', 'ScriptConfig', 'Script', 'make_script', 'make_scripts', 'lexicon', 'subtitle_vocab',
-           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'SubtitleASRConfig', 'SubtitleASR',
-           'transcribe_and_subtitle', 'SubtitleClip', 'collate', 'SubtitleTrainConfig', 'train_subtitle_asr']
+           'ids_to_text', 'script_corpus_spec', 'subtitle_bleu', 'bleu_diff_bootstrap', 'SubtitleASRConfig',
+           'SubtitleASR', 'transcribe_and_subtitle', 'SubtitleClip', 'collate', 'SubtitleTrainConfig',
+           'train_subtitle_asr']
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #370c3dce
 FILLERS: dict[str, tuple[str, ...]] = {"nl": ("euh", "ehm", "allee"), "en": ("uh", "um", "hmm")}
@@ -116,6 +120,8 @@ class ScriptConfig:
             if not 0.0 <= p <= 1.0: raise ValueError(f"{name} must be in [0, 1], got {p!r}")
         if self.max_fillers < 0: raise ValueError(f"max_fillers must be >= 0, got {self.max_fillers}")
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #a6a4a51e
 @dataclass(frozen=True)
 class Script:
     "One utterance's verbatim transcript and its subtitle (space-separated words)."
@@ -126,6 +132,8 @@ class Script:
 def _pick(rng: np.random.Generator, xs: Sequence):
     return xs[int(rng.integers(len(xs)))]
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #b5f21408
 def _clause(rng: np.random.Generator, lang: str, cfg: ScriptConfig) -> list[str]:
     "A clean verbatim clause (Flemish forms included) before adverbs, repetitions and fillers."
     num = _pick(rng, tuple(NUMBERS[lang]))
@@ -154,6 +162,8 @@ def _clause(rng: np.random.Generator, lang: str, cfg: ScriptConfig) -> list[str]
         else: tail.append(w)
     return [w for w in before if w != "ADV" or keep_adv] + [num] + tail
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #791a201c
 def make_script(rng: np.random.Generator, lang: str = "nl", cfg: ScriptConfig = ScriptConfig()) -> Script:
     "Draw one verbatim script and its subtitle."
     check_lang_supported(lang)
@@ -170,6 +180,8 @@ def make_scripts(n: int, lang: str = "nl", seed: int = 0, cfg: ScriptConfig = Sc
     rng = np.random.default_rng(seed)
     return [make_script(rng, lang, cfg) for _ in range(n)]
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #59744d1d
 def lexicon(lang: str = "nl") -> list[str]:
     "Every word a verbatim script or a subtitle of `lang` can contain (sorted): the fixed output vocabulary."
     check_lang_supported(lang)
@@ -181,6 +193,7 @@ def lexicon(lang: str = "nl") -> list[str]:
     for before, after in _FRAMES[lang]: words |= (set(before) | set(after)) - {"ADV", "NOUNS", "PLACE"}
     for long, short in PARAPHRASES[lang]: words |= set(long) | set(short)
     return sorted(words)
+
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #7199f5db
 SPECIALS: tuple[str, ...] = ("<eos>", "<verbatim>", "<subtitle>")
@@ -206,6 +219,23 @@ def subtitle_bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
     if not refs: raise ValueError("need at least one reference")
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
 
+# %% ../../nbs/speech/subtitle_asr.ipynb #69cf6154
+def bleu_diff_bootstrap(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str], n_boot: int = 2000,
+                        seed: int = 0) -> Estimate:
+    "Corpus BLEU of `hyps_a` minus that of `hyps_b` (same references), with a paired-bootstrap interval over sentences."
+    if not (len(refs) == len(hyps_a) == len(hyps_b)) or len(refs) < 2:
+        raise ValueError(f"need >= 2 sentences and one hypothesis per reference: {len(refs)} references, "
+                         f"{len(hyps_a)} and {len(hyps_b)} hypotheses")
+    bleu = BLEU()
+    sa, sb = (np.asarray(bleu._extract_corpus_statistics(list(h), [list(refs)]), dtype=np.int64) for h in (hyps_a, hyps_b))
+    score = lambda stats: bleu._compute_score_from_stats(stats.tolist()).score
+    value = score(sa.sum(0)) - score(sb.sum(0))
+    idx = np.random.default_rng(seed).integers(0, len(refs), size=(n_boot, len(refs)))
+    boots = np.array([score(sa[r].sum(0)) - score(sb[r].sum(0)) for r in idx])
+    low, high = (float(q) for q in np.quantile(boots, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2]))
+    return Estimate(float(value), min(low, value), max(high, value), float(boots.std(ddof=1)), "bootstrap", len(refs))
+
+
 # %% ../../nbs/speech/subtitle_asr.ipynb #32b0d2e7
 import torch
 import torch.nn.functional as F
@@ -218,6 +248,8 @@ from .seq2seq import (IntervalMeans, Seq2SeqConfig, SpeechSeq2Seq, attention_dec
 
 ARCHS: tuple[str, ...] = ("verbatim", "pooled", "shared", "cascade")
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #675a26c3
 @dataclass(frozen=True)
 class SubtitleASRConfig:
     "Shape of a `SubtitleASR`: the architecture, the token layout and the transformer sizes."
@@ -255,10 +287,15 @@ class SubtitleASRConfig:
                    eos_id=vocab.index["<eos>"], verbatim_id=vocab.index["<verbatim>"],
                    subtitle_id=vocab.index["<subtitle>"], **sizes)
 
-    def seq2seq(self) -> Seq2SeqConfig:
-        return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
-                             enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads,
-                             d_ff=self.d_ff, subsample=self.subsample, ctc_vocab=self.ctc_vocab)
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #338e18cc
+@patch
+def seq2seq(self: SubtitleASRConfig) -> Seq2SeqConfig:
+    "The substrate shape of the verbatim model inside: encoder 1, its CTC head and the verbatim decoder."
+    return Seq2SeqConfig(vocab_size=self.vocab_size, n_mels=self.n_mels, d_model=self.d_model,
+                         enc_layers=self.enc_layers, dec_layers=self.dec_layers, n_heads=self.n_heads,
+                         d_ff=self.d_ff, subsample=self.subsample, ctc_vocab=self.ctc_vocab)
+
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #d7814281
 Targets = Sequence[Sequence[int] | None]
@@ -269,6 +306,8 @@ def _pad_targets(tgts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, t
     for i, t in enumerate(tgts): pad[i, :len(t)] = torch.tensor(list(t), device=device)
     return pad, torch.tensor([len(t) for t in tgts], device=device)
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #350c964a
 class SubtitleASR(nn.Module):
     "Joint verbatim ASR + subtitling: one of `ARCHS` on the `SpeechSeq2Seq` substrate."
     def __init__(self, cfg: SubtitleASRConfig):
@@ -298,47 +337,53 @@ class SubtitleASR(nn.Module):
         "What the subtitle decoder reads: encoder 2(encoder 1) in the cascade, encoder 1 itself otherwise."
         return encode(self.sub_encoder, hidden, hlen) if self.cfg.arch == "cascade" else hidden
 
-    def loss(self, feats: torch.Tensor, flen: torch.Tensor, verbatim: Targets, subtitle: Targets) -> dict[str, torch.Tensor]:
-        """Masked multi-target loss of a batch: `verbatim[b]` / `subtitle[b]` are row b's word ids or None (absent).
-        Returns `total` and its parts (`ctc`, `att_verbatim`, `ctc_subtitle`, `att_subtitle`; an absent part is 0)."""
-        B = feats.shape[0]
-        if len(verbatim) != B or len(subtitle) != B:
-            raise ValueError(f"need one verbatim and one subtitle entry (ids or None) per row: {B} rows, "
-                             f"{len(verbatim)} verbatim, {len(subtitle)} subtitle")
-        c = self.cfg
-        if c.arch == "pooled":     # naive pooling: a subtitle is used as if it were the verbatim transcript
-            verbatim, subtitle = [v if v is not None else s for v, s in zip(verbatim, subtitle)], [None] * B
-        elif c.arch == "verbatim":
-            subtitle = [None] * B
-        hidden, hlen = self.encode_features(feats, flen)
-        zero = hidden.new_zeros(())
-        parts = dict(ctc=zero, att_verbatim=zero, ctc_subtitle=zero, att_subtitle=zero)
-        v_rows = [b for b in range(B) if verbatim[b] is not None and len(verbatim[b]) > 0]
-        s_rows = [b for b in range(B) if subtitle[b] is not None and len(subtitle[b]) > 0]
-        if v_rows:
-            h, hl = hidden[v_rows], hlen[v_rows]
-            tgts = [list(verbatim[b]) for b in v_rows]
-            if c.ctc_weight > 0: parts["ctc"] = ctc_loss(self.asr.ctc_logits(h), hl, *_pad_targets(tgts, h.device))
-            if c.ctc_weight < 1:
-                parts["att_verbatim"] = decoder_loss(self.asr.decoder, self.asr.decoder.encode_memory(h, hl),
-                                                     [[c.verbatim_id, *t, c.eos_id] for t in tgts], 1)
-        if s_rows:
-            hl = hlen[s_rows]
-            hs = self.subtitle_states(hidden[s_rows], hl)
-            tgts = [list(subtitle[b]) for b in s_rows]
-            if c.sub_ctc_weight > 0: parts["ctc_subtitle"] = ctc_loss(self.sub_ctc(hs), hl, *_pad_targets(tgts, hs.device))
-            parts["att_subtitle"] = decoder_loss(self.sub_decoder, self.sub_decoder.encode_memory(hs, hl),
-                                                 [[c.subtitle_id, *t, c.eos_id] for t in tgts], 1)
-        total = c.ctc_weight * parts["ctc"] + (1 - c.ctc_weight) * parts["att_verbatim"] + \
-            c.sub_ctc_weight * parts["ctc_subtitle"] + (1 - c.sub_ctc_weight) * parts["att_subtitle"]
-        return dict(total=total, **parts)
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #d6a8b1e9
+@patch
+def loss(self: SubtitleASR, feats: torch.Tensor, flen: torch.Tensor, verbatim: Targets, subtitle: Targets) -> dict[str, torch.Tensor]:
+    """Masked multi-target loss of a batch: `verbatim[b]` / `subtitle[b]` are row b's word ids or None (absent).
+    Returns `total` and its parts (`ctc`, `att_verbatim`, `ctc_subtitle`, `att_subtitle`; an absent part is 0)."""
+    B = feats.shape[0]
+    if len(verbatim) != B or len(subtitle) != B:
+        raise ValueError(f"need one verbatim and one subtitle entry (ids or None) per row: {B} rows, "
+                         f"{len(verbatim)} verbatim, {len(subtitle)} subtitle")
+    c = self.cfg
+    if c.arch == "pooled":     # naive pooling: a subtitle is used as if it were the verbatim transcript
+        verbatim, subtitle = [v if v is not None else s for v, s in zip(verbatim, subtitle)], [None] * B
+    elif c.arch == "verbatim":
+        subtitle = [None] * B
+    hidden, hlen = self.encode_features(feats, flen)
+    zero = hidden.new_zeros(())
+    parts = dict(ctc=zero, att_verbatim=zero, ctc_subtitle=zero, att_subtitle=zero)
+    v_rows = [b for b in range(B) if verbatim[b] is not None and len(verbatim[b]) > 0]
+    s_rows = [b for b in range(B) if subtitle[b] is not None and len(subtitle[b]) > 0]
+    if v_rows:
+        h, hl = hidden[v_rows], hlen[v_rows]
+        tgts = [list(verbatim[b]) for b in v_rows]
+        if c.ctc_weight > 0: parts["ctc"] = ctc_loss(self.asr.ctc_logits(h), hl, *_pad_targets(tgts, h.device))
+        if c.ctc_weight < 1:
+            parts["att_verbatim"] = decoder_loss(self.asr.decoder, self.asr.decoder.encode_memory(h, hl),
+                                                 [[c.verbatim_id, *t, c.eos_id] for t in tgts], 1)
+    if s_rows:
+        hl = hlen[s_rows]
+        hs = self.subtitle_states(hidden[s_rows], hl)
+        tgts = [list(subtitle[b]) for b in s_rows]
+        if c.sub_ctc_weight > 0: parts["ctc_subtitle"] = ctc_loss(self.sub_ctc(hs), hl, *_pad_targets(tgts, hs.device))
+        parts["att_subtitle"] = decoder_loss(self.sub_decoder, self.sub_decoder.encode_memory(hs, hl),
+                                             [[c.subtitle_id, *t, c.eos_id] for t in tgts], 1)
+    total = c.ctc_weight * parts["ctc"] + (1 - c.ctc_weight) * parts["att_verbatim"] + \
+        c.sub_ctc_weight * parts["ctc_subtitle"] + (1 - c.sub_ctc_weight) * parts["att_subtitle"]
+    return dict(total=total, **parts)
+
 
 # %% ../../nbs/speech/subtitle_asr.ipynb #f3c41a72
 @torch.no_grad()
 def transcribe_and_subtitle(model: SubtitleASR, feats: torch.Tensor, flen: torch.Tensor, beam: int = 4,
                             ctc_weight: float = 0.3, sub_beam: int = 4, max_new_tokens: int = 24
                             ) -> tuple[list[list[int]], list[list[int]]]:
-    "Verbatim and subtitle word ids for a batch of features (joint CTC/attention beam search; see above)."
+    """Verbatim and subtitle word ids for a batch of features: the verbatim branch by joint CTC/attention beam search
+    (beam `beam`, CTC weight `ctc_weight`), the subtitle branch by beam `sub_beam` (joint with its own CTC head where
+    the model has one)."""
     c = model.cfg
     hidden, hlen = model.encode_features(feats, flen)
     B = feats.shape[0]
@@ -369,6 +414,8 @@ def collate(clips: Sequence[SubtitleClip], device: torch.device | str = "cpu") -
     for i, c in enumerate(clips): out[i, :c.feats.shape[0]] = c.feats
     return out.to(device), lens.to(device)
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #7d92a142
 @dataclass(frozen=True)
 class SubtitleTrainConfig:
     "Optimisation settings of `train_subtitle_asr`."
@@ -388,6 +435,8 @@ class SubtitleTrainConfig:
         "Linear warm-up, then a cosine to a tenth of the rate, as a factor of the base rate (the `LambdaLR` form)."
         return WarmupCosine(self.warmup, floor=0.1, decay_after_warmup=True, multiplicative=True)
 
+
+# %% ../../nbs/speech/subtitle_asr.ipynb #d1bb0ff6
 def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[SubtitleClip],
                        subtitle_clips: Sequence[SubtitleClip], cfg: SubtitleTrainConfig = SubtitleTrainConfig(),
                        seed: int = 0, progress: bool | None = None, desc: str = "train") -> list[dict]:
@@ -413,3 +462,4 @@ def train_subtitle_asr(model: SubtitleASR, verbatim_clips: Sequence[SubtitleClip
     log = IntervalMeans(50)
     fit(model, loss_fn, draw, cfg.steps, cfg.optim(), cfg.schedule(), callbacks=[log], progress=progress, desc=desc)
     return log.rows
+
