@@ -640,7 +640,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not is_checkout(args.root):
         print(f"paper-repro: the status column needs a source checkout (nbs/, results/), and {args.root} has no nbs/: "
               "listing the catalogue without it", file=sys.stderr)
-        df = df.drop(columns="status")
+        df = df.drop(columns=["status", "detail"])
     if args.format == "json":
         print(json.dumps(df.to_dict(orient="records"), indent=2, ensure_ascii=False))
     else:  # keep the terminal table narrow: long titles are cut
