@@ -101,6 +101,7 @@ class DllmSpec:
 
 DLLM_SPEC = DllmSpec()
 
+# %% ../../nbs/dllm/core.ipynb #ea2de602
 def llada_batches(spec: DllmSpec, seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int], tuple]:
     """Training batches for `llada_loss`: `draw(step) -> (prompts, prompt_valid, answers, t, masked)`, `spec.batch_size`
     seeded examples of `spec.tasks` per call (drawn in call order), with `t` stratified if `spec.stratified`."""
@@ -115,6 +116,7 @@ def llada_batches(spec: DllmSpec, seed: int = 0, device: str | torch.device = "c
         return prompts.to(device), valid.to(device), batch_answers(exs, device), t.to(device), masked.to(device)
     return draw
 
+# %% ../../nbs/dllm/core.ipynb #76a442da
 def train_dllm(spec: DllmSpec = DLLM_SPEC, seed: int = 0, progress: bool = True, device: str | torch.device = "cpu",
                log: list | None = None) -> TransformerLM:
     """Train a fresh masked-diffusion LM per `spec` with `paper_repro.core.train.fit` (deterministic on CPU for a given
@@ -128,6 +130,7 @@ def train_dllm(spec: DllmSpec = DLLM_SPEC, seed: int = 0, progress: bool = True,
     if log is not None: log.extend((step, loss) for step, loss in enumerate(history.loss) if step % 50 == 0)
     return model
 
+# %% ../../nbs/dllm/core.ipynb #85c05477
 def load_dllm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, root: Path | None = None
               ) -> TransformerLM:
     "The shared masked-diffusion checkpoint `data/dllm_tasks.pt` (checksum-verified), in eval mode."
@@ -144,6 +147,7 @@ SCORES: tuple[str, ...] = PROB_SCORES + ("random", "l2r")
 CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 CONFIDENCE_RULES: tuple[str, ...] = ("threshold",)  # rules whose `threshold` is a probability, so at most 1
 
+# %% ../../nbs/dllm/core.ipynb #dcac1bdf
 @dataclass(frozen=True)
 class DecodeConfig:
     "How to decode: window, blocks, step budget, scoring, the commit rule, the cache, EOS handling and the seed."
@@ -208,6 +212,7 @@ def prob_scores(probs: torch.Tensor, tokens: torch.Tensor, kind: str) -> torch.T
     if kind == "entropy": return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
     raise ValueError(f"score kind {kind!r} is not a score of a distribution; valid: {', '.join(PROB_SCORES)}")
 
+# %% ../../nbs/dllm/core.ipynb #8c6524b2
 @dataclass
 class StepView:
     "What a rule sees at one step, restricted to the current block (`[B, Lb, ...]` tensors)."
@@ -244,12 +249,14 @@ class StepView:
         "Rows `[B]` that still have masked positions in the block."
         return self.maskable.any(-1)
 
+# %% ../../nbs/dllm/core.ipynb #1afe4d64
 class Selection(NamedTuple):
     "A rule's decision: positions to commit, optionally their tokens, and optionally where EOS fills the rest."
     commit: torch.Tensor                   # [B, Lb] bool
     tokens: torch.Tensor | None = None     # [B, Lb] tokens to write where committed (default x0)
     eos_from: torch.Tensor | None = None   # [B] window index from which every still-masked position becomes EOS
 
+# %% ../../nbs/dllm/core.ipynb #cbb4701e
 class Rule:
     "Base class of commit rules: `start` once per decode, `select` once per step."
     name: str = "rule"
@@ -259,6 +266,7 @@ class Rule:
         "Which masked positions of the block to commit now."
         raise NotImplementedError
 
+# %% ../../nbs/dllm/core.ipynb #0f3c801c
 RuleFactory = Callable[[DecodeConfig], Rule]
 RULES: dict[str, RuleFactory | str] = {}   # name -> factory, or "module:attribute" of one (imported when first used)
 
@@ -287,6 +295,7 @@ def make_rule(config: DecodeConfig) -> Rule:
     "A fresh rule object for `config.rule`."
     return rule_factory(config.rule)(config)
 
+# %% ../../nbs/dllm/core.ipynb #1552c21e
 def top_k_mask(score: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     "Bool `[B, n]`: the `k` (per row, `[B]` or an int) highest-`score` positions of each row (finite scores only)."
     order = score.argsort(dim=-1, descending=True, stable=True)
@@ -300,6 +309,7 @@ def topk_schedule(block_length: int, steps: int) -> list[int]:
     base, extra = divmod(block_length, steps)
     return [base + (s < extra) for s in range(steps)]
 
+# %% ../../nbs/dllm/core.ipynb #7fc8c6f0
 class TopK(Rule):
     "LLaDA: commit the scheduled number of best-scored masked positions of the block."
     name = "topk"
@@ -310,6 +320,7 @@ class TopK(Rule):
         last = view.block_step >= len(self.schedule) - 1  # the block's last step commits whatever is left
         return view.maskable.clone() if last else top_k_mask(view.score, k)
 
+# %% ../../nbs/dllm/core.ipynb #8cb1059f
 class Threshold(Rule):
     "Fast-dLLM: commit every masked position with confidence >= threshold (and the most confident one)."
     name = "threshold"
@@ -318,6 +329,7 @@ class Threshold(Rule):
         conf = view.confidence.masked_fill(~view.maskable, -math.inf)
         return (view.maskable & (conf >= self.threshold)) | top_k_mask(conf, 1)
 
+# %% ../../nbs/dllm/core.ipynb #2c9ec7ee
 class Factor(Rule):
     "Fast-dLLM's factor rule: the largest n with the i-th best confidence >= 1 - factor/(i+1); exactly those."
     name = "factor"
@@ -329,6 +341,7 @@ class Factor(Rule):
         passes = (ranked >= 1 - self.factor / (i + 1)).long().cumprod(-1)  # a prefix: the bound rises as conf falls
         return top_k_mask(conf, passes.sum(-1).clamp(min=1))
 
+# %% ../../nbs/dllm/core.ipynb #328d15aa
 class EntropyThreshold(Rule):
     "dParallel: commit the lowest-entropy masked position and every other with entropy <= threshold."
     name = "entropy_threshold"
@@ -337,6 +350,7 @@ class EntropyThreshold(Rule):
         neg_h = (-view.entropy).masked_fill(~view.maskable, -math.inf)
         return (view.maskable & (-neg_h <= self.threshold)) | top_k_mask(neg_h, 1)
 
+# %% ../../nbs/dllm/core.ipynb #08e6d1ba
 BUILTIN_RULES: tuple[type[Rule], ...] = (TopK, Threshold, Factor, EntropyThreshold)
 for _cls in BUILTIN_RULES: register_rule(_cls.name, _cls)
 # Paper rules that need nothing but a config, by import path: `DecodeConfig(rule="ccd")` works whatever was imported.
@@ -354,6 +368,7 @@ class DiffusionResult:
     commit_step: torch.Tensor     # [B, L] index of the pass whose step committed each position
     wall_s: float                 # seconds, device synchronised
 
+# %% ../../nbs/dllm/core.ipynb #7afa8053
 def check_dllm_request(model: nn.Module, prompts, config: DecodeConfig, device=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts as (`ids [B, P]` left-padded, `valid [B, P]`) on `device`, after checking them against `model` and
@@ -370,11 +385,13 @@ def check_dllm_request(model: nn.Module, prompts, config: DecodeConfig, device=N
     check_max_new_tokens(config.gen_length, max(map(len, rows)), context_length(model), what="gen_length")
     return pad_prompts(rows, device=device)
 
+# %% ../../nbs/dllm/core.ipynb #f282404c
 def _scores(logits64: torch.Tensor, x0: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "random": return torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
     if kind == "l2r": return -torch.arange(x0.shape[1], device=x0.device, dtype=torch.float64).expand(x0.shape)
     return prob_scores(torch.softmax(logits64, dim=-1), x0, kind)
 
+# %% ../../nbs/dllm/core.ipynb #fc2c6fd7
 @torch.no_grad()
 def diffusion_generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
                        config: DecodeConfig = DecodeConfig(), rule: Rule | None = None) -> DiffusionResult:
