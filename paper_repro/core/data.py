@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fastcore.basics import patch
+
 from .repro import DATA_ENV, ReadOnlyDataError, checkout_root, package_data_dir
 from .repro import atomic_write, relative_to_root, write_json_atomic
 
@@ -36,6 +38,7 @@ __all__ = ['DATA_SOURCES', 'CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS',
 class DataError(RuntimeError):
     "A data file is missing, corrupted, or cannot be rebuilt on this machine."
 
+# %% ../../nbs/core/data.ipynb #a20565cc
 DATA_SOURCES: tuple[str, ...] = ("root", DATA_ENV, "checkout", "package")
 
 def data_source(root: Path | None = None) -> tuple[Path, str]:
@@ -52,6 +55,7 @@ def data_dir(root: Path | None = None) -> Path:
     "The data folder read from (and, unless it is the installed package's, written to): see `data_source`."
     return data_source(root)[0]
 
+# %% ../../nbs/core/data.ipynb #fb182b41
 def writable_data_dir(root: Path | None = None) -> Path:
     """The data folder to write to (a retrained checkpoint, a manifest entry): `data_dir`, unless that is the data the
     installed package ships, which stays as its checksums say: then a `ReadOnlyDataError` saying to set
@@ -63,6 +67,7 @@ def writable_data_dir(root: Path | None = None) -> Path:
                                 f"paper_repro.core.data.copy_data(folder)) or work in a source checkout")
     return folder
 
+# %% ../../nbs/core/data.ipynb #d12ebed2
 def _manifest_name(source: str, folder: Path) -> str:
     "How messages name the manifest of a data folder."
     if source in ("root", "checkout"): return "data/MANIFEST.json"
@@ -78,6 +83,7 @@ def _restore_hint(source: str, folder: Path) -> str:
         return f"seed {folder} with paper_repro.core.data.copy_data({str(folder)!r}), or unset {DATA_ENV}"
     return "restore the committed one with `git checkout data/MANIFEST.json`"
 
+# %% ../../nbs/core/data.ipynb #4b2e71ff
 def sha256_file(path: Path) -> str:
     "Hex sha256 of a file, read in chunks."
     h = hashlib.sha256()
@@ -85,6 +91,7 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
+# %% ../../nbs/core/data.ipynb #85e7327f
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def _broken_manifest(path: Path, what: str, root: Path | None = None) -> DataError:
@@ -114,6 +121,7 @@ def read_manifest(root: Path | None = None, missing_ok: bool = True) -> dict[str
             raise broken(f"entry {name!r} has a malformed 'bytes' or 'rebuild' field")
     return manifest
 
+# %% ../../nbs/core/data.ipynb #b889a775
 def register_file(name: str, source: str, licence: str, rebuild: str, root: Path | None = None) -> dict:
     """Record `data/<name>`'s checksum and provenance in the manifest (after building or training it), in the folder
     `writable_data_dir` names (never the installed package's data)."""
@@ -125,6 +133,7 @@ def register_file(name: str, source: str, licence: str, rebuild: str, root: Path
     write_json_atomic(folder / "MANIFEST.json", dict(sorted(manifest.items())))
     return manifest[name]
 
+# %% ../../nbs/core/data.ipynb #ccc432f0
 # files already checked in this process, keyed by path, size and mtime so a later change is re-checked
 _verified: set[tuple[str, int, int]] = set()
 
@@ -234,6 +243,7 @@ def _mo_pairs(path: Path) -> list[tuple[str, str]]:
         if 2 <= len(src) <= 160 and 1 <= len(tgt) <= 200 and re.search(r"[A-Za-z]{2}", src): pairs.append((src, tgt))
     return pairs
 
+# %% ../../nbs/core/data.ipynb #f7210c2b
 def build_parallel_corpus(root: Path | None = None, locale_dir: Path = Path("/usr/share/locale"),
                           val_every: int = 20) -> Path:
     "Build `data/parallel_corpus.jsonl.gz` from the gettext catalogs on this machine and register it."
@@ -251,6 +261,7 @@ def build_parallel_corpus(root: Path | None = None, locale_dir: Path = Path("/us
                   _REBUILD.format(name="parallel_corpus"), root=root)
     return path
 
+# %% ../../nbs/core/data.ipynb #945d3837
 def load_parallel_corpus(lang: str | None = None, split: str = "train", root: Path | None = None) -> list[dict]:
     "English→`lang` pairs (`src`, `tgt`, `domain`, `lang`); `lang=None` returns every language."
     if lang is not None and lang not in PARALLEL_LANGS:
@@ -259,6 +270,7 @@ def load_parallel_corpus(lang: str | None = None, split: str = "train", root: Pa
     return [r for r in read_jsonl_gz(data_path(PARALLEL_CORPUS, root))
             if (lang is None or r["lang"] == lang) and (split == "all" or r["split"] == split)]
 
+# %% ../../nbs/core/data.ipynb #36626a6d
 def rebuild(name: str, root: Path | None = None) -> Path:
     "Rebuild a corpus by short name: `code_corpus` or `parallel_corpus`."
     builders = {"code_corpus": build_code_corpus, "parallel_corpus": build_parallel_corpus}
@@ -275,6 +287,7 @@ def _merge(ids: Sequence[int], pair: tuple[int, int], new: int) -> list[int]:
         else: out.append(ids[i]); i += 1
     return out
 
+# %% ../../nbs/core/data.ipynb #371e87ae
 @dataclass
 class BPETokenizer:
     "Byte-level BPE: ids 0–255 are bytes, then one id per learned merge, then the special tokens."
@@ -297,39 +310,48 @@ class BPETokenizer:
     @property
     def eos_id(self) -> int: return self.special_id("<eos>")
 
-    def _encode_chunk(self, chunk: str) -> list[int]:
-        ids = self._cache.get(chunk)
-        if ids is None:
-            ids = list(chunk.encode("utf-8"))
-            while len(ids) > 1:
-                pairs = {(ids[i], ids[i + 1]) for i in range(len(ids) - 1)}
-                best = min(pairs, key=lambda p: self._rank.get(p, 1 << 30))
-                if best not in self._rank: break
-                ids = _merge(ids, best, self._rank[best])
-            if len(self._cache) < 200_000: self._cache[chunk] = ids
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        "Token ids of `text` (no special tokens added)."
-        return [i for chunk in CHUNK_RE.findall(text) for i in self._encode_chunk(chunk)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        "Text of `ids`; special tokens are rendered by name, invalid UTF-8 is replaced."
-        out, n = bytearray(), len(self._bytes)
-        for i in ids:
-            i = int(i)
-            if 0 <= i < n: out += self._bytes[i]
-            elif n <= i < self.vocab_size: out += self.specials[i - n].encode()
-            else: raise ValueError(f"token id {i} out of range for vocabulary size {self.vocab_size}")
-        return out.decode("utf-8", errors="replace")
-
-    def to_json(self) -> str:
-        return json.dumps({"type": "byte_bpe", "merges": self.merges, "specials": list(self.specials)})
     @classmethod
     def from_json(cls, text: str) -> "BPETokenizer":
         d = json.loads(text)
         if d.get("type") != "byte_bpe": raise ValueError(f"not a byte_bpe tokenizer file (type={d.get('type')!r})")
         return cls([tuple(m) for m in d["merges"]], tuple(d["specials"]))
+
+# %% ../../nbs/core/data.ipynb #bfd1ccaf
+@patch
+def _encode_chunk(self: BPETokenizer, chunk: str) -> list[int]:
+    ids = self._cache.get(chunk)
+    if ids is None:
+        ids = list(chunk.encode("utf-8"))
+        while len(ids) > 1:
+            pairs = {(ids[i], ids[i + 1]) for i in range(len(ids) - 1)}
+            best = min(pairs, key=lambda p: self._rank.get(p, 1 << 30))
+            if best not in self._rank: break
+            ids = _merge(ids, best, self._rank[best])
+        if len(self._cache) < 200_000: self._cache[chunk] = ids
+    return ids
+
+# %% ../../nbs/core/data.ipynb #6f8d820a
+@patch
+def encode(self: BPETokenizer, text: str) -> list[int]:
+    "Token ids of `text` (no special tokens added)."
+    return [i for chunk in CHUNK_RE.findall(text) for i in self._encode_chunk(chunk)]
+
+# %% ../../nbs/core/data.ipynb #3dc38d17
+@patch
+def decode(self: BPETokenizer, ids: Iterable[int]) -> str:
+    "Text of `ids`; special tokens are rendered by name, invalid UTF-8 is replaced."
+    out, n = bytearray(), len(self._bytes)
+    for i in ids:
+        i = int(i)
+        if 0 <= i < n: out += self._bytes[i]
+        elif n <= i < self.vocab_size: out += self.specials[i - n].encode()
+        else: raise ValueError(f"token id {i} out of range for vocabulary size {self.vocab_size}")
+    return out.decode("utf-8", errors="replace")
+
+# %% ../../nbs/core/data.ipynb #e434e13d
+@patch
+def to_json(self: BPETokenizer) -> str:
+    return json.dumps({"type": "byte_bpe", "merges": self.merges, "specials": list(self.specials)})
 
 # %% ../../nbs/core/data.ipynb #ff497ba4
 def train_bpe(texts: Iterable[str], vocab_size: int, specials: tuple[str, ...] = ("<eos>",)) -> BPETokenizer:
