@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
+from fastcore.basics import patch
+
 from .catalog import get_paper, notebook_path
 from .repro import (_COMMIT, ResultsLock, _previous_files, _settle, atomic_write, check_scale, relative_to_root,
                     write_json_atomic)
@@ -151,6 +153,7 @@ def _check_name(name: str) -> str:
                          "without '..' or hidden parts")
     return rel.as_posix()
 
+# %% ../../nbs/core/executor.ipynb #e6103627
 def read_set(out_dir: str | Path, name: str = "run.json") -> dict[str, bytes]:
     """The committed set of `out_dir`, as `{file name: bytes}`: the files its provenance file `name` lists.
     Empty when the run committed nothing (no `name` there)."""
@@ -159,6 +162,7 @@ def read_set(out_dir: str | Path, name: str = "run.json") -> dict[str, bytes]:
     except FileNotFoundError: return {}
     return {_check_name(f): (out_dir / f).read_bytes() for f in listed}
 
+# %% ../../nbs/core/executor.ipynb #d381fc99
 def commit_set(out_dir: str | Path, files: dict[str, bytes], name: str = "run.json") -> list[str]:
     """Commit `files` (`{name: bytes}`, provenance file `name` among them) into `out_dir` as one set, the way
     `RunContext.finish` does: written into a staging folder beside it, the commit record, then moved in (files of the
@@ -182,6 +186,7 @@ def commit_set(out_dir: str | Path, files: dict[str, bytes], name: str = "run.js
     _settle(staging, out_dir)
     return names
 
+# %% ../../nbs/core/executor.ipynb #acb2aa95
 def relocate_provenance(data: bytes, out_dir: str | Path, executor: dict[str, Any]) -> bytes:
     """A `run.json` written in a worker's scratch folder, made true of the folder the driver commits it into:
     `parameters.out_dir` is where the set now lives; `executor` records where it ran (`name`, `node`, `scratch`)."""
@@ -204,6 +209,7 @@ class Shipped:
     executed: bytes | None = None
     table: Any = None  # a benchmark's table (a DataFrame)
 
+# %% ../../nbs/core/executor.ipynb #f9e4ff7c
 def _check_checkout(task: PaperTask) -> None:
     "A worker can only run a notebook its node has: say so, naming the node and the path, when it is missing."
     nb = notebook_path(get_paper(task.slug), task.root)
@@ -211,6 +217,7 @@ def _check_checkout(task: PaperTask) -> None:
         raise FileNotFoundError(f"node {socket.gethostname()} has no notebook {nb}: every node of the cluster needs "
                                 "the checkout at the same path (a shared filesystem or the same clone)")
 
+# %% ../../nbs/core/executor.ipynb #ff256ac5
 def paper_task(task: PaperTask) -> Shipped:
     """The body of one remote paper run: the notebook runs here, on the worker, into a scratch folder (under this
     node's own results lock), and its committed set comes back as bytes for the driver to commit."""
@@ -225,6 +232,7 @@ def paper_task(task: PaperTask) -> Shipped:
         executed = o.executed.read_bytes() if o.executed.is_file() else None
         return Shipped(o.ok, o.wall_s, o.error, socket.gethostname(), str(out), files, executed)
 
+# %% ../../nbs/core/executor.ipynb #34ea7892
 def bench_task(suite: str, scale: str, device: str, seed: int, hf: bool) -> Shipped:
     "The body of a remote benchmark: it runs here into a scratch folder; its table and set come back."
     t0 = time.perf_counter()
@@ -255,6 +263,7 @@ def _import_ray():
                                   "(or pip install ray)") from None
     return ray
 
+# %% ../../nbs/core/executor.ipynb #3371c9d3
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 def check_feasible(request: dict[str, float], nodes: Sequence[dict[str, float]], what: str = "a task") -> None:
@@ -267,6 +276,7 @@ def check_feasible(request: dict[str, float], nodes: Sequence[dict[str, float]],
                               f"{need['GPU']:g} GPU (its nodes: {have}); lower --cpus-per-task, add a node, or pick "
                               "another scale")
 
+# %% ../../nbs/core/executor.ipynb #704a688a
 @dataclass
 class RayExecutor:
     """One Ray task per paper on the cluster at `address` (else `$RAY_ADDRESS`, else a Ray instance started here
@@ -301,74 +311,84 @@ class RayExecutor:
         try: yield ray
         finally: ray.shutdown()
 
-    def _check(self, ray, request: dict[str, float], what: str) -> None:
-        check_feasible(request, [n["Resources"] for n in ray.nodes() if n.get("Alive")], what)
+# %% ../../nbs/core/executor.ipynb #1323c1e1
+@patch
+def _check(self: RayExecutor, ray, request: dict[str, float], what: str) -> None:
+    check_feasible(request, [n["Resources"] for n in ray.nodes() if n.get("Alive")], what)
 
-    def _cancel(self, ray, refs: list) -> None:
-        """Cancel `refs`: first a KeyboardInterrupt inside each task (`run_paper` then kills its kernel and the
-        scratch folder is removed); tasks still running after `grace_s`, or all on a second Ctrl-C, lose their worker."""
-        if not refs: return
-        for r in refs: ray.cancel(r)
-        try: _, left = ray.wait(refs, num_returns=len(refs), timeout=self.grace_s)
-        except KeyboardInterrupt: left = refs
-        for r in left: ray.cancel(r, force=True)
+# %% ../../nbs/core/executor.ipynb #d6d33b96
+@patch
+def _cancel(self: RayExecutor, ray, refs: list) -> None:
+    """Cancel `refs`: first a KeyboardInterrupt inside each task (`run_paper` then kills its kernel and the
+    scratch folder is removed); tasks still running after `grace_s`, or all on a second Ctrl-C, lose their worker."""
+    if not refs: return
+    for r in refs: ray.cancel(r)
+    try: _, left = ray.wait(refs, num_returns=len(refs), timeout=self.grace_s)
+    except KeyboardInterrupt: left = refs
+    for r in left: ray.cancel(r, force=True)
 
-    def run(self, tasks: Sequence[PaperTask], on_done: Callable[[RunOutcome], None] | None = None) -> list[RunOutcome]:
-        with self._connected() as ray:
-            for t in tasks: self._check(ray, task_resources(t.scale, t.device, self.cpus_per_task), f"paper {t.slug!r}")
-            remote = ray.remote(paper_task)
-            refs = {remote.options(name=f"paper-repro:{t.slug}", **task_resources(t.scale, t.device, self.cpus_per_task))
-                    .remote(dataclasses.replace(t, progress=None, progress_bar=False)): t for t in tasks}
-            outcomes: dict[str, RunOutcome] = {}
-            pending = list(refs)
-            try:
-                while pending:  # a timeout, so that Ctrl-C is seen at least once a second
-                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-                    for ref in done:
-                        t = refs[ref]
-                        outcomes[t.run_id] = o = self._collect(ray, ref, t)
-                        if on_done is not None: on_done(o)
-            except KeyboardInterrupt:
-                self._cancel(ray, pending)
-                raise
-        return [outcomes[t.run_id] for t in tasks]
+# %% ../../nbs/core/executor.ipynb #bb146d0e
+@patch
+def run(self: RayExecutor, tasks: Sequence[PaperTask], on_done: Callable[[RunOutcome], None] | None = None) -> list[RunOutcome]:
+    with self._connected() as ray:
+        for t in tasks: self._check(ray, task_resources(t.scale, t.device, self.cpus_per_task), f"paper {t.slug!r}")
+        remote = ray.remote(paper_task)
+        refs = {remote.options(name=f"paper-repro:{t.slug}", **task_resources(t.scale, t.device, self.cpus_per_task))
+                .remote(dataclasses.replace(t, progress=None, progress_bar=False)): t for t in tasks}
+        outcomes: dict[str, RunOutcome] = {}
+        pending = list(refs)
+        try:
+            while pending:  # a timeout, so that Ctrl-C is seen at least once a second
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in done:
+                    t = refs[ref]
+                    outcomes[t.run_id] = o = self._collect(ray, ref, t)
+                    if on_done is not None: on_done(o)
+        except KeyboardInterrupt:
+            self._cancel(ray, pending)
+            raise
+    return [outcomes[t.run_id] for t in tasks]
 
-    def _collect(self, ray, ref, t: PaperTask) -> RunOutcome:
-        "Fetch a finished task and commit what it shipped into its results folder (whose lock the driver holds)."
-        from paper_repro.cli import RunOutcome, _error_line
-        executed = t.out_dir / "executed.ipynb"
-        try: s: Shipped = ray.get(ref)
-        except Exception as e:  # the task itself failed (no checkout on its node, a lost worker): reported the same way
-            return RunOutcome(t.slug, False, 0.0, executed, _error_line(getattr(e, "cause", None) or e))
-        t.out_dir.mkdir(parents=True, exist_ok=True)
-        if s.executed is not None: atomic_write(executed, lambda p: p.write_bytes(s.executed))
-        if s.ok and s.files:
-            where = dict(name="ray", node=s.node, scratch=s.scratch)
-            commit_set(t.out_dir, dict(s.files, **{"run.json": relocate_provenance(s.files["run.json"], t.out_dir, where)}))
-        return RunOutcome(t.slug, s.ok, s.wall_s, executed, s.error)
+# %% ../../nbs/core/executor.ipynb #3d70694d
+@patch
+def _collect(self: RayExecutor, ray, ref, t: PaperTask) -> RunOutcome:
+    "Fetch a finished task and commit what it shipped into its results folder (whose lock the driver holds)."
+    from paper_repro.cli import RunOutcome, _error_line
+    executed = t.out_dir / "executed.ipynb"
+    try: s: Shipped = ray.get(ref)
+    except Exception as e:  # the task itself failed (no checkout on its node, a lost worker): reported the same way
+        return RunOutcome(t.slug, False, 0.0, executed, _error_line(getattr(e, "cause", None) or e))
+    t.out_dir.mkdir(parents=True, exist_ok=True)
+    if s.executed is not None: atomic_write(executed, lambda p: p.write_bytes(s.executed))
+    if s.ok and s.files:
+        where = dict(name="ray", node=s.node, scratch=s.scratch)
+        commit_set(t.out_dir, dict(s.files, **{"run.json": relocate_provenance(s.files["run.json"], t.out_dir, where)}))
+    return RunOutcome(t.slug, s.ok, s.wall_s, executed, s.error)
 
-    def bench(self, suite: str, scale: str, device: str, out: Path, seed: int = 0, hf: bool = True) -> pd.DataFrame:
-        if suite not in BENCH_SUITES:
-            raise ValueError(f"unknown benchmark suite {suite!r}; valid suites: {', '.join(BENCH_SUITES)}")
-        out, name = Path(out).resolve(), f"{suite}.run.json"
-        request = task_resources(scale, device, self.cpus_per_task)
-        with ResultsLock(out), self._connected() as ray:
-            self._check(ray, request, f"benchmark {suite!r}")
-            # max_calls=1: the worker exits after the benchmark (it ran in-process: models, CUDA memory)
-            ref = ray.remote(bench_task).options(name=f"paper-repro:bench-{suite}", max_calls=1, **request) \
-                     .remote(suite, scale, device, seed, hf)
-            try:
-                while not ray.wait([ref], timeout=1.0)[0]: pass  # Ctrl-C is seen at least once a second
-                s: Shipped = ray.get(ref)
-            except KeyboardInterrupt:
-                self._cancel(ray, [ref])
-                raise
-            except ray.exceptions.RayTaskError as e:  # the benchmark raised: re-raise it here, as a local run would
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else RuntimeError(str(e).splitlines()[0])) from None
-            where = dict(name="ray", node=s.node, scratch=s.scratch)
-            commit_set(out, dict(s.files, **{name: relocate_provenance(s.files[name], out, where)}), name)
-            return s.table
+# %% ../../nbs/core/executor.ipynb #76f080f4
+@patch
+def bench(self: RayExecutor, suite: str, scale: str, device: str, out: Path, seed: int = 0, hf: bool = True) -> pd.DataFrame:
+    if suite not in BENCH_SUITES:
+        raise ValueError(f"unknown benchmark suite {suite!r}; valid suites: {', '.join(BENCH_SUITES)}")
+    out, name = Path(out).resolve(), f"{suite}.run.json"
+    request = task_resources(scale, device, self.cpus_per_task)
+    with ResultsLock(out), self._connected() as ray:
+        self._check(ray, request, f"benchmark {suite!r}")
+        # max_calls=1: the worker exits after the benchmark (it ran in-process: models, CUDA memory)
+        ref = ray.remote(bench_task).options(name=f"paper-repro:bench-{suite}", max_calls=1, **request) \
+                 .remote(suite, scale, device, seed, hf)
+        try:
+            while not ray.wait([ref], timeout=1.0)[0]: pass  # Ctrl-C is seen at least once a second
+            s: Shipped = ray.get(ref)
+        except KeyboardInterrupt:
+            self._cancel(ray, [ref])
+            raise
+        except ray.exceptions.RayTaskError as e:  # the benchmark raised: re-raise it here, as a local run would
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else RuntimeError(str(e).splitlines()[0])) from None
+        where = dict(name="ray", node=s.node, scratch=s.scratch)
+        commit_set(out, dict(s.files, **{name: relocate_provenance(s.files[name], out, where)}), name)
+        return s.table
 
 # %% ../../nbs/core/executor.ipynb #75ac631b
 def make_executor(name: str = "local", jobs: int = 1, address: str | None = None, cpus_per_task: float = 1) -> Executor:
