@@ -122,6 +122,7 @@ def package_data_dir() -> Path:
     from importlib.resources import files
     return Path(str(files("paper_repro").joinpath("_data")))
 
+# %% ../../nbs/core/repro.ipynb #011402e4
 def check_writable(path: str | Path) -> Path:
     "`path`, unless it lies in the installed package's data: then a `ReadOnlyDataError` saying what to do instead."
     path, shipped = Path(path).resolve(), package_data_dir().resolve()
@@ -131,6 +132,7 @@ def check_writable(path: str | Path) -> Path:
                                 f"paper_repro.core.data.copy_data(folder)) or work in a source checkout")
     return path
 
+# %% ../../nbs/core/repro.ipynb #89b88508
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename the temporary file onto `path`, so readers never see a partial file. Nothing
     is written into the installed package's data (`check_writable`)."""
@@ -147,6 +149,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp): os.unlink(tmp)
     return path
 
+# %% ../../nbs/core/repro.ipynb #b149c2f3
 def write_text_atomic(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically."
     return atomic_write(path, lambda p: p.write_text(text))
