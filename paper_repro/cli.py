@@ -518,6 +518,7 @@ def report_path(scale: str, root: str | Path | None = None) -> Path:
     root = Path(root) if root is not None else project_root()
     return root / "results" / ("REPORT.md" if check_scale(scale) == "cpu" else f"{scale}/REPORT.md")
 
+# %% ../nbs/core/cli.ipynb #624540ba
 _BENCH_SUITES = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"))
 
 def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, base: Path) -> list[str]:
@@ -530,6 +531,7 @@ def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, bas
     if not claims: return lines + ["No claims recorded.", ""]
     return lines + [*claim_table(claims), ""]
 
+# %% ../nbs/core/cli.ipynb #858baee6
 def _ledger_summary(scale: str, claims: list[dict], papers: int) -> list[str]:
     "The report's count lines: headline claims by outcome, then ablations and invariants apart."
     c = claim_counts(claims)
@@ -538,6 +540,7 @@ def _ledger_summary(scale: str, claims: list[dict], papers: int) -> list[str]:
             f"Not counted: ablations {c['ablation_holds']} of {c['ablation']} hold; implementation invariants "
             f"{c['invariant_holds']} of {c['invariant']} hold."]
 
+# %% ../nbs/core/cli.ipynb #62b2239d
 def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: str | Path | None = None) -> str:
     """The markdown results report for `scale`: status counts, then each paper with results (claims and figure link),
     then the papers not run at this scale. Links are relative to `out_path` (default `report_path(scale, root)`).
@@ -582,6 +585,7 @@ def build_report(scale: str = "cpu", root: str | Path | None = None, out_path: s
     tail = ["## Not run at this scale", "", "| # | paper | family | status |", "|---|---|---|---|", *not_run] if not_run else []
     return "\n".join(head + body + bench_part + tail).rstrip() + "\n"
 
+# %% ../nbs/core/cli.ipynb #aceddc2f
 def _rel(target: Path, base: Path) -> str:
     return os.path.relpath(target.resolve(), base)
 
@@ -597,16 +601,19 @@ def replace_section(text: str, content: str, start_marker: str = CATALOG_START, 
         raise ValueError(f"README.md needs exactly one {start_marker} line followed by one {end_marker} line")
     return text[:start] + f"{start_marker}\n\n{content.strip()}\n\n" + text[end:]
 
+# %% ../nbs/core/cli.ipynb #9ef605b2
 def replace_catalog_section(text: str, catalog: str) -> str:
     "Put `catalog` between the catalogue markers of `text`."
     return replace_section(text, catalog, CATALOG_START, CATALOG_END)
 
+# %% ../nbs/core/cli.ipynb #1a377cc1
 def bench_markdown(root: Path) -> str:
     "The committed `cpu` decoding benchmark table, or a line saying it has not been run."
     table = root / "results" / "cpu" / "bench" / "decoding.md"
     if not table.is_file(): return "_Not run yet: `paper-repro bench decoding --scale cpu`._"
     return table.read_text().strip() + "\n\nFigure: [results/cpu/bench/decoding.png](results/cpu/bench/decoding.png)"
 
+# %% ../nbs/core/cli.ipynb #432705b4
 def hf_support_markdown() -> str:
     "The Hugging Face support table (architectures x methods, from the matrix `tests/test_hf.py` runs)."
     try: from paper_repro.core.hf import support_table
@@ -614,6 +621,7 @@ def hf_support_markdown() -> str:
     try: return support_table()
     except ImportError: return "_Install the `hf` extra (transformers) to generate this table._"
 
+# %% ../nbs/core/cli.ipynb #cd6bcd1e
 def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     """Regenerate the catalogue, benchmark and Hugging Face support sections of `<root>/README.md`; return whether
     it was out of date.
@@ -785,12 +793,14 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
+# %% ../nbs/core/cli.ipynb #9f58733e
 def _command(sub, name: str, summary: str, description: str, func: Callable) -> argparse.ArgumentParser:
     "Add subcommand `name`: `summary` in `paper-repro --help`, `description` at the top of `paper-repro NAME --help`."
     p = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}")
     p.set_defaults(func=func)
     return p
 
+# %% ../nbs/core/cli.ipynb #d5d2b5b9
 def _positive_number(text: str) -> float:
     "argparse type of `--cpus-per-task`: a positive, finite number."
     try: value = float(text)
@@ -798,6 +808,7 @@ def _positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0): raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
+# %% ../nbs/core/cli.ipynb #c42107c2
 def _executor_options(p: argparse.ArgumentParser) -> None:
     "`--executor`, `--ray-address`, `--cpus-per-task`: where `run` and `bench` do their work (see `core.executor`)."
     p.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -808,6 +819,7 @@ def _executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-task", type=_positive_number, default=1, metavar="N",
                    help="CPUs each Ray task asks for (default 1; a gpu-scale task also asks for one GPU)")
 
+# %% ../nbs/core/cli.ipynb #e87d1b18
 def build_parser() -> argparse.ArgumentParser:
     "The `paper-repro` argument parser with its subcommands; each says what it does in `paper-repro NAME --help`."
     parser = _Parser(prog="paper-repro", description="Reproducible paper notebooks: list, run, report.")
@@ -886,7 +898,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only check; exit 1 if it is out of date")
     return parser
 
-
 # %% ../nbs/core/cli.ipynb #301d1f9f
 def _silence_stdout() -> None:
     "Point stdout at /dev/null so the interpreter's final flush does not fail again on a closed pipe."
@@ -906,6 +917,7 @@ NEEDS_CHECKOUT: tuple[str, ...] = ("run", "report", "bench", "readme")
 # errors that mean "this request cannot be carried out as given": one line, exit 2
 _EXPECTED = (ValueError, TypeError, DataError, RunLockedError)
 
+# %% ../nbs/core/cli.ipynb #01437379
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `paper-repro`: parse `argv` (default `sys.argv[1:]`), run the command, return the exit code."
     in_main = threading.current_thread() is threading.main_thread()
