@@ -152,8 +152,9 @@ def test_registered_and_bench_hook():
     rule = make_rule(DecodeConfig(rule="ccd_ds"))
     assert isinstance(rule, CCDDS) and (rule.depth, rule.expand, rule.warmup) == (2, 4.0, 5)
     entries = bench_methods(None)
-    assert all(" @" in e.name for e in entries) and all(e.paper_headline is BENCH_HEADLINE for e in entries)
+    assert all(" @" in e.name for e in entries)
+    assert [e.paper_headline is BENCH_HEADLINE for e in entries] == [e.name.startswith("CCD-DS") for e in entries]
     for e in entries:
         make = e.method.make_rule
         assert isinstance(e.method.config, DecodeConfig) and (make is None or isinstance(make(), CCD))
-    assert BENCH_HEADLINE.value == 3.48
+    assert BENCH_HEADLINE.value == 3.48 and BENCH_HEADLINE.checked

@@ -52,7 +52,8 @@ def test_ccd_and_parallelbench_declare_typed_entries():
     import paper_repro.dllm.ccd as ccd
     import paper_repro.dllm.parallelbench as parallelbench
     es = paper_entries("dllm", None, DiffusionMethod, modules=[ccd, parallelbench])  # neither reads the model
-    assert [e.paper for e in es] == ["ccd"] * 4 and all(e.paper_headline.value == 3.48 for e in es)
+    assert [e.paper for e in es] == ["ccd"] * 4
+    assert [e.paper_headline.value if e.paper_headline else None for e in es] == [None, None, 3.48, 3.48]  # CCD-DS only
 
 
 def test_builtin_entries_cover_every_rule_and_cache():
@@ -75,8 +76,17 @@ def test_ci_bench_writes_files(tmp_path, monkeypatch):
     assert thr.NFE < 32  # parallel decoding takes fewer passes than top-1
     import json
     claims = json.loads((tmp_path / "dllm.claims.json").read_text())
-    assert [c["id"] for c in claims] == ["fakepaper_fake_rule_tau_0_8"]  # the headline-less entry makes no claim
-    assert claims[0]["paper_value"] == 2.0 and claims[0]["statement"] == FAKE_HEADLINE.statement
+    # the headline-less entry makes no claim; the other gets an exact NFE headline and a bootstrap accuracy ablation
+    assert [c["id"] for c in claims] == ["fakepaper_fake_rule_tau_0_8_nfe", "fakepaper_fake_rule_tau_0_8_accuracy"]
+    nfe, acc = claims
+    assert nfe["kind"] == "headline" and nfe["paper_value"] == 2.0 and nfe["source"] == FAKE_HEADLINE.source
+    assert FAKE_HEADLINE.statement in nfe["statement"] and nfe["spread_kind"] == "exact" and nfe["threshold"] == 1.0
+    fake = table[table.rule == "Fake rule"].iloc[0]
+    assert nfe["our_value"] == pytest.approx(base.NFE / fake.NFE) and nfe["holds"] == (fake.NFE < base.NFE)
+    assert acc["kind"] == "ablation" and acc["spread_kind"] == "bootstrap" and acc["threshold"] == -2.0
+    assert acc["our_value"] == pytest.approx(100 * (fake.accuracy - base.accuracy), abs=0.1)
+    from paper_repro.core.claims import validate_claim
+    for c in claims: validate_claim(c)
 
 
 def test_the_two_suites_take_the_same_leading_arguments():

@@ -7,7 +7,8 @@ import torch
 from paper_repro.core.lm import LMConfig, TransformerLM
 from paper_repro.dllm.core import DecodeConfig, OracleLM, Rule, TopK, denoise_logits, diffusion_generate
 from paper_repro.dllm.learn2pd import (BENCH_HEADLINE, ConfidenceFilter, ExtremelyGreedy, Learn2PD, Traces, bench_methods,
-                                       choose_threshold, collect_traces, filter_stats, padding_passes, train_filter)
+                                       choose_threshold, collect_traces, filter_counts, filter_stats, padding_passes,
+                                       train_filter)
 from paper_repro.dllm.tasks import EOS_ID, MASK_ID, VOCAB_SIZE
 
 torch.set_num_threads(1)
@@ -107,6 +108,20 @@ def test_filter_learns_a_confidence_cut_and_threshold_meets_fp():
     log = []
     train_filter(tr, steps=60, log=log)
     assert [s for s, _ in log] == [0, 50, 59] and log[-1][1] < log[0][1]
+
+
+def test_filter_counts_add_up_to_the_fp_share_and_the_dev_choice_is_checked_out_of_sample():
+    tr, dev = _synthetic_traces().split(0.8)
+    test = _synthetic_traces(seed=1)                      # traces the threshold choice never saw
+    filt = train_filter(tr, steps=400)
+    thr = choose_threshold(filt, dev, max_fp=0.05)
+    wrong, accepted = filter_counts(filt, test, thr)
+    st = filter_stats(filt, test, thr)
+    assert wrong.shape == accepted.shape == (len(test),) and bool((wrong <= accepted).all())
+    assert int(accepted.sum()) > 0 and float(wrong.sum() / accepted.sum()) == pytest.approx(st["fp"])
+    assert st["fp"] <= 0.1                                # the learnt cut carries over to fresh traces
+    w_all, a_all = filter_counts(filt, test, 0.0)          # accept everything: FP = the share of wrong argmaxes
+    assert float(w_all.sum() / a_all.sum()) == pytest.approx(float((~test.labels & test.masked).sum() / test.masked.sum()))
 
 
 # ---- the rule: never fewer than top-k ------------------------------------------------------------------------------

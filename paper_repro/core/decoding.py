@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+from fastcore.basics import patch
 
 from .lm import CausalLM, LMOutput
+
 
 # %% auto #0
 __all__ = ['CLOCKS', 'Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
@@ -26,7 +28,7 @@ __all__ = ['CLOCKS', 'Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 
            'sync_device', 'StepOutput', 'DecodeStep', 'decode_loop', 'returns_hidden', 'generate', 'greedy_decode',
            'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter', 'time_calls']
 
-# %% ../../nbs/core/decoding.ipynb #4af98fad
+# %% ../../nbs/core/decoding.ipynb #48f0b323
 @dataclass
 class Draft:
     "Guessed tokens after the root: a chain (`parents[i] == i - 1`) or a tree. `q`: draft probabilities, chain only."
@@ -67,30 +69,37 @@ class Draft:
         "Depth of each node (children of the root have depth 1)."
         return list(self._shape.depths)
 
-    def path_to(self, node: int) -> list[int]:
-        "Node indices from the root's child down to `node` (empty for the root, `node == -1`)."
-        path = []
-        while node >= 0: path.append(node); node = self.parents[node]
-        return path[::-1]
+# %% ../../nbs/core/decoding.ipynb #5502472c
+@patch
+def path_to(self: Draft, node: int) -> list[int]:
+    "Node indices from the root's child down to `node` (empty for the root, `node == -1`)."
+    path = []
+    while node >= 0: path.append(node); node = self.parents[node]
+    return path[::-1]
 
-    def ancestor_mask(self) -> torch.Tensor:
-        """Boolean `[n+1, n+1]` over `[root] + nodes`: entry `(i, j)` is True when `j` is `i` or an ancestor of `i`.
-        Shared between drafts of the same shape: do not modify it in place."""
-        return self._shape.ancestors
+# %% ../../nbs/core/decoding.ipynb #e58dd080
+@patch
+def ancestor_mask(self: Draft) -> torch.Tensor:
+    """Boolean `[n+1, n+1]` over `[root] + nodes`: entry `(i, j)` is True when `j` is `i` or an ancestor of `i`.
+    Shared between drafts of the same shape: do not modify it in place."""
+    return self._shape.ancestors
 
-    def accepted_node(self, accepted_tokens: Sequence[int]) -> int | None:
-        """The node the greedy verifier ends at when it accepted `accepted_tokens`: the first node, in draft order, at
-        depth `len(accepted_tokens)` whose path spells them (`verify_tree`'s tie rule); -1 (the root) when none were
-        accepted; None when no node does (only after a step cut short at an EOS)."""
-        A = len(accepted_tokens)
-        if A == 0: return -1
-        ok = [False] * len(self.tokens)
-        for i, (p, t) in enumerate(zip(self.parents, self.tokens)):
-            d = self._shape.depths[i]
-            ok[i] = d <= A and t == accepted_tokens[d - 1] and (p < 0 or ok[p])
-            if ok[i] and d == A: return i
-        return None
+# %% ../../nbs/core/decoding.ipynb #d4661c13
+@patch
+def accepted_node(self: Draft, accepted_tokens: Sequence[int]) -> int | None:
+    """The node the greedy verifier ends at when it accepted `accepted_tokens`: the first node, in draft order, at
+    depth `len(accepted_tokens)` whose path spells them (`verify_tree`'s tie rule); -1 (the root) when none were
+    accepted; None when no node does (only after a step cut short at an EOS)."""
+    A = len(accepted_tokens)
+    if A == 0: return -1
+    ok = [False] * len(self.tokens)
+    for i, (p, t) in enumerate(zip(self.parents, self.tokens)):
+        d = self._shape.depths[i]
+        ok[i] = d <= A and t == accepted_tokens[d - 1] and (p < 0 or ok[p])
+        if ok[i] and d == A: return i
+    return None
 
+# %% ../../nbs/core/decoding.ipynb #1f1fa9f2
 @dataclass(frozen=True)
 class _TreeShape:
     depths: tuple[int, ...]
@@ -125,7 +134,7 @@ class NoDrafter:
     def propose(self, context: list[int], max_tokens: int) -> Draft: return Draft.empty()
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass
 
-# %% ../../nbs/core/decoding.ipynb #2e19df85
+# %% ../../nbs/core/decoding.ipynb #6ebd5edb
 @dataclass
 class Sampler:
     "Greedy when `temperature == 0`; otherwise temperature (+ optional top-k) sampling, reproducible per position."
@@ -150,22 +159,28 @@ class Sampler:
             z = z.masked_fill(z < kth, float("-inf"))
         return torch.softmax(z.float(), dim=-1).to(logits.dtype)
 
-    def pick(self, logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        "Token for each row of `logits` `[n, V]`, row `i` being the prediction for absolute position `positions[i]`."
-        if self.greedy: return logits.argmax(-1)
-        noise = torch.stack([self._gumbel(int(p), logits.shape[-1], logits.device) for p in positions])
-        return (self.probs(logits).float().log() + noise).argmax(-1)
+# %% ../../nbs/core/decoding.ipynb #bfa75458
+@patch
+def pick(self: Sampler, logits: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    "Token for each row of `logits` `[n, V]`, row `i` being the prediction for absolute position `positions[i]`."
+    if self.greedy: return logits.argmax(-1)
+    noise = torch.stack([self._gumbel(int(p), logits.shape[-1], logits.device) for p in positions])
+    return (self.probs(logits).float().log() + noise).argmax(-1)
 
-    def _gumbel(self, position: int, V: int, device) -> torch.Tensor:
-        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + position)
-        u = torch.rand(V, generator=g, device=device).clamp_(1e-20, 1.0)
-        return -torch.log(-torch.log(u))
+# %% ../../nbs/core/decoding.ipynb #ecf2fb6e
+@patch
+def _gumbel(self: Sampler, position: int, V: int, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + position)
+    u = torch.rand(V, generator=g, device=device).clamp_(1e-20, 1.0)
+    return -torch.log(-torch.log(u))
 
-    def generator(self, device) -> torch.Generator:
-        "A sequential generator for this sampler (used by speculative sampling)."
-        device = torch.device(device)
-        if device not in self._gen: self._gen[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._gen[device]
+# %% ../../nbs/core/decoding.ipynb #d373d0fe
+@patch
+def generator(self: Sampler, device) -> torch.Generator:
+    "A sequential generator for this sampler (used by speculative sampling)."
+    device = torch.device(device)
+    if device not in self._gen: self._gen[device] = torch.Generator(device=device).manual_seed(self.seed)
+    return self._gen[device]
 
 # %% ../../nbs/core/decoding.ipynb #514aa814
 def verify_tree(draft: Draft, target_tokens: torch.Tensor, node_tokens: torch.Tensor | None = None,
@@ -248,7 +263,7 @@ class DecodeResult:
         for s in self.steps: out[s.source] = out.get(s.source, 0) + s.accepted
         return out
 
-# %% ../../nbs/core/decoding.ipynb #23b32005
+# %% ../../nbs/core/decoding.ipynb #d3b397df
 def check_count(name: str, value, lo: int = 1, hi: int | None = None) -> int:
     """`value` as an `int`, after checking that it is a whole number (a bool is not one) in `[lo, hi]` (`hi=None`: no
     upper bound); otherwise a one-line `ValueError` names the value and the valid range."""
@@ -258,6 +273,7 @@ def check_count(name: str, value, lo: int = 1, hi: int | None = None) -> int:
         raise ValueError(f"{name} must be {valid}, got {value!r}{kind}")
     return int(value)
 
+# %% ../../nbs/core/decoding.ipynb #9ac54a6c
 def context_length(model) -> int | None:
     """The most positions `model` can run (prompt plus new tokens), or None where it has no hard limit: the optional
     `context_length` member of the `CausalLM` protocol (`TransformerLM`: its config's `max_seq_len`)."""
@@ -276,6 +292,7 @@ def check_max_new_tokens(max_new_tokens, prompt_len: int, context_len: int | Non
                          f"model's context length {context_len}; {room}")
     return n
 
+# %% ../../nbs/core/decoding.ipynb #29b4c829
 def check_prompt(prompt, vocab_size: int, max_new_tokens: int, context_len: int | None = None) -> list[int]:
     """The prompt as a list of ints, after checking it and the budget (a one-line `ValueError`/`TypeError` names what
     is wrong). Takes a `list[int]`, a 1-D integer tensor (or 2-D with one row) or a tokenizer's `BatchEncoding`;
@@ -285,6 +302,7 @@ def check_prompt(prompt, vocab_size: int, max_new_tokens: int, context_len: int 
     check_max_new_tokens(max_new_tokens, len(prompt), context_len)
     return prompt
 
+# %% ../../nbs/core/decoding.ipynb #cd17a71c
 def check_eos(eos_id, vocab_size: int | None = None) -> frozenset[int]:
     """The end-of-sequence ids as a set: `eos_id` is None (never stop early), one id, or several (a sequence of ids, as
     Hugging Face generation configs list them); decoding stops after the first of any of them."""
@@ -304,6 +322,7 @@ def check_eos(eos_id, vocab_size: int | None = None) -> frozenset[int]:
         out.add(int(e))
     return frozenset(out)
 
+# %% ../../nbs/core/decoding.ipynb #7ee0f248
 def check_same_vocab(target: CausalLM, drafter) -> None:
     """Refuse a drafter (or draft model) whose vocabulary size differs from the target's, before any decoding: its
     `vocab_size`, or that of the model it runs (`.model`); None where it has neither (it drafts from the context)."""
@@ -313,7 +332,7 @@ def check_same_vocab(target: CausalLM, drafter) -> None:
         raise ValueError(f"{type(drafter).__name__} drafts from a vocabulary of {v} tokens but the target "
                          f"{type(target).__name__} has {target.vocab_size}: a drafter must share the target's vocabulary")
 
-# %% ../../nbs/core/decoding.ipynb #20eddf2d
+# %% ../../nbs/core/decoding.ipynb #41984f6f
 def sync_device(device: torch.device) -> None:
     "Wait for queued GPU work, so that wall-clock timings are honest (a no-op on CPU)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -331,6 +350,7 @@ class StepOutput:
     draft_calls: int = 0
     bonus_first: bool = False   # the bonus is the first token (LUD), not the one after the accepted ones
 
+# %% ../../nbs/core/decoding.ipynb #823a7e2a
 class DecodeStep:
     """One decoding method's step, run by `decode_loop` (one object per call: it may keep state between steps).
     Override `step`; `prefill` and `commit` have plain defaults."""
@@ -351,6 +371,7 @@ class DecodeStep:
     def commit(self, context: list[int], accepted: int) -> None:
         "After the loop appended this step's tokens (cut at an EOS) to `context`; `accepted` counts after the cut."
 
+# %% ../../nbs/core/decoding.ipynb #da9a1eb5
 @torch.no_grad()
 def decode_loop(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, step: DecodeStep,
                 eos_id: int | Sequence[int] | None = None, extra_capacity: int = 0, lossless: bool = True) -> DecodeResult:
@@ -387,7 +408,7 @@ def decode_loop(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, st
     res.wall_s = time.perf_counter() - t0
     return res
 
-# %% ../../nbs/core/decoding.ipynb #5d3c1f0e
+# %% ../../nbs/core/decoding.ipynb #d4a6ab8d
 @functools.lru_cache(maxsize=None)
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
@@ -396,6 +417,7 @@ def returns_hidden(model: CausalLM) -> bool:
     "Whether `model.forward` accepts `return_hidden=True` (and so can hand a drafter its final hidden states)."
     return "return_hidden" in _forward_params(type(model))
 
+# %% ../../nbs/core/decoding.ipynb #78ee51e2
 class _DraftVerifyStep(DecodeStep):
     "`generate`'s step: the drafter proposes, one target pass verifies, the drafter observes."
     def __init__(self, target: CausalLM, drafter: Drafter, sampler: Sampler, max_draft: int):
@@ -414,53 +436,62 @@ class _DraftVerifyStep(DecodeStep):
         if self.hidden: return self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask, return_hidden=True)
         return LMOutput(self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
 
-    def prefill(self, context: list[int], cache) -> int:
-        if len(context) < 2: return 0
-        out = self._pass(torch.tensor([context[:-1]], device=self.device), cache=cache)
-        hook = getattr(self.drafter, "observe_prefill", None)
-        if hook is not None: hook(context, out.logits[0], None if out.hidden is None else out.hidden[0])
-        return 1
+# %% ../../nbs/core/decoding.ipynb #9fd556a0
+@patch
+def prefill(self: _DraftVerifyStep, context: list[int], cache) -> int:
+    if len(context) < 2: return 0
+    out = self._pass(torch.tensor([context[:-1]], device=self.device), cache=cache)
+    hook = getattr(self.drafter, "observe_prefill", None)
+    if hook is not None: hook(context, out.logits[0], None if out.hidden is None else out.hidden[0])
+    return 1
 
-    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
-        t_draft = time.perf_counter()
-        draft = self.drafter.propose(context, min(remaining - 1, self.max_draft))
-        if draft.depth > remaining - 1:
-            raise ValueError(f"{type(self.drafter).__name__} proposed a draft {draft.depth} deep; at most {remaining - 1} allowed")
-        t_verify = time.perf_counter()
-        path, bonus, out = self._verify(cache, context[-1], draft)
-        self._last = (draft, out)
-        return StepOutput([draft.tokens[i] for i in path] + [bonus], len(path), len(draft), len(draft), draft.source,
-                          t_verify - t_draft, time.perf_counter() - t_verify, draft.draft_calls)
+# %% ../../nbs/core/decoding.ipynb #863736b1
+@patch
+def step(self: _DraftVerifyStep, context: list[int], cache, remaining: int) -> StepOutput:
+    t_draft = time.perf_counter()
+    draft = self.drafter.propose(context, min(remaining - 1, self.max_draft))
+    if draft.depth > remaining - 1:
+        raise ValueError(f"{type(self.drafter).__name__} proposed a draft {draft.depth} deep; at most {remaining - 1} allowed")
+    t_verify = time.perf_counter()
+    path, bonus, out = self._verify(cache, context[-1], draft)
+    self._last = (draft, out)
+    return StepOutput([draft.tokens[i] for i in path] + [bonus], len(path), len(draft), len(draft), draft.source,
+                      t_verify - t_draft, time.perf_counter() - t_verify, draft.draft_calls)
 
-    def commit(self, context: list[int], accepted: int) -> None:
-        draft, out = self._last
-        if self.hidden: self.drafter.observe(context, draft, accepted, out.logits, hidden=out.hidden)
-        else: self.drafter.observe(context, draft, accepted, out.logits)
+# %% ../../nbs/core/decoding.ipynb #5505e7ad
+@patch
+def commit(self: _DraftVerifyStep, context: list[int], accepted: int) -> None:
+    draft, out = self._last
+    if self.hidden: self.drafter.observe(context, draft, accepted, out.logits, hidden=out.hidden)
+    else: self.drafter.observe(context, draft, accepted, out.logits)
 
-    def _verify(self, cache, root: int, draft: Draft) -> tuple[list[int], int, LMOutput]:
-        "One target pass over `[root] + draft`; cut the cache back to the accepted path; (path, bonus, the pass's rows)."
-        base, device, sampler = cache.length, self.device, self.sampler
-        tokens = torch.tensor([[root] + draft.tokens], device=device)
-        chain = draft.is_chain
-        if chain:
-            positions, mask, tree = None, None, None
-        else:
-            positions = torch.tensor([base] + [base + d for d in draft.depths()], device=device)
-            tree = draft.ancestor_mask().to(device)
-            mask = torch.cat([torch.ones(len(draft) + 1, base, dtype=torch.bool, device=device), tree], dim=1)
-        out = self._pass(tokens, positions, cache, mask)
-        logits = out.logits[0]
-        if draft.q is not None and not sampler.greedy:
-            accepted, bonus = verify_speculative(sampler.probs(logits), draft.q.to(logits.dtype), draft.tokens,
-                                                 sampler.generator(device))
-            path = list(range(accepted))
-        else:
-            depths = [0] + (list(range(1, len(draft) + 1)) if chain else draft.depths())
-            path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
-        if chain: cache.truncate(base + 1 + len(path))
-        else: cache.keep([base + 1 + i for i in path], start=base + 1)
-        return path, bonus, LMOutput(logits, None if out.hidden is None else out.hidden[0])
+# %% ../../nbs/core/decoding.ipynb #231b6829
+@patch
+def _verify(self: _DraftVerifyStep, cache, root: int, draft: Draft) -> tuple[list[int], int, LMOutput]:
+    "One target pass over `[root] + draft`; cut the cache back to the accepted path; (path, bonus, the pass's rows)."
+    base, device, sampler = cache.length, self.device, self.sampler
+    tokens = torch.tensor([[root] + draft.tokens], device=device)
+    chain = draft.is_chain
+    if chain:
+        positions, mask, tree = None, None, None
+    else:
+        positions = torch.tensor([base] + [base + d for d in draft.depths()], device=device)
+        tree = draft.ancestor_mask().to(device)
+        mask = torch.cat([torch.ones(len(draft) + 1, base, dtype=torch.bool, device=device), tree], dim=1)
+    out = self._pass(tokens, positions, cache, mask)
+    logits = out.logits[0]
+    if draft.q is not None and not sampler.greedy:
+        accepted, bonus = verify_speculative(sampler.probs(logits), draft.q.to(logits.dtype), draft.tokens,
+                                             sampler.generator(device))
+        path = list(range(accepted))
+    else:
+        depths = [0] + (list(range(1, len(draft) + 1)) if chain else draft.depths())
+        path, bonus = verify_tree(draft, sampler.pick(logits, [base + 1 + d for d in depths]), tokens[0, 1:], tree)
+    if chain: cache.truncate(base + 1 + len(path))
+    else: cache.keep([base + 1 + i for i in path], start=base + 1)
+    return path, bonus, LMOutput(logits, None if out.hidden is None else out.hidden[0])
 
+# %% ../../nbs/core/decoding.ipynb #5820d468
 @torch.no_grad()
 def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, drafter: Drafter | None = None,
              sampler: Sampler | None = None, eos_id: int | Sequence[int] | None = None, max_draft: int = 256
@@ -494,7 +525,7 @@ def reference_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: in
         if tok in eos: break
     return out
 
-# %% ../../nbs/core/decoding.ipynb #462878fa
+# %% ../../nbs/core/decoding.ipynb #132b654e
 @dataclass
 class BatchDecodeResult:
     "Outputs of `batch_greedy_decode`, in the order of the prompts, with batch-level statistics."
@@ -508,12 +539,14 @@ class BatchDecodeResult:
     @property
     def tokens_per_s(self) -> float: return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
+# %% ../../nbs/core/decoding.ipynb #82b62e49
 def _batch_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     "Mask `[B, T, S+T]` for T new tokens after slots `valid` `[B, S]`: valid old slots, causal new ones."
     B, S = valid.shape
     new = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
     return torch.cat([valid[:, None, :].expand(B, T, S), new.expand(B, T, T)], dim=2)
 
+# %% ../../nbs/core/decoding.ipynb #74dfb273
 @torch.no_grad()
 def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                         eos_id: int | Sequence[int] | None = None, prefix_len: int = 0) -> BatchDecodeResult:
@@ -582,7 +615,7 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
     sync_device(device)
     return BatchDecodeResult(out, calls, prefill_tokens, peak, time.perf_counter() - t0)
 
-# %% ../../nbs/core/decoding.ipynb #361a464e
+# %% ../../nbs/core/decoding.ipynb #f78b454a
 class DraftModelDrafter:
     "Chain drafts of `gamma` tokens from a small LM sharing the target's vocabulary."
     def __init__(self, model: CausalLM, gamma: int = 5, sampler: Sampler | None = None, source: str = "draft_model"):
@@ -596,41 +629,45 @@ class DraftModelDrafter:
         "The draft model's vocabulary (`generate` refuses a target with another: `check_same_vocab`)."
         return self.model.vocab_size
 
-    def _sync_cache(self, context: list[int]) -> None:
-        "Roll the cache back to the longest prefix of `context` it holds, checking only tokens after the committed part."
-        known = self.committed
-        if self.cache is None or len(context) <= known or (known and context[known - 1] != self.cached[known - 1]):
-            self.cache, self.cached, known = self.model.new_cache(1, capacity=len(context) + 4 * self.gamma + 64), [], 0
-        n, limit = known, min(len(self.cached), len(context) - 1)
-        while n < limit and self.cached[n] == context[n]: n += 1
-        self.cache.truncate(n)
-        del self.cached[n:]
-
-    @torch.no_grad()
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        k = min(self.gamma, max_tokens)
-        if k <= 0: return Draft.empty()
-        self._sync_cache(context)
-        device = next(self.model.parameters()).device
-        feed = torch.tensor([context[len(self.cached):]], device=device)
-        self.cached.extend(context[len(self.cached):])
-        self.committed = len(context)
-        toks, qs = [], []
-        for i in range(k):
-            logits = self.model(feed, cache=self.cache)[0, -1:]
-            if self.sampler.greedy:
-                nxt = logits.argmax(-1)
-            else:
-                q = self.sampler.probs(logits)
-                nxt = torch.multinomial(q, 1, generator=self.sampler.generator(device)).squeeze(-1)
-                qs.append(q[0])
-            toks.append(nxt)
-            feed = nxt[None]
-        tokens = torch.cat(toks).tolist()
-        self.cached += tokens[:-1]  # the last draft token was never fed
-        return Draft.chain(tokens, torch.stack(qs) if qs else None, self.source, draft_calls=k)
-
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: pass
+
+# %% ../../nbs/core/decoding.ipynb #263c1b57
+@patch
+def _sync_cache(self: DraftModelDrafter, context: list[int]) -> None:
+    "Roll the cache back to the longest prefix of `context` it holds, checking only tokens after the committed part."
+    known = self.committed
+    if self.cache is None or len(context) <= known or (known and context[known - 1] != self.cached[known - 1]):
+        self.cache, self.cached, known = self.model.new_cache(1, capacity=len(context) + 4 * self.gamma + 64), [], 0
+    n, limit = known, min(len(self.cached), len(context) - 1)
+    while n < limit and self.cached[n] == context[n]: n += 1
+    self.cache.truncate(n)
+    del self.cached[n:]
+
+# %% ../../nbs/core/decoding.ipynb #8a292aba
+@patch
+@torch.no_grad()
+def propose(self: DraftModelDrafter, context: list[int], max_tokens: int) -> Draft:
+    k = min(self.gamma, max_tokens)
+    if k <= 0: return Draft.empty()
+    self._sync_cache(context)
+    device = next(self.model.parameters()).device
+    feed = torch.tensor([context[len(self.cached):]], device=device)
+    self.cached.extend(context[len(self.cached):])
+    self.committed = len(context)
+    toks, qs = [], []
+    for i in range(k):
+        logits = self.model(feed, cache=self.cache)[0, -1:]
+        if self.sampler.greedy:
+            nxt = logits.argmax(-1)
+        else:
+            q = self.sampler.probs(logits)
+            nxt = torch.multinomial(q, 1, generator=self.sampler.generator(device)).squeeze(-1)
+            qs.append(q[0])
+        toks.append(nxt)
+        feed = nxt[None]
+    tokens = torch.cat(toks).tolist()
+    self.cached += tokens[:-1]  # the last draft token was never fed
+    return Draft.chain(tokens, torch.stack(qs) if qs else None, self.source, draft_calls=k)
 
 # %% ../../nbs/core/decoding.ipynb #c229fa37
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 
 from .lm import LMOutput, _check_keep, _prepare_inputs, _require_transformers, causal_mask
 
@@ -26,7 +27,7 @@ __all__ = ['METHODS', 'HF_ARCHITECTURES', 'as_token_list', 'as_token_lists', 'Un
            'attention_pattern', 'HFCache', 'position_limit', 'HFCausalLM', 'HFArchitecture', 'hf_architecture',
            'tiny_hf_model', 'support_table']
 
-# %% ../../nbs/core/hf.ipynb #c256a1ed
+# %% ../../nbs/core/hf.ipynb #1d80c49c
 def _int_id(t, what: str, i: int) -> int:
     if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.dtype.is_floating_point or t.dtype == torch.bool):
         t = t.item()
@@ -41,6 +42,7 @@ def _is_row(x) -> bool:
     if hasattr(x, "ndim"): return x.ndim >= 1
     return isinstance(x, Sequence)
 
+# %% ../../nbs/core/hf.ipynb #078aa7f0
 def _rows(x, what: str) -> tuple[list[list[int]], bool]:
     """The token rows of `x` and whether it was 2-D: a tensor/array, a mapping with `input_ids` (and optionally an
     `attention_mask`, whose zeros are dropped), a sequence of ids or a sequence of rows."""
@@ -72,6 +74,7 @@ def _rows(x, what: str) -> tuple[list[list[int]], bool]:
         return [r for rs, _ in rows for r in rs], True
     return [[_int_id(t, what, i) for i, t in enumerate(x)]], False
 
+# %% ../../nbs/core/hf.ipynb #baf22692
 def _checked(row: list[int], what: str, vocab_size: int | None) -> list[int]:
     if not row: raise ValueError(f"{what} is empty: give at least one token (e.g. a BOS or EOS token)")
     if vocab_size is not None:
@@ -79,6 +82,7 @@ def _checked(row: list[int], what: str, vocab_size: int | None) -> list[int]:
         if bad: raise ValueError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return row
 
+# %% ../../nbs/core/hf.ipynb #a69d5244
 def as_token_list(prompt, vocab_size: int | None = None) -> list[int]:
     """One prompt as a list of ints, from a `list[int]`, a 1-D integer tensor or array, a 2-D one with one row, or a
     tokenizer's output (`BatchEncoding` / `{"input_ids": ...}`; positions its `attention_mask` zeroes are dropped).
@@ -89,6 +93,7 @@ def as_token_list(prompt, vocab_size: int | None = None) -> list[int]:
         raise ValueError(f"prompt must be one sequence, got {len(rows)} rows (use batch_greedy_decode for a batch)")
     return _checked(rows[0], "prompt", vocab_size)
 
+# %% ../../nbs/core/hf.ipynb #37d508c5
 def as_token_lists(prompts, vocab_size: int | None = None) -> list[list[int]]:
     """A batch of prompts as lists of ints (ragged allowed), from a list of prompts (each as `as_token_list` takes
     it), a 2-D integer tensor, or a padded tokenizer batch (its `attention_mask` removes each row's padding)."""
@@ -100,7 +105,7 @@ def as_token_lists(prompts, vocab_size: int | None = None) -> list[list[int]]:
                          "wrap it in a list")
     return [_checked(r, f"prompts[{i}]", vocab_size) for i, r in enumerate(rows)]
 
-# %% ../../nbs/core/hf.ipynb #774f56b9
+# %% ../../nbs/core/hf.ipynb #f9ca174b
 class UnsupportedModel(ValueError):
     "A Hugging Face model (or a use of it) that the adapter cannot run exactly; the message says why."
 
@@ -115,6 +120,7 @@ class AttentionPattern:
     local_window: int | None = None
     alibi: bool = False
 
+# %% ../../nbs/core/hf.ipynb #0ad4937e
 def attention_pattern(config) -> AttentionPattern:
     "The `AttentionPattern` of a transformers config; `UnsupportedModel` for attention the adapter cannot express."
     name = type(config).__name__
@@ -137,6 +143,7 @@ def attention_pattern(config) -> AttentionPattern:
         return AttentionPattern({"all": None}, local_window=config.window_size if "local" in layers else None, alibi=alibi)
     return AttentionPattern({"all": window}, alibi=alibi)
 
+# %% ../../nbs/core/hf.ipynb #45123d57
 def _windowed(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     "`mask` `[B, T, S]` restricted to keys less than `window` positions behind each query (as a chain decode sees them)."
     if window is None: return mask
@@ -146,7 +153,7 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     "Boolean `[B, T, S]` -> additive `[B, 1, T, S]` (0 where allowed): the 4-D mask every transformers model takes as-is."
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)[:, None]
 
-# %% ../../nbs/core/hf.ipynb #7998384c
+# %% ../../nbs/core/hf.ipynb #e5b06b4c
 class HFCache:
     """A `transformers.DynamicCache` with the `KVCache` interface (`length`, `truncate`, `keep`, `select_batch`), plus
     the position of every slot (`positions` `[batch, length]`), in which sliding windows are measured."""
@@ -167,28 +174,34 @@ class HFCache:
         self.positions = torch.cat([self.positions, positions.to(self.positions.device, torch.long)], dim=1)
         self.length = self.positions.shape[1]
 
-    def truncate(self, n: int) -> None:
-        "Keep only the first `n` slots."
-        if not 0 <= n <= self.length: raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        self._apply(lambda t: t[..., :n, :])
-        self.positions, self.length = self.positions[:, :n], n
+# %% ../../nbs/core/hf.ipynb #5ccbf701
+@patch
+def truncate(self: HFCache, n: int) -> None:
+    "Keep only the first `n` slots."
+    if not 0 <= n <= self.length: raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+    self._apply(lambda t: t[..., :n, :])
+    self.positions, self.length = self.positions[:, :n], n
 
-    def keep(self, indices: Sequence[int], start: int = 0) -> None:
-        "Keep slots `0…start-1`, then the slots `indices` (strictly increasing, `>= start`) in that order."
-        idx = _check_keep(indices, start, self.length)
-        if idx == list(range(start, start + len(idx))): return self.truncate(start + len(idx))  # nothing moves
-        sel = torch.tensor(idx, dtype=torch.long, device=self.positions.device)
-        self._apply(lambda t: torch.cat([t[..., :start, :], t.index_select(-2, sel.to(t.device))], dim=-2))
-        self.positions = torch.cat([self.positions[:, :start], self.positions.index_select(1, sel)], dim=1)
-        self.length = start + len(idx)
+# %% ../../nbs/core/hf.ipynb #35101c12
+@patch
+def keep(self: HFCache, indices: Sequence[int], start: int = 0) -> None:
+    "Keep slots `0…start-1`, then the slots `indices` (strictly increasing, `>= start`) in that order."
+    idx = _check_keep(indices, start, self.length)
+    if idx == list(range(start, start + len(idx))): return self.truncate(start + len(idx))  # nothing moves
+    sel = torch.tensor(idx, dtype=torch.long, device=self.positions.device)
+    self._apply(lambda t: torch.cat([t[..., :start, :], t.index_select(-2, sel.to(t.device))], dim=-2))
+    self.positions = torch.cat([self.positions[:, :start], self.positions.index_select(1, sel)], dim=1)
+    self.length = start + len(idx)
 
-    def select_batch(self, rows: Sequence[int] | torch.Tensor) -> None:
-        "Keep only the given batch rows (repeats allowed), e.g. drop finished sequences."
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.positions.device)
-        self._apply(lambda t: t.index_select(0, rows.to(t.device)))
-        self.positions, self.batch_size = self.positions.index_select(0, rows), len(rows)
+# %% ../../nbs/core/hf.ipynb #9697e9e3
+@patch
+def select_batch(self: HFCache, rows: Sequence[int] | torch.Tensor) -> None:
+    "Keep only the given batch rows (repeats allowed), e.g. drop finished sequences."
+    rows = torch.as_tensor(rows, dtype=torch.long, device=self.positions.device)
+    self._apply(lambda t: t.index_select(0, rows.to(t.device)))
+    self.positions, self.batch_size = self.positions.index_select(0, rows), len(rows)
 
-# %% ../../nbs/core/hf.ipynb #401d4f90
+# %% ../../nbs/core/hf.ipynb #e59912d4
 _ALIBI_FROM_MASK = ("builds its ALiBi biases from a 2-D padding mask inside forward, which cannot carry the adapter's "
                     "per-token (tree, window) masks")
 _MODEL_EOS = "model"  # eos_id default of the adapter's generate: the model's generation config
@@ -206,10 +219,11 @@ def position_limit(model, config) -> int | None:
     table = any(limit in b.shape for b in model.buffers())
     return limit if learned or table else None
 
+# %% ../../nbs/core/hf.ipynb #b7e7fb73
 class HFCausalLM(nn.Module):
     """Adapter: a Hugging Face causal LM with the `CausalLM` protocol of this package (positions, a boolean attention
     mask over cache + new tokens, a cache with truncate/keep/select_batch), exact for sliding-window, local and ALiBi
-    attention (see above). Raises `UnsupportedModel` for a model whose attention it cannot express."""
+    attention (`attention_pattern`). Raises `UnsupportedModel` for a model whose attention it cannot express."""
     def __init__(self, model):
         super().__init__()
         if not (isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model, "get_output_embeddings")):
@@ -243,130 +257,150 @@ class HFCausalLM(nn.Module):
     @property
     def name(self) -> str: return type(self.model).__name__
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        "The end-of-sequence ids of the model's generation config (or config): none, one, or several (chat models)."
-        gc = getattr(self.model, "generation_config", None)
-        eos = getattr(gc, "eos_token_id", None)
-        if eos is None: eos = getattr(self.model.config, "eos_token_id", None)
-        return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+# %% ../../nbs/core/hf.ipynb #c648006a
+@patch(as_prop=True)
+def eos_ids(self: HFCausalLM) -> tuple[int, ...]:
+    "The end-of-sequence ids of the model's generation config (or config): none, one, or several (chat models)."
+    gc = getattr(self.model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None: eos = getattr(self.model.config, "eos_token_id", None)
+    return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
 
-    @property
-    def eos_id(self) -> int | None:
-        "The model's end-of-sequence id (the first, if its generation config lists several), or None."
-        return self.eos_ids[0] if self.eos_ids else None
+@patch(as_prop=True)
+def eos_id(self: HFCausalLM) -> int | None:
+    "The model's end-of-sequence id (the first, if its generation config lists several), or None."
+    return self.eos_ids[0] if self.eos_ids else None
 
-    @property
-    def lm_head(self) -> nn.Module:
-        "The output projection: it reads the hidden states that `return_hidden=True` hands out."
-        head = self.model.get_output_embeddings()
-        if head is None: raise UnsupportedModel(f"{self.name} has no output embedding module (get_output_embeddings())")
-        return head
+# %% ../../nbs/core/hf.ipynb #3487f636
+@patch(as_prop=True)
+def lm_head(self: HFCausalLM) -> nn.Module:
+    "The output projection: it reads the hidden states that `return_hidden=True` hands out."
+    head = self.model.get_output_embeddings()
+    if head is None: raise UnsupportedModel(f"{self.name} has no output embedding module (get_output_embeddings())")
+    return head
 
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> HFCache:
-        "An empty cache (`capacity` is ignored: the Hugging Face cache grows by itself)."
-        return HFCache(batch_size, self.device)
+@patch
+def new_cache(self: HFCausalLM, batch_size: int = 1, capacity: int = 256) -> HFCache:
+    "An empty cache (`capacity` is ignored: the Hugging Face cache grows by itself)."
+    return HFCache(batch_size, self.device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: HFCache | None = None,
-                attn_mask: torch.Tensor | None = None, *, return_hidden: bool = False) -> torch.Tensor | LMOutput:
-        """Logits `[batch, T, vocab]`; appends to `cache` if given. `return_hidden=True`: an `LMOutput` that also holds
-        the hidden states the LM head read (after the final norm)."""
-        past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
-        B, T = tokens.shape
-        mask = (attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)).expand(B, T, past + T)
-        positions = positions.long()
-        k_pos = positions if cache is None else torch.cat([cache.positions, positions], dim=1)
-        kwargs = {"attention_mask": self._masks(mask, positions, k_pos),
-                  self._cache_kwarg: cache.inner if cache is not None else None}
-        if self._takes_positions: kwargs["position_ids"] = positions
-        with self._slot_windows(mask, positions, k_pos, past), self._alibi(k_pos), \
-                self._head_input(return_hidden) as hidden:
-            out = self.model(input_ids=tokens, use_cache=cache is not None, **kwargs)
-        if cache is not None: cache.append(positions)
-        return LMOutput(out.logits, hidden[0]) if return_hidden else out.logits
+# %% ../../nbs/core/hf.ipynb #4e5258eb
+@patch
+def forward(self: HFCausalLM, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: HFCache | None = None,
+            attn_mask: torch.Tensor | None = None, *, return_hidden: bool = False) -> torch.Tensor | LMOutput:
+    """Logits `[batch, T, vocab]`; appends to `cache` if given. `return_hidden=True`: an `LMOutput` that also holds
+    the hidden states the LM head read (after the final norm)."""
+    past, positions = _prepare_inputs(tokens, positions, attn_mask, cache)
+    B, T = tokens.shape
+    mask = (attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)).expand(B, T, past + T)
+    positions = positions.long()
+    k_pos = positions if cache is None else torch.cat([cache.positions, positions], dim=1)
+    kwargs = {"attention_mask": self._masks(mask, positions, k_pos),
+              self._cache_kwarg: cache.inner if cache is not None else None}
+    if self._takes_positions: kwargs["position_ids"] = positions
+    with self._slot_windows(mask, positions, k_pos, past), self._alibi(k_pos), \
+            self._head_input(return_hidden) as hidden:
+        out = self.model(input_ids=tokens, use_cache=cache is not None, **kwargs)
+    if cache is not None: cache.append(positions)
+    return LMOutput(out.logits, hidden[0]) if return_hidden else out.logits
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: HFCache | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "The hidden states `[batch, T, d]` the LM head reads (as `TransformerLM.hidden_states`)."
-        return self.forward(tokens, positions, cache, attn_mask, return_hidden=True).hidden
+# %% ../../nbs/core/hf.ipynb #95722062
+@patch
+def hidden_states(self: HFCausalLM, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: HFCache | None = None,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "The hidden states `[batch, T, d]` the LM head reads (as `TransformerLM.hidden_states`)."
+    return self.forward(tokens, positions, cache, attn_mask, return_hidden=True).hidden
 
-    def _masks(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-        "The additive 4-D mask of each layer kind (a dict for models that take one), windowed as that kind is."
-        by_window: dict[int | None, torch.Tensor] = {}
-        for w in self.pattern.windows.values():
-            if w not in by_window: by_window[w] = _additive(_windowed(mask, q_pos, k_pos, w), self.dtype)
-        if not self.pattern.per_kind: return by_window[self.pattern.windows["all"]]
-        return {kind: by_window[w] for kind, w in self.pattern.windows.items()}
+# %% ../../nbs/core/hf.ipynb #1353c2f3
+@patch
+def _masks(self: HFCausalLM, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    "The additive 4-D mask of each layer kind (a dict for models that take one), windowed as that kind is."
+    by_window: dict[int | None, torch.Tensor] = {}
+    for w in self.pattern.windows.values():
+        if w not in by_window: by_window[w] = _additive(_windowed(mask, q_pos, k_pos, w), self.dtype)
+    if not self.pattern.per_kind: return by_window[self.pattern.windows["all"]]
+    return {kind: by_window[w] for kind, w in self.pattern.windows.items()}
 
-    @contextlib.contextmanager
-    def _slot_windows(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, past: int):
-        """GPT-Neo's local layers apply a built-in causal window by cache slot. Where it differs from the window by
-        position (tree nodes after their siblings), swap in the window by position for this call."""
-        W = self.pattern.local_window
-        if W is None: yield; return
-        B, T, S = mask.shape
-        want = _windowed(mask, q_pos, k_pos, W)
-        delta = torch.arange(past, past + T, device=mask.device)[:, None] - torch.arange(S, device=mask.device)[None, :]
-        if torch.equal(mask & (delta >= 0) & (delta < W), want): yield; return
-        if not self._slot_windowed:
-            raise UnsupportedModel(f"{self.name} windows its local layers by cache slot and the adapter cannot find that "
-                                   "mask to replace it: this call's mask (a tree draft?) cannot be passed on")
-        bias = torch.zeros(B, 1, S, S, dtype=torch.bool, device=mask.device)
-        bias[:, 0, S - T:] = want  # the layers read rows S-T…S-1 of their window mask
-        saved = [m.bias for m in self._slot_windowed]
-        try:
-            for m in self._slot_windowed: m.bias = bias
-            yield
-        finally:
-            for m, b in zip(self._slot_windowed, saved): m.bias = b
+# %% ../../nbs/core/hf.ipynb #5d6ca99a
+@patch
+@contextlib.contextmanager
+def _slot_windows(self: HFCausalLM, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, past: int):
+    """GPT-Neo's local layers apply a built-in causal window by cache slot. Where it differs from the window by
+    position (tree nodes after their siblings), swap in the window by position for this call."""
+    W = self.pattern.local_window
+    if W is None: yield; return
+    B, T, S = mask.shape
+    want = _windowed(mask, q_pos, k_pos, W)
+    delta = torch.arange(past, past + T, device=mask.device)[:, None] - torch.arange(S, device=mask.device)[None, :]
+    if torch.equal(mask & (delta >= 0) & (delta < W), want): yield; return
+    if not self._slot_windowed:
+        raise UnsupportedModel(f"{self.name} windows its local layers by cache slot and the adapter cannot find that "
+                               "mask to replace it: this call's mask (a tree draft?) cannot be passed on")
+    bias = torch.zeros(B, 1, S, S, dtype=torch.bool, device=mask.device)
+    bias[:, 0, S - T:] = want  # the layers read rows S-T…S-1 of their window mask
+    saved = [m.bias for m in self._slot_windowed]
+    try:
+        for m in self._slot_windowed: m.bias = bias
+        yield
+    finally:
+        for m, b in zip(self._slot_windowed, saved): m.bias = b
 
-    @contextlib.contextmanager
-    def _alibi(self, k_pos: torch.Tensor):
-        """Bloom builds its ALiBi biases from the padding mask with its own `build_alibi_tensor`; given a 4-D mask it
-        gets, for this call, the biases of the keys' positions instead (float32 products, as the model computes them)."""
-        if not self.pattern.alibi: yield; return
-        base = self.model.base_model
-        own = type(base).build_alibi_tensor
-        def from_positions(mask, num_heads, dtype):
-            ones = torch.ones(1, 2, dtype=torch.long, device=k_pos.device)
-            slopes = own(base, ones, num_heads, torch.float32)[:, 0, 1]  # the bias at position 1 is the slope
-            return (slopes[None, :, None] * k_pos[:, None, :]).reshape(-1, 1, k_pos.shape[1]).to(dtype)
-        base.build_alibi_tensor = from_positions
-        try: yield
-        finally: del base.build_alibi_tensor
+# %% ../../nbs/core/hf.ipynb #0bd80ea8
+@patch
+@contextlib.contextmanager
+def _alibi(self: HFCausalLM, k_pos: torch.Tensor):
+    """Bloom builds its ALiBi biases from the padding mask with its own `build_alibi_tensor`; given a 4-D mask it
+    gets, for this call, the biases of the keys' positions instead (float32 products, as the model computes them)."""
+    if not self.pattern.alibi: yield; return
+    base = self.model.base_model
+    own = type(base).build_alibi_tensor
+    def from_positions(mask, num_heads, dtype):
+        ones = torch.ones(1, 2, dtype=torch.long, device=k_pos.device)
+        slopes = own(base, ones, num_heads, torch.float32)[:, 0, 1]  # the bias at position 1 is the slope
+        return (slopes[None, :, None] * k_pos[:, None, :]).reshape(-1, 1, k_pos.shape[1]).to(dtype)
+    base.build_alibi_tensor = from_positions
+    try: yield
+    finally: del base.build_alibi_tensor
 
-    @contextlib.contextmanager
-    def _head_input(self, on: bool):
-        "Collects the LM head's input (the final hidden states) during the block, if `on`."
-        if not on: yield None; return
-        got: list[torch.Tensor] = []
-        handle = self.lm_head.register_forward_pre_hook(lambda module, args: got.append(args[0]))
-        try: yield got
-        finally: handle.remove()
+# %% ../../nbs/core/hf.ipynb #cf0165c3
+@patch
+@contextlib.contextmanager
+def _head_input(self: HFCausalLM, on: bool):
+    "Collects the LM head's input (the final hidden states) during the block, if `on`."
+    if not on: yield None; return
+    got: list[torch.Tensor] = []
+    handle = self.lm_head.register_forward_pre_hook(lambda module, args: got.append(args[0]))
+    try: yield got
+    finally: handle.remove()
 
-    def _eos(self, eos_id):
-        if not isinstance(eos_id, str): return eos_id  # checked by the decoder (`core.decoding.check_eos`)
-        if eos_id != _MODEL_EOS:
-            raise ValueError(f"eos_id must be an int, a sequence of ints, None or {_MODEL_EOS!r}, got {eos_id!r}")
-        return self.eos_ids
+# %% ../../nbs/core/hf.ipynb #4dcfd6ea
+@patch
+def _eos(self: HFCausalLM, eos_id):
+    if not isinstance(eos_id, str): return eos_id  # checked by the decoder (`core.decoding.check_eos`)
+    if eos_id != _MODEL_EOS:
+        raise ValueError(f"eos_id must be an int, a sequence of ints, None or {_MODEL_EOS!r}, got {eos_id!r}")
+    return self.eos_ids
 
-    def generate(self, prompt, max_new_tokens: int, drafter=None, *, sampler=None,
-                 eos_id: int | Sequence[int] | None | str = _MODEL_EOS, max_draft: int = 256):
-        """`core.decoding.generate` on this model, for a prompt as `as_token_list` takes it. `eos_id="model"` (the
-        default) stops at any of the model's generation-config EOS ids, as `model.generate` does; `None` never stops
-        early."""
-        from paper_repro.core.decoding import generate
-        return generate(self, as_token_list(prompt, self.vocab_size), max_new_tokens, drafter=drafter, sampler=sampler,
-                        eos_id=self._eos(eos_id), max_draft=max_draft)
+@patch
+def generate(self: HFCausalLM, prompt, max_new_tokens: int, drafter=None, *, sampler=None,
+             eos_id: int | Sequence[int] | None | str = _MODEL_EOS, max_draft: int = 256):
+    """`core.decoding.generate` on this model, for a prompt as `as_token_list` takes it. `eos_id="model"` (the
+    default) stops at any of the model's generation-config EOS ids, as `model.generate` does; `None` never stops
+    early."""
+    from paper_repro.core.decoding import generate
+    return generate(self, as_token_list(prompt, self.vocab_size), max_new_tokens, drafter=drafter, sampler=sampler,
+                    eos_id=self._eos(eos_id), max_draft=max_draft)
 
-    def batch_greedy_decode(self, prompts, max_new_tokens, *, eos_id: int | Sequence[int] | None | str = _MODEL_EOS,
-                            prefix_len: int = 0):
-        "`core.decoding.batch_greedy_decode` on this model, for prompts as `as_token_lists` takes them (see `generate`)."
-        from paper_repro.core.decoding import batch_greedy_decode
-        return batch_greedy_decode(self, as_token_lists(prompts, self.vocab_size), max_new_tokens,
-                                   eos_id=self._eos(eos_id), prefix_len=prefix_len)
+# %% ../../nbs/core/hf.ipynb #e8c2f06d
+@patch
+def batch_greedy_decode(self: HFCausalLM, prompts, max_new_tokens, *, eos_id: int | Sequence[int] | None | str = _MODEL_EOS,
+                        prefix_len: int = 0):
+    "`core.decoding.batch_greedy_decode` on this model, for prompts as `as_token_lists` takes them (see `generate`)."
+    from paper_repro.core.decoding import batch_greedy_decode
+    return batch_greedy_decode(self, as_token_lists(prompts, self.vocab_size), max_new_tokens,
+                               eos_id=self._eos(eos_id), prefix_len=prefix_len)
 
-# %% ../../nbs/core/hf.ipynb #ec5c07cd
+# %% ../../nbs/core/hf.ipynb #7c0dfe08
 METHODS: dict[str, str] = {
     "greedy": "plain greedy (`generate` without a drafter)",
     "chain": "chain drafts: a draft model (`DraftModelDrafter`) and prompt lookup (CopySpec)",
@@ -393,11 +427,14 @@ class HFArchitecture:
         tf = _require_transformers()
         return hasattr(tf, self.model_class) and hasattr(tf, self.config_class)
 
+# %% ../../nbs/core/hf.ipynb #2818964b
 _W = 8  # the tiny models' window: test prompts run past it
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128)
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)
 _FALCON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+# %% ../../nbs/core/hf.ipynb #c0e96ca6
 HF_ARCHITECTURES: tuple[HFArchitecture, ...] = (
     HFArchitecture("Llama", "LlamaForCausalLM", "LlamaConfig", _LLAMA_LIKE, "causal, grouped-query"),
     HFArchitecture("Mistral", "MistralForCausalLM", "MistralConfig", {**_LLAMA_LIKE, "sliding_window": _W},
@@ -442,6 +479,7 @@ HF_ARCHITECTURES: tuple[HFArchitecture, ...] = (
     HFArchitecture("Bloom", "BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4), "ALiBi"),
 )
 
+# %% ../../nbs/core/hf.ipynb #18369ffc
 def hf_architecture(name: str) -> HFArchitecture:
     "The `HF_ARCHITECTURES` entry called `name`."
     for a in HF_ARCHITECTURES:
@@ -460,6 +498,7 @@ def tiny_hf_model(arch: str | HFArchitecture, vocab_size: int = 96, seed: int = 
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(cfg, **(a.model_kwargs or {})).to(dtype).eval()
 
+# %% ../../nbs/core/hf.ipynb #69b80a05
 def support_table(architectures: Sequence[HFArchitecture] = HF_ARCHITECTURES) -> str:
     """The README's table of architectures x methods as `tests/test_hf.py` checks them: ✓ where the adapter decodes
     the tokens of the model's own `generate(do_sample=False)` (and hands out the LM head's input as hidden states),

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 
 from .core import DecodeConfig, topk_schedule
 from .tasks import EOS_ID, MASK_ID, TASKS, TOKEN_ID, VOCAB_SIZE, Example
@@ -81,61 +82,70 @@ class IdealLM(nn.Module):
         self._dummy = nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)  # device for the sampler
         self.conditional, self.vocab_size, self.gen_length, self.calls = conditional, vocab_size, L, 0
 
-    def marginals(self, y: torch.Tensor) -> torch.Tensor:
-        "Float64 conditional marginals `[B, L, V]` given the current answer window `y` `[B, L]` (MASK = unknown)."
-        B, L = y.shape
-        if (B, L) != tuple(self.answer.shape):
-            raise ValueError(f"window {tuple(y.shape)} does not match the model's examples {tuple(self.answer.shape)}")
-        probs = torch.zeros(B, L, self.vocab_size, dtype=torch.float64, device=y.device)
-        probs.scatter_(-1, self.answer[..., None], 1.0)  # exact tasks and the EOS tail
-        in_list = torch.arange(L, device=y.device)[None] < self.n[:, None]      # [B, L]: list positions
-        known = (y != MASK_ID) if self.conditional else torch.zeros_like(in_list)
-        if bool(self.is_replace.any()): self._replace(probs, y, known, in_list)
-        if bool(self.is_shuffle.any()): self._shuffle(probs, y, known, in_list)
-        return probs
+# %% ../../nbs/dllm/parallelbench.ipynb #0757ba98
+@patch
+def marginals(self: IdealLM, y: torch.Tensor) -> torch.Tensor:
+    "Float64 conditional marginals `[B, L, V]` given the current answer window `y` `[B, L]` (MASK = unknown)."
+    B, L = y.shape
+    if (B, L) != tuple(self.answer.shape):
+        raise ValueError(f"window {tuple(y.shape)} does not match the model's examples {tuple(self.answer.shape)}")
+    probs = torch.zeros(B, L, self.vocab_size, dtype=torch.float64, device=y.device)
+    probs.scatter_(-1, self.answer[..., None], 1.0)  # exact tasks and the EOS tail
+    in_list = torch.arange(L, device=y.device)[None] < self.n[:, None]      # [B, L]: list positions
+    known = (y != MASK_ID) if self.conditional else torch.zeros_like(in_list)
+    if bool(self.is_replace.any()): self._replace(probs, y, known, in_list)
+    if bool(self.is_shuffle.any()): self._shuffle(probs, y, known, in_list)
+    return probs
 
-    def _replace(self, probs, y, known, in_list) -> None:
-        # candidate answer i: the input with the letter at position i (i < n); consistent if it agrees where known
-        eye = torch.eye(y.shape[1], dtype=torch.bool, device=y.device)
-        cand = torch.where(eye[None], self.letter[:, None, None], self.inp[:, None, :])          # [B, i, j]
-        ok = in_list & ((cand == y[:, None, :]) | ~known[:, None, :]).all(-1)                    # [B, i]
-        ok = torch.where(ok.any(-1, keepdim=True), ok, in_list)  # inconsistent: back to the unconditional marginals
-        p_letter = ok.double() / ok.sum(-1, keepdim=True).clamp(min=1)                            # [B, j]
-        rows = self.is_replace[:, None] & in_list
-        p = torch.zeros_like(probs)
-        p.scatter_add_(-1, self.inp[..., None], (1 - p_letter)[..., None])
-        p.scatter_add_(-1, self.letter[:, None, None].expand(-1, y.shape[1], 1), p_letter[..., None])
-        probs[rows] = p[rows]
+# %% ../../nbs/dllm/parallelbench.ipynb #92e70887
+@patch
+def _replace(self: IdealLM, probs, y, known, in_list) -> None:
+    # candidate answer i: the input with the letter at position i (i < n); consistent if it agrees where known
+    eye = torch.eye(y.shape[1], dtype=torch.bool, device=y.device)
+    cand = torch.where(eye[None], self.letter[:, None, None], self.inp[:, None, :])          # [B, i, j]
+    ok = in_list & ((cand == y[:, None, :]) | ~known[:, None, :]).all(-1)                    # [B, i]
+    ok = torch.where(ok.any(-1, keepdim=True), ok, in_list)  # inconsistent: back to the unconditional marginals
+    p_letter = ok.double() / ok.sum(-1, keepdim=True).clamp(min=1)                            # [B, j]
+    rows = self.is_replace[:, None] & in_list
+    p = torch.zeros_like(probs)
+    p.scatter_add_(-1, self.inp[..., None], (1 - p_letter)[..., None])
+    p.scatter_add_(-1, self.letter[:, None, None].expand(-1, y.shape[1], 1), p_letter[..., None])
+    probs[rows] = p[rows]
 
-    def _shuffle(self, probs, y, known, in_list) -> None:
-        # item i is used if some known position holds it; the masked positions are uniform over the unused items
-        used = ((self.inp[:, :, None] == y[:, None, :]) & known[:, None, :]).any(-1) & in_list   # [B, i]
-        left = in_list & ~used
-        left = torch.where(left.any(-1, keepdim=True), left, in_list)
-        w = left.double() / left.sum(-1, keepdim=True).clamp(min=1)                               # [B, i]
-        L = y.shape[1]
-        p = torch.zeros_like(probs)
-        p.scatter_add_(-1, self.inp[:, None, :].expand(-1, L, -1), w[:, None, :].expand(-1, L, -1))
-        committed = torch.zeros_like(p).scatter_(-1, y.clamp(max=self.vocab_size - 1)[..., None], 1.0)
-        p = torch.where(known[..., None], committed, p)  # a committed position is certain
-        rows = self.is_shuffle[:, None] & in_list
-        probs[rows] = p[rows]
+# %% ../../nbs/dllm/parallelbench.ipynb #d362566a
+@patch
+def _shuffle(self: IdealLM, probs, y, known, in_list) -> None:
+    # item i is used if some known position holds it; the masked positions are uniform over the unused items
+    used = ((self.inp[:, :, None] == y[:, None, :]) & known[:, None, :]).any(-1) & in_list   # [B, i]
+    left = in_list & ~used
+    left = torch.where(left.any(-1, keepdim=True), left, in_list)
+    w = left.double() / left.sum(-1, keepdim=True).clamp(min=1)                               # [B, i]
+    L = y.shape[1]
+    p = torch.zeros_like(probs)
+    p.scatter_add_(-1, self.inp[:, None, :].expand(-1, L, -1), w[:, None, :].expand(-1, L, -1))
+    committed = torch.zeros_like(p).scatter_(-1, y.clamp(max=self.vocab_size - 1)[..., None], 1.0)
+    p = torch.where(known[..., None], committed, p)  # a committed position is certain
+    rows = self.is_shuffle[:, None] & in_list
+    probs[rows] = p[rows]
 
-    def new_cache(self, *args, **kwargs):
-        "The ideal model has no keys/values to cache."
+# %% ../../nbs/dllm/parallelbench.ipynb #58175889
+@patch
+def new_cache(self: IdealLM, *args, **kwargs):
+    "The ideal model has no keys/values to cache."
+    raise ValueError("IdealLM reads the whole window at every step: decode it with DecodeConfig(cache='none')")
+
+@patch
+def forward(self: IdealLM, tokens: torch.Tensor, positions=None, cache=None, attn_mask=None, cache_start=None) -> torch.Tensor:
+    "Log-marginals `[B, T, V]` for the answer window (the last `gen_length` tokens); zeros on the prompt."
+    if cache is not None:
         raise ValueError("IdealLM reads the whole window at every step: decode it with DecodeConfig(cache='none')")
-
-    def forward(self, tokens: torch.Tensor, positions=None, cache=None, attn_mask=None, cache_start=None) -> torch.Tensor:
-        "Log-marginals `[B, T, V]` for the answer window (the last `gen_length` tokens); zeros on the prompt."
-        if cache is not None:
-            raise ValueError("IdealLM reads the whole window at every step: decode it with DecodeConfig(cache='none')")
-        self.calls += 1
-        B, T = tokens.shape
-        L = self.gen_length
-        if T < L: raise ValueError(f"input of {T} tokens is shorter than the answer window {L}")
-        out = torch.zeros(B, T, self.vocab_size, dtype=torch.float64, device=tokens.device)
-        out[:, T - L:] = torch.log(self.marginals(tokens[:, T - L:]))
-        return out
+    self.calls += 1
+    B, T = tokens.shape
+    L = self.gen_length
+    if T < L: raise ValueError(f"input of {T} tokens is shorter than the answer window {L}")
+    out = torch.zeros(B, T, self.vocab_size, dtype=torch.float64, device=tokens.device)
+    out[:, T - L:] = torch.log(self.marginals(tokens[:, T - L:]))
+    return out
 
 # %% ../../nbs/dllm/parallelbench.ipynb #a9644346
 def topk_sizes(n: int, k: int) -> list[int]:
@@ -151,6 +161,7 @@ def _check_sizes(n: int, sizes: Sequence[int]) -> list[int]:
         raise ValueError(f"schedule {sizes} must be positive integers summing to n={n}")
     return sizes
 
+# %% ../../nbs/dllm/parallelbench.ipynb #1020cd38
 def shuffle_topk_accuracy(n: int, sizes: Sequence[int]) -> float:
     "Ideal-model Shuffle accuracy (any permutation counts) when the steps commit `sizes` positions: Π P(m,k)/m^k."
     acc, m = 1.0, n
@@ -164,6 +175,7 @@ def replace_random_greedy_accuracy(n: int, sizes: Sequence[int]) -> float:
     last = _check_sizes(n, sizes)[-1]
     return 1.0 if last == 1 else 0.5 if last == 2 else 0.0
 
+# %% ../../nbs/dllm/parallelbench.ipynb #93813c36
 def replace_random_sampled_accuracy(n: int, sizes: Sequence[int]) -> float:
     "Ideal-model Replace Random accuracy, sampled (τ = 1), positions committed in random order."
     acc, stay, m = 0.0, 1.0, n   # stay: probability that no letter has been placed yet
@@ -178,6 +190,7 @@ def one_step_replace_random(n: int) -> float:
     "((n−1)/n)^(n−1): Replace Random decoded in one sampled step (→ 1/e)."
     return replace_random_sampled_accuracy(n, [n])
 
+# %% ../../nbs/dllm/parallelbench.ipynb #d70bdb00
 def shuffle_threshold_accuracy(n: int, gamma: float) -> float:
     "Ideal-model Shuffle accuracy under the confidence threshold γ (commit if confidence ≥ γ, at least one)."
     _check_n(n)
