@@ -65,7 +65,9 @@ def test_three_papers_run_as_ray_tasks_and_commit_complete_sets(cluster, tmp_pat
         assert on_disk == sorted([*info["files"], "executed.ipynb"])
         assert {"claims.json", "figure.png", "run.json", "table.csv", "table.md"} <= set(info["files"])
         assert all((res / f).stat().st_size > 0 for f in info["files"])
-        assert json.loads((res / "claims.json").read_text()) and "scale = \"ci\"" in (res / "executed.ipynb").read_text()
+        injected = [c for c in json.loads((res / "executed.ipynb").read_text())["cells"]
+                    if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert json.loads((res / "claims.json").read_text()) and 'scale = "ci"' in "".join(injected[0]["source"])
         # provenance says where the set lives and where it ran; the worker's scratch folder is gone
         assert info["parameters"]["out_dir"] == str(res.resolve())   # outside the project root: an absolute path
         assert info["executor"]["name"] == "ray" and not Path(info["executor"]["scratch"]).exists()
