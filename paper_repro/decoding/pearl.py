@@ -223,7 +223,7 @@ def _verify_chain(logits: torch.Tensor, chain: list[int], q: torch.Tensor | None
 
 # %% ../../nbs/decoding/pearl.ipynb #349e40f0
 class _PearlStep(DecodeStep):
-    "One PEARL round for the core's `decode_loop` (see above); the engine drafts the next round during the target pass."
+    "One PEARL round for the core's `decode_loop`: pre- or post-verify; the engine drafts the next round during the target pass."
     def __init__(self, target: CausalLM, engine: DraftEngine, gamma: int, sampler: Sampler, eos_id: int | None,
                  max_new_tokens: int):
         super().__init__(target)
