@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from ..core.lm import KVCache, LMOutput, TransformerLM, causal_mask, count_parameters, rope_cos_sin
 from ..core.train import OptimConfig, WarmupCosine, fit, frozen
 from ..core.trees import MedusaHeads, OffsetTreeDrafter, rank_hits
+from fastcore.basics import patch
+
 
 # %% auto #0
 __all__ = ['FORMAT', 'BENCH_LAYER', 'BENCH_TREE', 'BENCH_HEADLINE', 'run_blocks', 'forward_from_layer', 'HiddenTransfer',
@@ -95,9 +97,9 @@ def pseudo_mask(real_mask: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Te
     right = torch.kron(torch.eye(R, dtype=torch.long, device=real_mask.device), own).bool()  # + its own earlier pseudo rows
     return torch.cat([top, torch.cat([left, right.expand(*lead, R * k, R * k)], dim=-1)], dim=-2)
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #ea428acb
+# %% ../../nbs/decoding/hidden_transfer.ipynb #f0d79cb1
 class HiddenTransferDrafter(OffsetTreeDrafter):
-    """Drafts a tree of rank `paths` from the pseudo hidden states of `transfer` (see above). Use with
+    """Drafts a tree of rank `paths` from the pseudo hidden states of `transfer` (`k` linear maps at layer `l`). Use with
     `generate(target, …)` on the same `target`: it runs the target's passes (`run_target`). `in_pass=True`: the pseudo
     rows ride inside the verification pass (the paper); False: they run after it, one partial pass per draft."""
     source = "hidden_transfer"
@@ -112,52 +114,58 @@ class HiddenTransferDrafter(OffsetTreeDrafter):
         self.offsets = self.depth  # pseudo rows per source row: only the depths the tree uses
         self._pseudo = self._pseudo_rows = self._h_layer = self._cache = None  # what the latest pass kept
 
-    def run_target(self, target: TransformerLM, tokens: torch.Tensor, positions: torch.Tensor | None,
-                   cache: KVCache | None, attn_mask: torch.Tensor | None) -> LMOutput:
-        "The target's pass (same logits, same cache), with the pseudo rows joined at layer `l` if `in_pass`."
-        if target is not self.target: raise ValueError("this HiddenTransferDrafter was built for another target model")
-        l, past, (B, T) = self.transfer.layer, (cache.length if cache is not None else 0), tokens.shape
-        if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
-        positions = positions.expand(B, T) if positions.dim() == 1 else positions
-        x = target.hidden_states(tokens, positions, cache, attn_mask, upto_layer=l)  # validates the call
-        if cache is not None: cache.length = past  # the upper blocks write the same slots
-        if not self.in_pass:
-            h = forward_from_layer(target, x, l, positions, cache, attn_mask)
-            self._h_layer, self._cache = x, cache
-        else:
-            rows = list(range(T)) if past > 0 else [T - 1]  # a prefill: only its last row can be the next root's parent
-            k, idx = self.offsets, torch.tensor(rows, device=tokens.device)
-            pseudo = self.transfer(x[:, idx])[:, :, :k].reshape(B, len(rows) * k, -1)
-            ppos = (positions[:, idx, None] + torch.arange(1, k + 1, device=tokens.device)).reshape(B, -1)
-            real = attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)
-            out = forward_from_layer(target, torch.cat([x, pseudo], 1), l, torch.cat([positions, ppos], 1), cache,
-                                     pseudo_mask(real, idx, k))
-            h, self._pseudo, self._pseudo_rows = out[:, :T], out[:, T:].reshape(B, len(rows), k, -1), rows
-        if cache is not None: cache.length = past + T
-        final = target.norm(h)
-        return LMOutput(target.lm_head(final), final)
+# %% ../../nbs/decoding/hidden_transfer.ipynb #489569f2
+@patch
+def run_target(self: HiddenTransferDrafter, target: TransformerLM, tokens: torch.Tensor, positions: torch.Tensor | None,
+               cache: KVCache | None, attn_mask: torch.Tensor | None) -> LMOutput:
+    "The target's pass (same logits, same cache), with the pseudo rows joined at layer `l` if `in_pass`."
+    if target is not self.target: raise ValueError("this HiddenTransferDrafter was built for another target model")
+    l, past, (B, T) = self.transfer.layer, (cache.length if cache is not None else 0), tokens.shape
+    if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
+    positions = positions.expand(B, T) if positions.dim() == 1 else positions
+    x = target.hidden_states(tokens, positions, cache, attn_mask, upto_layer=l)  # validates the call
+    if cache is not None: cache.length = past  # the upper blocks write the same slots
+    if not self.in_pass:
+        h = forward_from_layer(target, x, l, positions, cache, attn_mask)
+        self._h_layer, self._cache = x, cache
+    else:
+        rows = list(range(T)) if past > 0 else [T - 1]  # a prefill: only its last row can be the next root's parent
+        k, idx = self.offsets, torch.tensor(rows, device=tokens.device)
+        pseudo = self.transfer(x[:, idx])[:, :, :k].reshape(B, len(rows) * k, -1)
+        ppos = (positions[:, idx, None] + torch.arange(1, k + 1, device=tokens.device)).reshape(B, -1)
+        real = attn_mask if attn_mask is not None else causal_mask(T, past, tokens.device)
+        out = forward_from_layer(target, torch.cat([x, pseudo], 1), l, torch.cat([positions, ppos], 1), cache,
+                                 pseudo_mask(real, idx, k))
+        h, self._pseudo, self._pseudo_rows = out[:, :T], out[:, T:].reshape(B, len(rows), k, -1), rows
+    if cache is not None: cache.length = past + T
+    final = target.norm(h)
+    return LMOutput(target.lm_head(final), final)
 
-    def keep_row(self, hidden: torch.Tensor, row: int):
-        if self.in_pass: return self._pseudo[0, self._pseudo_rows.index(row)]   # [offsets, d], before the final norm
-        return self._h_layer[:1, row], self._cache
+# %% ../../nbs/decoding/hidden_transfer.ipynb #b8c14573
+@patch
+def keep_row(self: HiddenTransferDrafter, hidden: torch.Tensor, row: int):
+    if self.in_pass: return self._pseudo[0, self._pseudo_rows.index(row)]   # [offsets, d], before the final norm
+    return self._h_layer[:1, row], self._cache
 
-    def offset_logits(self, kept) -> torch.Tensor:
-        m = self.target
-        if self.in_pass: return m.lm_head(m.norm(kept))
-        # after the pass: run the pseudo rows against the compacted cache, then free their slots again
-        x, cache = kept
-        k, base = self.offsets, cache.length  # base: the position of the next root
-        pseudo = self.transfer(x)[:, :k]  # [1, k, d]
-        pos = torch.arange(base, base + k, device=pseudo.device)
-        mask = torch.cat([torch.ones(k, base, dtype=torch.bool, device=pseudo.device),
-                          torch.ones(k, k, dtype=torch.bool, device=pseudo.device).tril()], dim=1)
-        h = forward_from_layer(m, pseudo, self.transfer.layer, pos, cache, mask)
-        cache.length = base
-        return m.lm_head(m.norm(h[0]))
+@patch
+def offset_logits(self: HiddenTransferDrafter, kept) -> torch.Tensor:
+    m = self.target
+    if self.in_pass: return m.lm_head(m.norm(kept))
+    # after the pass: run the pseudo rows against the compacted cache, then free their slots again
+    x, cache = kept
+    k, base = self.offsets, cache.length  # base: the position of the next root
+    pseudo = self.transfer(x)[:, :k]  # [1, k, d]
+    pos = torch.arange(base, base + k, device=pseudo.device)
+    mask = torch.cat([torch.ones(k, base, dtype=torch.bool, device=pseudo.device),
+                      torch.ones(k, k, dtype=torch.bool, device=pseudo.device).tril()], dim=1)
+    h = forward_from_layer(m, pseudo, self.transfer.layer, pos, cache, mask)
+    cache.length = base
+    return m.lm_head(m.norm(h[0]))
 
-    def draft_calls(self) -> int: return 0 if self.in_pass else 1  # the after-pass partial target call
+@patch
+def draft_calls(self: HiddenTransferDrafter) -> int: return 0 if self.in_pass else 1  # the after-pass partial target call
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #709a0d12
+# %% ../../nbs/decoding/hidden_transfer.ipynb #cea3cb30
 def kl_to_target(target_logp: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
     "Mean over rows of `KL(p ‖ q)`; `target_logp` are log-probabilities, `draft_logits` raw logits (same shape)."
     return F.kl_div(F.log_softmax(draft_logits.float(), -1), target_logp.float(), log_target=True,
@@ -171,6 +179,7 @@ class _PrefixCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.k[layer, :, :, :start], k], 2), torch.cat([self.v[layer, :, :, :start], v], 2)
 
+# %% ../../nbs/decoding/hidden_transfer.ipynb #931c0ffd
 @torch.no_grad()
 def teacher_pass(target: TransformerLM, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], KVCache]:
     "Frozen target on `x` `[B, S]`: (log-probs `[B, S, V]`, residual after each block (list), its KV cache)."
@@ -183,6 +192,7 @@ def teacher_pass(target: TransformerLM, x: torch.Tensor) -> tuple[torch.Tensor, 
         for h in hooks: h.remove()
     return logp, resid, cache
 
+# %% ../../nbs/decoding/hidden_transfer.ipynb #e23ec21d
 def transfer_logits(target: TransformerLM, transfer: HiddenTransfer, resid: list[torch.Tensor], cache: KVCache,
                     anchors: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced draft logits `[B, A, k, V]` of `transfer` at `anchors` (positions `n`, ascending), given the
@@ -201,11 +211,9 @@ def offset_targets(logp: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.T
     "The target's log-probs for offsets `1..k` after each anchor: `[B, A, k, V]` (row `n+i` predicts token `n+i+1`)."
     return logp[:, anchors[:, None] + torch.arange(1, k + 1, device=anchors.device)]
 
-# %% ../../nbs/decoding/hidden_transfer.ipynb #2be96b1f
-def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | MedusaHeads], stream: torch.Tensor,
-                   steps: int, batch_size: int = 4, seq_len: int = 96, anchors: int = 16, lr: float = 3e-3,
-                   warmup: int = 10, seed: int = 0, progress: bool = True) -> list[dict]:
-    "Train hidden-transfer projections and Medusa heads on the same batches; returns each step's loss per model name."
+# %% ../../nbs/decoding/hidden_transfer.ipynb #348c5273
+def _check_training(models: dict, steps: int, batch_size: int, seq_len: int, anchors: int) -> int:
+    "Validate `train_drafters`' arguments; return the largest `k` of the models."
     if not models: raise ValueError("nothing to train: give at least one HiddenTransfer or MedusaHeads")
     bad = {n: type(m).__name__ for n, m in models.items() if not isinstance(m, (HiddenTransfer, MedusaHeads))}
     if bad: raise ValueError(f"can only train HiddenTransfer or MedusaHeads, got {bad}")
@@ -213,6 +221,14 @@ def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | Med
         raise ValueError(f"steps, batch_size and anchors must be >= 1, got {steps}, {batch_size}, {anchors}")
     k = max(m.k for m in models.values())
     if seq_len - k < anchors: raise ValueError(f"seq_len={seq_len} leaves fewer than anchors={anchors} positions for k={k}")
+    return k
+
+# %% ../../nbs/decoding/hidden_transfer.ipynb #2be96b1f
+def train_drafters(target: TransformerLM, models: dict[str, HiddenTransfer | MedusaHeads], stream: torch.Tensor,
+                   steps: int, batch_size: int = 4, seq_len: int = 96, anchors: int = 16, lr: float = 3e-3,
+                   warmup: int = 10, seed: int = 0, progress: bool = True) -> list[dict]:
+    "Train hidden-transfer projections and Medusa heads on the same batches; returns each step's loss per model name."
+    k = _check_training(models, steps, batch_size, seq_len, anchors)
     gen = torch.Generator().manual_seed(seed)
     dev = target.device
     every = torch.arange(seq_len - k, device=dev)
@@ -307,7 +323,8 @@ from ..core.bench import BenchEntry, BenchModels, Headline
 
 BENCH_LAYER = 3
 BENCH_TREE = [(0,), (1,), (2,), (3,), (0, 0), (4,), (5,), (0, 1)]
-# no headline in the benchmark ledger until the paper's own speed-up is looked up (a headline claim needs its number)
+# No headline: the paper's speed-ups stand only in its tables, which no source we could read holds (the abstract
+# gives no number); a benchmark headline needs the paper's own number, so hidden transfer runs in the suite without one.
 BENCH_HEADLINE = None
 
 def bench_methods(models: BenchModels) -> list[BenchEntry]:

@@ -22,6 +22,8 @@ import torch
 from ..core.decoding import (DecodeResult, DecodeStep, Draft, DraftModelDrafter, Sampler, StepOutput, check_count,
                                        check_eos, check_same_vocab, decode_loop, time_calls, verify_speculative, verify_tree)
 from ..core.lm import CausalLM
+from fastcore.basics import patch
+
 
 # %% auto #0
 __all__ = ['BENCH_HEADLINE', 'PearlDraftSide', 'DraftEngine', 'SequentialDraft', 'ProcessDraft', 'ThreadDraft', 'pearl_generate',
@@ -78,7 +80,7 @@ class SequentialDraft:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../../nbs/decoding/pearl.ipynb #133707eb
+# %% ../../nbs/decoding/pearl.ipynb #59b3fa97
 def _draft_worker(model: CausalLM, conn, q_buf: torch.Tensor, threads: int, cores: list[int] | None) -> None:
     "Body of `ProcessDraft`'s worker process."
     torch.set_num_threads(threads)
@@ -101,6 +103,7 @@ def _draft_worker(model: CausalLM, conn, q_buf: torch.Tensor, threads: int, core
     conn.close()
     os._exit(0)  # nothing to flush; skips seconds of interpreter teardown that close() would wait for
 
+# %% ../../nbs/decoding/pearl.ipynb #d1f07ad1
 class ProcessDraft:
     """The draft model in a second process (CPU): real concurrency with the target in this one.
     `threads`: torch threads of the worker; `cores`: CPU ids to pin it to (None: let the OS place it). The worker is
@@ -135,30 +138,42 @@ class ProcessDraft:
         if status == "error": raise RuntimeError(f"draft worker failed:\n{payload}")
         return payload
 
-    def reset(self, prompt: list[int], sampler: Sampler) -> None:
-        while self._outstanding: self.collect()  # a previous call stopped early (an exception): drain its reply
-        self._sampling = not sampler.greedy
-        self.conn.send(("reset", list(prompt), sampler.temperature, sampler.top_k, sampler.seed))
+# %% ../../nbs/decoding/pearl.ipynb #d7b882d6
+@patch
+def reset(self: ProcessDraft, prompt: list[int], sampler: Sampler) -> None:
+    while self._outstanding: self.collect()  # a previous call stopped early (an exception): drain its reply
+    self._sampling = not sampler.greedy
+    self.conn.send(("reset", list(prompt), sampler.temperature, sampler.top_k, sampler.seed))
 
-    def submit(self, keep: int, append: list[int], finalized: int, k: int) -> None:
-        self.conn.send(("draft", keep, list(append), finalized, k))
-        self._outstanding += 1
 
-    def collect(self) -> Draft:
-        self._outstanding -= 1
-        tokens = self._receive()
-        q = self.q_buf[: len(tokens)].clone() if self._sampling else None
-        return Draft.chain(tokens, q, source="pearl", draft_calls=len(tokens))
+@patch
+def submit(self: ProcessDraft, keep: int, append: list[int], finalized: int, k: int) -> None:
+    self.conn.send(("draft", keep, list(append), finalized, k))
+    self._outstanding += 1
 
-    def close(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError, BrokenPipeError): self.conn.send(("close",))
-            self.proc.join(timeout=10)
-            if self.proc.is_alive(): self.proc.kill()
-        self.conn.close()
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+@patch
+def collect(self: ProcessDraft) -> Draft:
+    self._outstanding -= 1
+    tokens = self._receive()
+    q = self.q_buf[: len(tokens)].clone() if self._sampling else None
+    return Draft.chain(tokens, q, source="pearl", draft_calls=len(tokens))
+
+# %% ../../nbs/decoding/pearl.ipynb #d6f520e3
+@patch
+def close(self: ProcessDraft) -> None:
+    if self.proc.is_alive():
+        with contextlib.suppress(OSError, BrokenPipeError): self.conn.send(("close",))
+        self.proc.join(timeout=10)
+        if self.proc.is_alive(): self.proc.kill()
+    self.conn.close()
+
+
+@patch
+def __enter__(self: ProcessDraft): return self
+
+@patch
+def __exit__(self: ProcessDraft, *exc): self.close()
 
 # %% ../../nbs/decoding/pearl.ipynb #a292f22b
 class ThreadDraft:
@@ -193,7 +208,7 @@ class ThreadDraft:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../../nbs/decoding/pearl.ipynb #767b33c1
+# %% ../../nbs/decoding/pearl.ipynb #23ef8fca
 def _verify_chain(logits: torch.Tensor, chain: list[int], q: torch.Tensor | None, sampler: Sampler,
                   device: torch.device) -> tuple[int, int]:
     """Accepted prefix length of `chain` and the resampled token (meaningless if all are accepted), from the target's
@@ -206,8 +221,9 @@ def _verify_chain(logits: torch.Tensor, chain: list[int], q: torch.Tensor | None
     p = sampler.probs(logits[:m])
     return verify_speculative(torch.cat([p, p[-1:]]), q.to(device=device, dtype=p.dtype), chain, sampler.generator(device))
 
+# %% ../../nbs/decoding/pearl.ipynb #349e40f0
 class _PearlStep(DecodeStep):
-    "One PEARL round for the core's `decode_loop` (see above); the engine drafts the next round during the target pass."
+    "One PEARL round for the core's `decode_loop`: pre- or post-verify; the engine drafts the next round during the target pass."
     def __init__(self, target: CausalLM, engine: DraftEngine, gamma: int, sampler: Sampler,
                  eos_id: int | Sequence[int] | None, max_new_tokens: int):
         super().__init__(target)
@@ -226,39 +242,42 @@ class _PearlStep(DecodeStep):
         self.submitted = True
         return super().prefill(context, cache)
 
-    def step(self, context: list[int], cache, remaining: int) -> StepOutput:
-        ctx, final, k = self.context, self.final, self.k
-        if k and not self.submitted:  # the job the last round decided on, sent just before the target pass it overlaps
-            self.engine.submit(self.shown, ctx[self.shown:], final, k)
-            self.shown = len(ctx)
-        self.submitted = False
-        pending = ctx[final:]
-        t_target = time.perf_counter()
-        logits = self.target(torch.tensor([ctx[final - 1:]], device=self.device), cache=cache)[0]
-        t_wait = time.perf_counter()
-        d = self.engine.collect() if k else Draft.empty()
-        t_verify = time.perf_counter()
-        chain = pending + d.tokens[:1]
-        q = None if self.sampler.greedy else torch.cat(([self.pending_q] if pending else []) + ([d.q[:1]] if k else []))
-        n, nxt = _verify_chain(logits, chain, q, self.sampler, self.device)
-        if n == len(chain):     # everything verified: d₁ is final, the rest of the draft is pending
-            emitted, bonus = chain, 0
-            ctx += d.tokens
-            self.pending_q = d.q[1:] if k and d.q is not None else None
-        else:                   # rejected at n: resample it, drop everything after it in the context and both caches
-            emitted, bonus = chain[:n] + [nxt], 1
-            del ctx[final + n:]
-            ctx.append(nxt)
-            cache.truncate(final + n)
-            self.shown, self.pending_q = min(self.shown, final + n), None
-        self.final = final + n + bonus
-        budget = self.max_new - (len(ctx) - self.prompt_len)  # output plus pending never exceeds the budget
-        self.k = 0 if not self.eos.isdisjoint(ctx[self.final:]) else min(self.gamma, budget)
-        t_end = time.perf_counter()
-        return StepOutput(emitted, n, len(d), len(d), "post-verify" if pending else "pre-verify",
-                          draft_s=t_verify - t_wait, verify_s=(t_wait - t_target) + (t_end - t_verify),
-                          draft_calls=d.draft_calls)
+# %% ../../nbs/decoding/pearl.ipynb #b8c6afcb
+@patch
+def step(self: _PearlStep, context: list[int], cache, remaining: int) -> StepOutput:
+    ctx, final, k = self.context, self.final, self.k
+    if k and not self.submitted:  # the job the last round decided on, sent just before the target pass it overlaps
+        self.engine.submit(self.shown, ctx[self.shown:], final, k)
+        self.shown = len(ctx)
+    self.submitted = False
+    pending = ctx[final:]
+    t_target = time.perf_counter()
+    logits = self.target(torch.tensor([ctx[final - 1:]], device=self.device), cache=cache)[0]
+    t_wait = time.perf_counter()
+    d = self.engine.collect() if k else Draft.empty()
+    t_verify = time.perf_counter()
+    chain = pending + d.tokens[:1]
+    q = None if self.sampler.greedy else torch.cat(([self.pending_q] if pending else []) + ([d.q[:1]] if k else []))
+    n, nxt = _verify_chain(logits, chain, q, self.sampler, self.device)
+    if n == len(chain):     # everything verified: d₁ is final, the rest of the draft is pending
+        emitted, bonus = chain, 0
+        ctx += d.tokens
+        self.pending_q = d.q[1:] if k and d.q is not None else None
+    else:                   # rejected at n: resample it, drop everything after it in the context and both caches
+        emitted, bonus = chain[:n] + [nxt], 1
+        del ctx[final + n:]
+        ctx.append(nxt)
+        cache.truncate(final + n)
+        self.shown, self.pending_q = min(self.shown, final + n), None
+    self.final = final + n + bonus
+    budget = self.max_new - (len(ctx) - self.prompt_len)  # output plus pending never exceeds the budget
+    self.k = 0 if not self.eos.isdisjoint(ctx[self.final:]) else min(self.gamma, budget)
+    t_end = time.perf_counter()
+    return StepOutput(emitted, n, len(d), len(d), "post-verify" if pending else "pre-verify",
+                      draft_s=t_verify - t_wait, verify_s=(t_wait - t_target) + (t_end - t_verify),
+                      draft_calls=d.draft_calls)
 
+# %% ../../nbs/decoding/pearl.ipynb #41782337
 @torch.no_grad()
 def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequence[int], max_new_tokens: int,
                    gamma: int, sampler: Sampler | None = None, eos_id: int | Sequence[int] | None = None) -> DecodeResult:
@@ -294,8 +313,10 @@ def pearl_gamma(t_target: float, t_draft: float, max_gamma: int = 16) -> int:
 # %% ../../nbs/decoding/pearl.ipynb #dabebae0
 from ..core.bench import BenchEntry, BenchModels, Headline
 
-BENCH_HEADLINE = Headline(3.87, "PEARL speeds up decoding over autoregressive decoding (up to 3.87×, HumanEval)",
-                          source="HumanEval, CodeLlama pairs on H100/A100 (papers/decoding.md)", category="code")
+BENCH_HEADLINE = Headline(4.43, "PEARL speeds up decoding over autoregressive decoding (up to 4.43×)",
+                          source="arXiv:2408.11850v3 (ICLR 2025), abstract: up to 4.43× over auto-regressive decoding "
+                                 "(HumanEval, GSM8K/MGSM, MT-Bench; Llama-2/CodeLlama/Deepseek pairs on A100/H100)",
+                          checked=True, category="overall")
 
 def bench_methods(models: BenchModels) -> list[BenchEntry]:
     "PEARL for `paper_repro.core.bench`: a whole decoder, `decode(prompt, max_new_tokens) -> DecodeResult`."

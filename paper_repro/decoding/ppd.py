@@ -26,6 +26,8 @@ from ..core.decoding import Draft, time_calls
 from ..core.lm import LMOutput
 from ..core.train import OptimConfig, WarmupCosine, fit, frozen
 from ..core.trees import MedusaHeads, check_rank_accuracy, prefix_tree, rank_hits, top_paths
+from fastcore.basics import patch
+
 
 # %% auto #0
 __all__ = ['PPD_FILE', 'BENCH_HEADLINE', 'input_embedding', 'PromptTokens', 'group_inputs', 'DistillBatch', 'distill_batch',
@@ -33,7 +35,7 @@ __all__ = ['PPD_FILE', 'BENCH_HEADLINE', 'input_embedding', 'PromptTokens', 'gro
            'DynamicTrees', 'build_dynamic_trees', 'static_tree', 'PPDDrafter', 'verify_latency', 'choose_tree_size',
            'save_ppd', 'load_ppd', 'bench_methods']
 
-# %% ../../nbs/decoding/ppd.ipynb #0b60b0cc
+# %% ../../nbs/decoding/ppd.ipynb #c66fffda
 def input_embedding(model: nn.Module) -> nn.Embedding:
     "The token-embedding module of a `TransformerLM` or an `HFCausalLM`."
     emb = getattr(model, "embed_tokens", None)
@@ -43,6 +45,7 @@ def input_embedding(model: nn.Module) -> nn.Embedding:
     raise ValueError(f"cannot find the input embedding of {type(model).__name__}: expected a TransformerLM "
                      "(.embed_tokens) or an HFCausalLM (.model.get_input_embeddings())")
 
+# %% ../../nbs/decoding/ppd.ipynb #7d17d895
 class PromptTokens(nn.Module):
     "`m` trainable input embeddings that a model reads as token ids `V … V+m-1` while `attached` to it."
     def __init__(self, vocab_size: int, embeddings: torch.Tensor):
@@ -72,35 +75,40 @@ class PromptTokens(nn.Module):
     @property
     def num_parameters(self) -> int: return self.embeddings.numel()
 
-    def _check(self, model: nn.Module) -> nn.Embedding:
-        emb = input_embedding(model)
-        if model.vocab_size != self.vocab_size or emb.embedding_dim != self.d_model:
-            raise ValueError(f"prompt tokens were made for vocab {self.vocab_size}, width {self.d_model}; the model has "
-                             f"vocab {model.vocab_size}, width {emb.embedding_dim}")
-        return emb
+# %% ../../nbs/decoding/ppd.ipynb #7f0dcfd9
+@patch
+def _check(self: PromptTokens, model: nn.Module) -> nn.Embedding:
+    emb = input_embedding(model)
+    if model.vocab_size != self.vocab_size or emb.embedding_dim != self.d_model:
+        raise ValueError(f"prompt tokens were made for vocab {self.vocab_size}, width {self.d_model}; the model has "
+                         f"vocab {model.vocab_size}, width {emb.embedding_dim}")
+    return emb
 
-    def attach(self, model: nn.Module) -> list:
-        "Install the hooks on `model`'s input embedding; returns the handles (call `.remove()` on each to detach)."
-        emb, V, last = self._check(model), self.vocab_size, self.n_tokens - 1
-        seen: list[torch.Tensor] = []
-        def pre(module, args):
-            seen.append(args[0])
-            return (args[0].clamp(max=V - 1),) + tuple(args[1:])
-        def post(module, args, out):
-            ids = seen.pop()
-            extra = self.embeddings.to(device=out.device, dtype=out.dtype)[(ids - V).clamp(0, last)]
-            return torch.where((ids >= V)[..., None], extra, out)
-        return [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
+@patch
+def attach(self: PromptTokens, model: nn.Module) -> list:
+    "Install the hooks on `model`'s input embedding; returns the handles (call `.remove()` on each to detach)."
+    emb, V, last = self._check(model), self.vocab_size, self.n_tokens - 1
+    seen: list[torch.Tensor] = []
+    def pre(module, args):
+        seen.append(args[0])
+        return (args[0].clamp(max=V - 1),) + tuple(args[1:])
+    def post(module, args, out):
+        ids = seen.pop()
+        extra = self.embeddings.to(device=out.device, dtype=out.dtype)[(ids - V).clamp(0, last)]
+        return torch.where((ids >= V)[..., None], extra, out)
+    return [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
 
-    @contextmanager
-    def attached(self, model: nn.Module):
-        "Within this block `model` accepts the prompt-token ids."
-        handles = self.attach(model)
-        try: yield model
-        finally:
-            for h in handles: h.remove()
+# %% ../../nbs/decoding/ppd.ipynb #3a87b2b6
+@patch
+@contextmanager
+def attached(self: PromptTokens, model: nn.Module):
+    "Within this block `model` accepts the prompt-token ids."
+    handles = self.attach(model)
+    try: yield model
+    finally:
+        for h in handles: h.remove()
 
-# %% ../../nbs/decoding/ppd.ipynb #0982825c
+# %% ../../nbs/decoding/ppd.ipynb #473ef052
 def group_inputs(window: torch.Tensor, cuts: torch.Tensor, groups: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, positions and boolean mask `[B, T, T]` for `window` `[B, L]` followed by one group `groups[:, k]`
@@ -123,6 +131,7 @@ def group_inputs(window: torch.Tensor, cuts: torch.Tensor, groups: torch.Tensor
     mask[:, L:, L:] = torch.block_diag(*[own] * K)
     return tokens, positions, mask
 
+# %% ../../nbs/decoding/ppd.ipynb #8994d163
 @dataclass
 class DistillBatch:
     "Windows, truncation points, and the target's distributions along its greedy continuation from each of them."
@@ -158,6 +167,7 @@ def distill_batch(target, stream: torch.Tensor, batch_size: int, length: int, n_
         greedy.append(logits[:, :, -1].argmax(-1))
     return DistillBatch(window, cuts, logits, torch.stack(greedy, dim=-1), hidden)
 
+# %% ../../nbs/decoding/ppd.ipynb #57017775
 def prompt_logits(target, prompts: PromptTokens, batch: DistillBatch) -> torch.Tensor:
     "The student's logits `[B, K, m, V]`: prompt tokens appended at every truncation point of `batch`."
     B, K = batch.cuts.shape
@@ -167,7 +177,7 @@ def prompt_logits(target, prompts: PromptTokens, batch: DistillBatch) -> torch.T
     with prompts.attached(target):
         return target(tokens, positions=positions, attn_mask=mask)[:, batch.window.shape[1]:].reshape(B, K, m, -1)
 
-# %% ../../nbs/decoding/ppd.ipynb #8d3d7dde
+# %% ../../nbs/decoding/ppd.ipynb #2bc207ee
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     "`Σ_i decay^i · KL(teacher_i ‖ student_i) / m` over `[..., m, V]` logits; also returns the per-offset KL `[m]`."
     m = student.shape[-2]
@@ -178,6 +188,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, decay: float = 0.
     weights = decay ** torch.arange(m, device=kl.device, dtype=kl.dtype)
     return (weights * kl).sum() / m, kl.detach()
 
+# %% ../../nbs/decoding/ppd.ipynb #a4fb80be
 def train_ppd(target, stream: torch.Tensor, steps: int, n_tokens: int = 3, batch_size: int = 8, length: int = 96,
               n_cuts: int = 24, lr: float = 1e-2, decay: float = 0.8, seed: int = 0, medusa: MedusaHeads | None = None,
               medusa_lr: float = 1e-3, prompts: PromptTokens | None = None, train_prompts: bool = True,
@@ -261,7 +272,7 @@ class PromptTree:
         "Index of each candidate's parent candidate (-1: the root)."
         return list(self._parents)
 
-# %% ../../nbs/decoding/ppd.ipynb #1fa332c8
+# %% ../../nbs/decoding/ppd.ipynb #ab81e6ce
 def _allocate(paths: list[tuple[tuple[int, ...], float]], m: int, budget: int, value: Sequence[float]) -> tuple[int, ...]:
     "Prompt tokens per candidate so that candidates + their prompt tokens fit `budget`, dropping the least valuable."
     children: dict[tuple[int, ...], float] = {}
@@ -278,6 +289,7 @@ def _allocate(paths: list[tuple[tuple[int, ...], float]], m: int, budget: int, v
     if excess > 0: raise ValueError(f"{len(paths)} candidates do not fit a budget of {budget}")
     return tuple(counts)
 
+# %% ../../nbs/decoding/ppd.ipynb #c3daaa6a
 def path_probs(tree: PromptTree, acc) -> np.ndarray:
     "Probability that each candidate of `tree` is accepted, `Π_j acc[j, r_j]` along its path."
     a = check_rank_accuracy(acc)
@@ -305,6 +317,7 @@ def tree_stats(trees: Sequence[PromptTree], acc) -> tuple[float, np.ndarray, np.
     pi = np.linalg.lstsq(A, np.r_[np.zeros(m + 1), 1.0], rcond=None)[0]
     return float(pi @ (1 + E)), pi, E
 
+# %% ../../nbs/decoding/ppd.ipynb #46d3ac02
 @dataclass(frozen=True)
 class DynamicTrees:
     "One `PromptTree` per state (guess levels available: 0…m), built for verification passes of at most `size` inputs."
@@ -316,7 +329,7 @@ class DynamicTrees:
     def n_prompt(self) -> int: return len(self.trees) - 1
 
 def build_dynamic_trees(acc, size: int, sweeps: int = 3) -> DynamicTrees:
-    "The dynamic sparse trees for verification passes of at most `size` input positions (see above)."
+    "The dynamic sparse trees (one per state) for verification passes of at most `size` input positions."
     a = check_rank_accuracy(acc)
     m = a.shape[0]
     if not isinstance(size, int) or size < m + 2:
@@ -341,6 +354,7 @@ def build_dynamic_trees(acc, size: int, sweeps: int = 3) -> DynamicTrees:
                 if mat > best[0] + 1e-12: best = (mat, trial)
     return DynamicTrees(trees_for(best[1]), size, best[0])
 
+# %% ../../nbs/decoding/ppd.ipynb #e7afd4e9
 def static_tree(acc, size: int) -> PromptTree:
     "Medusa's tree: the `size - 1` most probable paths of full depth, no prompt tokens (its heads need none)."
     a = check_rank_accuracy(acc)
@@ -348,7 +362,7 @@ def static_tree(acc, size: int) -> PromptTree:
     paths = sorted(top_paths(a, size - 1), key=lambda x: (len(x[0]), x[0]))
     return PromptTree(tuple(p for p, _ in paths), (0,) * len(paths), 0)
 
-# %% ../../nbs/decoding/ppd.ipynb #aaeef6ab
+# %% ../../nbs/decoding/ppd.ipynb #62d32750
 @dataclass
 class _Layout:
     "A tree cut to a depth limit, as draft nodes: candidates first, then prompt-token chains."
@@ -371,6 +385,7 @@ def _layout(tree: PromptTree, max_depth: int, prompt_ids: Sequence[int]) -> _Lay
         prompt_rows[node] = rows
     return _Layout(parents, tokens, fill, prompt_rows)
 
+# %% ../../nbs/decoding/ppd.ipynb #000dde2f
 class PPDDrafter:
     """Parallel prompt decoding: dynamic sparse trees whose nodes carry prompt tokens; the accepted node's prompt-token
     logits give the next step's guesses. Use with `generate(target, …)` on the same `target`: it runs the passes with
@@ -396,29 +411,33 @@ class PPDDrafter:
         with self.prompts.attached(target):
             return LMOutput(target(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
 
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        if self._expect != (len(context), context[-1]): self.guesses = []  # a new or changed context: no guesses
-        state = len(self.guesses)
-        tree = self.trees.trees[state]
-        limit = max(0, min(max_tokens, tree.depth + tree.n_prompt))
-        key = (state, limit)
-        if key not in self._layouts: self._layouts[key] = _layout(tree, limit, self.prompts.ids)
-        lay = self._last = self._layouts[key]
-        tokens = list(lay.tokens)
-        for i, level, rank in lay.fill: tokens[i] = self.guesses[level][rank]
-        return Draft(tokens, list(lay.parents), source=self.source)
+# %% ../../nbs/decoding/ppd.ipynb #750f5786
+@patch
+def propose(self: PPDDrafter, context: list[int], max_tokens: int) -> Draft:
+    if self._expect != (len(context), context[-1]): self.guesses = []  # a new or changed context: no guesses
+    state = len(self.guesses)
+    tree = self.trees.trees[state]
+    limit = max(0, min(max_tokens, tree.depth + tree.n_prompt))
+    key = (state, limit)
+    if key not in self._layouts: self._layouts[key] = _layout(tree, limit, self.prompts.ids)
+    lay = self._last = self._layouts[key]
+    tokens = list(lay.tokens)
+    for i, level, rank in lay.fill: tokens[i] = self.guesses[level][rank]
+    return Draft(tokens, list(lay.parents), source=self.source)
 
-    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
-        lay, self._last = self._last, None
-        self._expect = (len(context), context[-1])
-        if lay is None or len(draft) != len(lay.parents): self.guesses = []; return
-        node = draft.accepted_node(context[len(context) - 1 - accepted:len(context) - 1])
-        self.guesses = self._next_guesses(lay, node, logits) if node is not None else []
+@patch
+def observe(self: PPDDrafter, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
+    lay, self._last = self._last, None
+    self._expect = (len(context), context[-1])
+    if lay is None or len(draft) != len(lay.parents): self.guesses = []; return
+    node = draft.accepted_node(context[len(context) - 1 - accepted:len(context) - 1])
+    self.guesses = self._next_guesses(lay, node, logits) if node is not None else []
 
-    def _next_guesses(self, layout: _Layout, node: int, logits: torch.Tensor) -> list[list[int]]:
-        rows = layout.prompt_rows.get(node, [])
-        if not rows: return []
-        return logits[[1 + r for r in rows]].topk(self.topk, dim=-1).indices.tolist()  # the one host sync
+@patch
+def _next_guesses(self: PPDDrafter, layout: _Layout, node: int, logits: torch.Tensor) -> list[list[int]]:
+    rows = layout.prompt_rows.get(node, [])
+    if not rows: return []
+    return logits[[1 + r for r in rows]].topk(self.topk, dim=-1).indices.tolist()  # the one host sync
 
 # %% ../../nbs/decoding/ppd.ipynb #b7083123
 @torch.no_grad()
@@ -473,7 +492,8 @@ def load_ppd(name: str = PPD_FILE, device: str | torch.device = "cpu", root: Pat
 from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
 
 BENCH_HEADLINE = Headline(2.49, "Parallel prompt decoding speeds up decoding (up to 2.49×)",
-                          source="MobileLLaMA to Vicuna-13B on an A100 (papers/decoding.md)")
+                          source="arXiv:2405.18628, abstract: up to 2.49× speedup (MobileLLaMA to Vicuna-13B)",
+                          checked=True)
 
 def bench_methods(models: BenchModels) -> list[BenchEntry]:
     "PPD for `paper_repro.core.bench`, with the committed prompt tokens (`models.target` is the zoo's code target)."
