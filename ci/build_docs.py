@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))  # document this checkout's package, not an installed one
 
-from paper_repro.cli import _cell, _fmt  # noqa: E402  (the report's cell formatting, so both show the same numbers)
+from paper_repro.cli import claim_table  # noqa: E402  (the report's claims table, so both show the same numbers)
+from paper_repro.core.claims import holding_summary  # noqa: E402
 from paper_repro.core.catalog import FAMILIES, PAPERS, Paper, load_claims  # noqa: E402
 
 SCALES_SHOWN: tuple[str, ...] = ("cpu", "gpu")  # committed result scales a page shows, in this order
@@ -266,23 +267,11 @@ def _run_line(run_json: Path) -> str:
             f"{r.get('wall_s', 0):.0f} s wall time.")
 
 
-def _cell_text(value: object) -> str:
-    "A claim value in one markdown table cell, formatted as the report formats it (`paper-repro report`)."
-    return _cell(_fmt(value))
-
-
 def claims_table(claims: list[dict]) -> str:
-    """Claims as a markdown table (claim id, statement, the paper's value, ours, unit, whether it holds, its kind when
-    recorded, the note) in a `claims-table` container, which docs/_static/custom.css lays out."""
-    kinds = any("kind" in c for c in claims)
-    head = ["claim", "statement", "paper", "ours", "unit", "holds", *(["kind"] if kinds else []), "note"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in claims:
-        cells = [f"`{c['id']}`", _cell_text(c["statement"]), _cell_text(c["paper_value"]), _cell_text(c["our_value"]),
-                 _cell_text(c["unit"]), "✓" if c["holds"] else "✗", *([_cell_text(c.get("kind"))] if kinds else []),
-                 _cell_text(c.get("note", ""))]
-        rows.append("| " + " | ".join(cells) + " |")
-    return ":::{container} claims-table\n" + "\n".join(rows) + "\n:::"
+    """Claims as the report's markdown table (`paper_repro.cli.claim_table`: kind, claim, statement, the paper's number
+    and source, ours with its interval, unit, outcome, note) in a `claims-table` container, which
+    docs/_static/custom.css lays out."""
+    return ":::{container} claims-table\n" + "\n".join(claim_table(claims)) + "\n:::"
 
 
 def results_markdown(paper: Paper, scale: str, page_dir: str, root: Path = ROOT, git_url: str = "") -> str | None:
@@ -304,10 +293,11 @@ def results_markdown(paper: Paper, scale: str, page_dir: str, root: Path = ROOT,
         parts += ["", f"({paper.slug}-table-{scale})=", "### Table", "", (res / "table.md").read_text().strip()]
     if (res / "claims.json").is_file():
         claims = load_claims(res / "claims.json")
-        held = sum(c["holds"] for c in claims)
         parts += ["", f"({paper.slug}-claims-{scale})=", "### Claims", "",
-                  f"{held} of {len(claims)} claims hold at this scale (*holds*: the claim's direction holds in our run, "
-                  "not that we matched the paper's number).", "", claims_table(claims)]
+                  f"At this scale {holding_summary(claims)} (a claim holds when its test, written before the run, "
+                  "passes, with its whole 95% interval beyond the threshold where seeds, timing or test items move "
+                  "it; not that we matched the paper's number). Ablations and invariants are listed but not "
+                  "counted.", "", claims_table(claims)]
     return "\n".join(parts)
 
 

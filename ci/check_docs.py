@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 
-from paper_repro.core.catalog import PAPERS, get_paper, load_claims, notebook_path, paper_status  # noqa: E402
+from paper_repro.core.catalog import PAPERS, get_paper, load_claims, notebook_path, status_detail  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -141,7 +141,7 @@ def check_landing(page: dict) -> list[str]:
         row = rows.get(p.slug)
         if row is None: problems.append(f"landing page: {p.slug} missing from the catalogue"); continue
         status, links = row[-1]["text"], row[1]["links"]
-        if status != paper_status(p): problems.append(f"landing page: {p.slug} shows status {status!r}, not {paper_status(p)!r}")
+        if status != status_detail(p): problems.append(f"landing page: {p.slug} shows status {status!r}, not {status_detail(p)!r}")
         has_nb = notebook_path(p).is_file()
         if has_nb and links != [f"{p.family}/{p.slug}.html"]: problems.append(f"landing page: {p.slug} links {links}")
         if not has_nb and links: problems.append(f"landing page: planned {p.slug} links {links} (it has no page)")
@@ -160,9 +160,9 @@ def check_paper(page: dict, slug: str) -> list[str]:
     table = s.get(f"{slug}-claims-cpu")
     if not table or not table["tables"]: problems.append(f"{slug}: no claims table")
     else:
-        shown = [row[0]["text"] for row in table["tables"][0]]
-        if shown != [c["id"] for c in claims]: problems.append(f"{slug}: claims table shows {shown}, claims.json has "
-                                                              f"{[c['id'] for c in claims]}")
+        shown = sorted(row[1]["text"] for row in table["tables"][0])   # columns: kind, claim, ...
+        if shown != sorted(c["id"] for c in claims): problems.append(f"{slug}: claims table shows {shown}, "
+                                                                    f"claims.json has {[c['id'] for c in claims]}")
     module = f"paper_repro.{paper.family}.{slug}"
     api = s.get(f"{paper.family}-{slug}-api")
     if not api: problems.append(f"{slug}: no API section")

@@ -77,9 +77,9 @@ def test_name_resolver_prefers_the_notebooks_imports():
 def test_claims_table_has_one_row_per_claim():
     claims = load_claims(ROOT / "results" / "cpu" / "copyspec" / "claims.json")
     table = bd.claims_table(claims + [{**claims[0], "id": "piped", "statement": "a | b"}])
-    rows = [l for l in table.splitlines() if l.startswith("| `")]
-    assert [r.split("`")[1] for r in rows] == [c["id"] for c in claims] + ["piped"]
-    assert r"a \| b" in rows[-1]
+    rows = [l for l in table.splitlines() if l.startswith("| ") and "`" in l]
+    assert sorted(r.split("`")[1] for r in rows) == sorted([c["id"] for c in claims] + ["piped"])
+    assert any(r"a \| b" in r for r in rows)
 
 
 def test_readme_links_become_site_links(tmp_path):
@@ -141,7 +141,8 @@ def test_stage_a_paper_page(tmp_path, with_outputs):
     results, api = sources[-2], sources[-1]
     assert "![copyspec: figure (cpu scale)](../results/cpu/copyspec/figure.png)" in results
     assert (src / "results" / "cpu" / "copyspec" / "figure.png").is_file()
-    assert results.count("\n| `") == len(load_claims(root / "results" / "cpu" / "copyspec" / "claims.json"))
+    n_claims = len(load_claims(root / "results" / "cpu" / "copyspec" / "claims.json"))
+    assert sum(l.startswith("| ") and " | `" in l for l in results.splitlines()) == n_claims
     assert ".. automodule:: paper_repro.decoding.copyspec" in api and "   CopySpecDrafter" in api
     assert len(nb["metadata"]["source_map"]) == len(nb["cells"])
     assert "(decoding/copyspec.ipynb)" in (src / "index.md").read_text()

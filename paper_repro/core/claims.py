@@ -111,7 +111,7 @@ def decide(value: float | Estimate, threshold: float, higher_is_better: bool) ->
     beyond = value > threshold if higher_is_better else value < threshold
     return "holds" if beyond else "fails"
 
-# %% ../../nbs/core/claims.ipynb #365a8a83
+# %% ../../nbs/core/claims.ipynb #f343fcf4
 CLAIM_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str, "kind": str, "statement": str, "metric": str, "unit": str,
     "paper_value": (int, float, type(None)), "source": str, "source_checked": bool,
@@ -126,6 +126,7 @@ def _number(v, name: str, optional: bool = False):
         raise ValueError(f"{name}={v!r}: must be a finite number{' or None' if optional else ''}")
     return float(v)
 
+# %% ../../nbs/core/claims.ipynb #2f823c8f
 def make_claim(*, id: str, kind: str, statement: str, metric: str, unit: str, our_value: float | Estimate,
                higher_is_better: bool, setting: str, threshold: float | None = None, holds: bool | None = None,
                paper_value: float | None = None, source: str = "", source_checked: bool = False, note: str = "",

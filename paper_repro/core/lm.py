@@ -15,6 +15,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LMConfig', 'CrossMemory', 'KVCache', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'Attention', 'MLP', 'CrossAttention',
@@ -50,7 +51,7 @@ class LMConfig:
     def memory_dim(self) -> int: return self.d_memory or self.d_model
     def to_dict(self) -> dict: return asdict(self)
 
-# %% ../../nbs/core/lm.ipynb #a5de6c9e
+# %% ../../nbs/core/lm.ipynb #dcf9d975
 def _check_keep(indices: Sequence[int], start: int, length: int) -> list[int]:
     idx = list(indices)
     if not 0 <= start <= length or any(b <= a for a, b in zip(idx, idx[1:])) or \
@@ -76,6 +77,7 @@ class CrossMemory:
         rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
         return CrossMemory(self.k.index_select(1, rows), self.v.index_select(1, rows), self.mask.index_select(0, rows))
 
+# %% ../../nbs/core/lm.ipynb #e2ce07ea
 class KVCache:
     """Preallocated per-layer keys/values with a valid `length`; supports truncate and keep (compaction). An
     encoder-decoder's cache also carries the decoder's `memory`, so selecting batch rows selects both."""
@@ -94,45 +96,53 @@ class KVCache:
     @property
     def batch_size(self) -> int: return self.k.shape[1]
 
-    def _reserve(self, needed: int) -> None:
-        if needed <= self.capacity: return
-        new_cap = max(needed, 2 * self.capacity)
-        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], new_cap - t.shape[3], t.shape[4])], dim=3)
-        self.k, self.v = grow(self.k), grow(self.v)
+# %% ../../nbs/core/lm.ipynb #d53a6743
+@patch
+def _reserve(self: KVCache, needed: int) -> None:
+    if needed <= self.capacity: return
+    new_cap = max(needed, 2 * self.capacity)
+    grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], new_cap - t.shape[3], t.shape[4])], dim=3)
+    self.k, self.v = grow(self.k), grow(self.v)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k, v` (`[batch, heads, T, head_dim]`) at slots `start…start+T` of `layer`; return the keys/values of
-        slots `0…max(start+T, length)`: everything so far, including valid slots after the written ones (a write
-        *inside* the cache, as a masked-diffusion dual cache does, still sees the suffix)."""
-        end = start + k.shape[2]
-        self._reserve(end)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        stop = max(end, self.length)
-        return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+@patch
+def write(self: KVCache, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store `k, v` (`[batch, heads, T, head_dim]`) at slots `start…start+T` of `layer`; return the keys/values of
+    slots `0…max(start+T, length)`: everything so far, including valid slots after the written ones (a write
+    *inside* the cache, as a masked-diffusion dual cache does, still sees the suffix)."""
+    end = start + k.shape[2]
+    self._reserve(end)
+    self.k[layer, :, :, start:end] = k
+    self.v[layer, :, :, start:end] = v
+    stop = max(end, self.length)
+    return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
 
-    def truncate(self, n: int) -> None:
-        "Keep only the first `n` slots."
-        if not 0 <= n <= self.length: raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        self.length = n
+# %% ../../nbs/core/lm.ipynb #acc6fe6f
+@patch
+def truncate(self: KVCache, n: int) -> None:
+    "Keep only the first `n` slots."
+    if not 0 <= n <= self.length: raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+    self.length = n
 
-    def keep(self, indices: Sequence[int], start: int = 0) -> None:
-        """Keep slots `0…start-1` as they are, then the slots `indices` (strictly increasing, `start <= i < length`) in
-        that order; drop the rest. Passing `start` avoids building an index list over the whole context."""
-        idx = _check_keep(indices, start, self.length)
-        first_moved = next((i for i, s in enumerate(idx) if s != start + i), len(idx))
-        if first_moved < len(idx):
-            src = torch.tensor(idx[first_moved:], device=self.k.device)
-            dst = slice(start + first_moved, start + len(idx))
-            self.k[:, :, :, dst] = self.k.index_select(3, src)
-            self.v[:, :, :, dst] = self.v.index_select(3, src)
-        self.length = start + len(idx)
+@patch
+def keep(self: KVCache, indices: Sequence[int], start: int = 0) -> None:
+    """Keep slots `0…start-1` as they are, then the slots `indices` (strictly increasing, `start <= i < length`) in
+    that order; drop the rest. Passing `start` avoids building an index list over the whole context."""
+    idx = _check_keep(indices, start, self.length)
+    first_moved = next((i for i, s in enumerate(idx) if s != start + i), len(idx))
+    if first_moved < len(idx):
+        src = torch.tensor(idx[first_moved:], device=self.k.device)
+        dst = slice(start + first_moved, start + len(idx))
+        self.k[:, :, :, dst] = self.k.index_select(3, src)
+        self.v[:, :, :, dst] = self.v.index_select(3, src)
+    self.length = start + len(idx)
 
-    def select_batch(self, rows: Sequence[int] | torch.Tensor) -> None:
-        "Keep only the given batch rows (e.g. drop finished sequences)."
-        rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        if self.memory is not None: self.memory = self.memory.select(rows)
+# %% ../../nbs/core/lm.ipynb #01d35542
+@patch
+def select_batch(self: KVCache, rows: Sequence[int] | torch.Tensor) -> None:
+    "Keep only the given batch rows (e.g. drop finished sequences)."
+    rows = torch.as_tensor(rows, device=self.k.device, dtype=torch.long)
+    self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+    if self.memory is not None: self.memory = self.memory.select(rows)
 
 # %% ../../nbs/core/lm.ipynb #7939b308
 class RMSNorm(nn.Module):
@@ -159,7 +169,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
 
-# %% ../../nbs/core/lm.ipynb #4c1335cb
+# %% ../../nbs/core/lm.ipynb #539a7001
 class Attention(nn.Module):
     "Multi-head self-attention with RoPE and an optional KV cache."
     def __init__(self, cfg: LMConfig, kv_dim: int | None = None):
@@ -179,6 +189,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+# %% ../../nbs/core/lm.ipynb #ef610ca2
 class MLP(nn.Module):
     "SwiGLU feed-forward: down(silu(gate(x)) * up(x))."
     def __init__(self, cfg: LMConfig):
@@ -188,6 +199,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+# %% ../../nbs/core/lm.ipynb #46e7fbd0
 class CrossAttention(Attention):
     "Multi-head attention from the decoder's tokens to an encoder's states (no RoPE: the encoder already placed them)."
     def __init__(self, cfg: LMConfig):
@@ -205,6 +217,7 @@ class CrossAttention(Attention):
         y = F.scaled_dot_product_attention(self._split(self.q_proj(x)), k, v, attn_mask=key_mask[:, None, None, :])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+# %% ../../nbs/core/lm.ipynb #40b6b7bf
 class Block(nn.Module):
     "Pre-norm transformer block: self-attention, (cross-attention,) feed-forward."
     def __init__(self, cfg: LMConfig):
@@ -222,7 +235,7 @@ class Block(nn.Module):
             x = x + self.cross_attn(self.cross_attention_layernorm(x), memory.k[layer], memory.v[layer], memory.mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../../nbs/core/lm.ipynb #35471f35
+# %% ../../nbs/core/lm.ipynb #2b99508d
 @dataclass
 class LMOutput:
     "Logits `[batch, T, V]` and, when asked for (`return_hidden=True`), the final post-norm hidden states `[batch, T, d]`."
@@ -241,6 +254,7 @@ def causal_mask(T: int, past: int, device=None) -> torch.Tensor:
     "Boolean `[T, past + T]` mask: each new token sees the whole past and the new tokens up to itself."
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
+# %% ../../nbs/core/lm.ipynb #5cf47516
 def _prepare_inputs(tokens: torch.Tensor, positions, attn_mask, cache, cache_start: int | None = None
                     ) -> tuple[int, torch.Tensor]:
     """Validate a protocol call; return the cache slot the new tokens are written at (the cache length unless
@@ -265,6 +279,7 @@ def _prepare_inputs(tokens: torch.Tensor, positions, attn_mask, cache, cache_sta
     if positions is None: positions = torch.arange(past, past + T, device=tokens.device)
     return past, (positions.expand(B, T) if positions.dim() == 1 else positions)
 
+# %% ../../nbs/core/lm.ipynb #16077dda
 class TransformerLM(nn.Module):
     "Decoder-only LM (RoPE, RMSNorm, SwiGLU) with Llama's parameter names."
     def __init__(self, cfg: LMConfig):
@@ -292,76 +307,86 @@ class TransformerLM(nn.Module):
         c = self.cfg
         return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, capacity, self.dtype, self.device, memory)
 
-    def encode_memory(self, states: torch.Tensor, lengths: torch.Tensor | None = None) -> CrossMemory:
-        """Project encoder `states` `[batch, S, d_memory]` to every layer's cross-attention keys/values, once per input;
-        `lengths` `[batch]` (1…S) marks the real positions of padded rows (None: all real)."""
-        if not self.cfg.cross_attention:
-            raise ValueError("encode_memory needs a model built with LMConfig(cross_attention=True)")
-        if states.dim() != 3 or states.shape[-1] != self.cfg.memory_dim or states.shape[1] == 0:
-            raise ValueError(f"states must be [batch, S>0, {self.cfg.memory_dim}], got {tuple(states.shape)}")
-        B, S, _ = states.shape
-        if lengths is None:
-            mask = torch.ones(B, S, dtype=torch.bool, device=states.device)
-        else:
-            lengths = torch.as_tensor(lengths, device=states.device)
-            if lengths.shape != (B,): raise ValueError(f"lengths must be [{B}], got {tuple(lengths.shape)}")
-            if bool(((lengths < 1) | (lengths > S)).any()):
-                raise ValueError(f"lengths must lie in [1, {S}], got {lengths.tolist()}")
-            mask = torch.arange(S, device=states.device)[None, :] < lengths[:, None]
-        kv = [layer.cross_attn.project(states) for layer in self.layers]
-        return CrossMemory(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), mask)
+# %% ../../nbs/core/lm.ipynb #9eb01ab6
+@patch
+def encode_memory(self: TransformerLM, states: torch.Tensor, lengths: torch.Tensor | None = None) -> CrossMemory:
+    """Project encoder `states` `[batch, S, d_memory]` to every layer's cross-attention keys/values, once per input;
+    `lengths` `[batch]` (1…S) marks the real positions of padded rows (None: all real)."""
+    if not self.cfg.cross_attention:
+        raise ValueError("encode_memory needs a model built with LMConfig(cross_attention=True)")
+    if states.dim() != 3 or states.shape[-1] != self.cfg.memory_dim or states.shape[1] == 0:
+        raise ValueError(f"states must be [batch, S>0, {self.cfg.memory_dim}], got {tuple(states.shape)}")
+    B, S, _ = states.shape
+    if lengths is None:
+        mask = torch.ones(B, S, dtype=torch.bool, device=states.device)
+    else:
+        lengths = torch.as_tensor(lengths, device=states.device)
+        if lengths.shape != (B,): raise ValueError(f"lengths must be [{B}], got {tuple(lengths.shape)}")
+        if bool(((lengths < 1) | (lengths > S)).any()):
+            raise ValueError(f"lengths must lie in [1, {S}], got {lengths.tolist()}")
+        mask = torch.arange(S, device=states.device)[None, :] < lengths[:, None]
+    kv = [layer.cross_attn.project(states) for layer in self.layers]
+    return CrossMemory(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), mask)
 
-    def _resolve_memory(self, memory: CrossMemory | None, cache: KVCache | None, batch: int) -> CrossMemory | None:
-        if memory is None and cache is not None: memory = getattr(cache, "memory", None)
-        if self.cfg.cross_attention and memory is None:
-            raise ValueError("this model cross-attends: pass memory=model.encode_memory(states) (or a cache holding it)")
-        if not self.cfg.cross_attention and memory is not None:
-            raise ValueError("memory given to a model without cross-attention (LMConfig(cross_attention=False))")
-        if memory is not None and memory.batch_size != batch:
-            raise ValueError(f"memory holds batch {memory.batch_size} but the input has batch {batch}")
-        return memory
+@patch
+def _resolve_memory(self: TransformerLM, memory: CrossMemory | None, cache: KVCache | None, batch: int) -> CrossMemory | None:
+    if memory is None and cache is not None: memory = getattr(cache, "memory", None)
+    if self.cfg.cross_attention and memory is None:
+        raise ValueError("this model cross-attends: pass memory=model.encode_memory(states) (or a cache holding it)")
+    if not self.cfg.cross_attention and memory is not None:
+        raise ValueError("memory given to a model without cross-attention (LMConfig(cross_attention=False))")
+    if memory is not None and memory.batch_size != batch:
+        raise ValueError(f"memory holds batch {memory.batch_size} but the input has batch {batch}")
+    return memory
 
-    def _embed(self, tokens: torch.Tensor | None, embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        "The input vectors and a `[batch, T]` stand-in for the shape checks."
-        if (tokens is None) == (embeds is None): raise ValueError("pass exactly one of tokens and embeds")
-        if tokens is not None: return tokens, self.embed_tokens(tokens) if tokens.dim() == 2 else None
-        if embeds.dim() != 3 or embeds.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"embeds must be [batch, T, {self.cfg.d_model}], got {tuple(embeds.shape)}")
-        return embeds[..., 0], embeds
+# %% ../../nbs/core/lm.ipynb #9e939ee4
+@patch
+def _embed(self: TransformerLM, tokens: torch.Tensor | None, embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    "The input vectors and a `[batch, T]` stand-in for the shape checks."
+    if (tokens is None) == (embeds is None): raise ValueError("pass exactly one of tokens and embeds")
+    if tokens is not None: return tokens, self.embed_tokens(tokens) if tokens.dim() == 2 else None
+    if embeds.dim() != 3 or embeds.shape[-1] != self.cfg.d_model:
+        raise ValueError(f"embeds must be [batch, T, {self.cfg.d_model}], got {tuple(embeds.shape)}")
+    return embeds[..., 0], embeds
 
-    def hidden_states(self, tokens=None, positions=None, cache: KVCache | None = None, attn_mask=None,
-                      upto_layer: int | None = None, cache_start: int | None = None, *,
-                      embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
-        """Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks).
-        `embeds` `[batch, T, d_model]` replaces the token embeddings; `memory` (or the cache's) is what a cross-attention
-        model attends to. `cache_start` writes the new keys/values at that slot of `cache` (default: its length) and
-        attends over slots `0…max(length, cache_start+T)`; an explicit `attn_mask` is then required."""
-        if cache_start is not None and attn_mask is None:
-            raise ValueError("cache_start needs an explicit attn_mask over the cache slots")
-        shape_src, x = self._embed(tokens, embeds)
-        past, positions = _prepare_inputs(shape_src, positions, attn_mask, cache, cache_start)
-        B, T = shape_src.shape
-        memory = self._resolve_memory(memory, cache, B)
-        mask = attn_mask if attn_mask is not None else (causal_mask(T, past, x.device) if T > 1 else None)
-        if mask is not None and mask.dim() == 3: mask = mask[:, None]  # broadcast over heads
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        for i, layer in enumerate(self.layers[:upto_layer]):
-            x = layer(x, cos, sin, mask, cache, i, past, memory)
-        if cache is not None: cache.length = max(cache.length, past + T)
-        return x if upto_layer is not None else self.norm(x)
+# %% ../../nbs/core/lm.ipynb #296b9908
+@patch
+def hidden_states(self: TransformerLM, tokens=None, positions=None, cache: KVCache | None = None, attn_mask=None,
+                  upto_layer: int | None = None, cache_start: int | None = None, *,
+                  embeds: torch.Tensor | None = None, memory: CrossMemory | None = None) -> torch.Tensor:
+    """Final-norm hidden states `[batch, T, d_model]` (or the raw residual after `upto_layer` blocks).
+    `embeds` `[batch, T, d_model]` replaces the token embeddings; `memory` (or the cache's) is what a cross-attention
+    model attends to. `cache_start` writes the new keys/values at that slot of `cache` (default: its length) and
+    attends over slots `0…max(length, cache_start+T)`; an explicit `attn_mask` is then required."""
+    if cache_start is not None and attn_mask is None:
+        raise ValueError("cache_start needs an explicit attn_mask over the cache slots")
+    shape_src, x = self._embed(tokens, embeds)
+    past, positions = _prepare_inputs(shape_src, positions, attn_mask, cache, cache_start)
+    B, T = shape_src.shape
+    memory = self._resolve_memory(memory, cache, B)
+    mask = attn_mask if attn_mask is not None else (causal_mask(T, past, x.device) if T > 1 else None)
+    if mask is not None and mask.dim() == 3: mask = mask[:, None]  # broadcast over heads
+    cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+    for i, layer in enumerate(self.layers[:upto_layer]):
+        x = layer(x, cos, sin, mask, cache, i, past, memory)
+    if cache is not None: cache.length = max(cache.length, past + T)
+    return x if upto_layer is not None else self.norm(x)
 
-    def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
-                embeds: torch.Tensor | None = None, memory: CrossMemory | None = None,
-                return_hidden: bool = False) -> torch.Tensor | LMOutput:
-        """Logits `[batch, T, vocab]` for `tokens` `[batch, T]` (or `embeds`); appends to `cache` if given (or
-        overwrites its slots from `cache_start`, see `hidden_states`). `return_hidden=True`: an `LMOutput` that also
-        holds the final (post-norm) hidden states the LM head read."""
-        hidden = self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start, embeds=embeds,
-                                    memory=memory)
-        logits = self.lm_head(hidden)
-        return LMOutput(logits, hidden) if return_hidden else logits
+# %% ../../nbs/core/lm.ipynb #c5cb83f9
+@patch
+def forward(self: TransformerLM, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+            cache: KVCache | None = None, attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
+            embeds: torch.Tensor | None = None, memory: CrossMemory | None = None,
+            return_hidden: bool = False) -> torch.Tensor | LMOutput:
+    """Logits `[batch, T, vocab]` for `tokens` `[batch, T]` (or `embeds`); appends to `cache` if given (or
+    overwrites its slots from `cache_start`, see `hidden_states`). `return_hidden=True`: an `LMOutput` that also
+    holds the final (post-norm) hidden states the LM head read."""
+    hidden = self.hidden_states(tokens, positions, cache, attn_mask, cache_start=cache_start, embeds=embeds,
+                                memory=memory)
+    logits = self.lm_head(hidden)
+    return LMOutput(logits, hidden) if return_hidden else logits
 
+# %% ../../nbs/core/lm.ipynb #a110567a
 class ConditionedLM(nn.Module):
     """A cross-attention `TransformerLM` bound to one `CrossMemory`: a `CausalLM`, so the core decoders
     (`generate`, `batch_greedy_decode`, drafters) run on an encoder-decoder model unchanged. Its caches carry the memory,

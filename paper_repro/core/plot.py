@@ -97,7 +97,7 @@ def legend_outside(target: Axes | Figure, where: str = "right", title: str | Non
     n = len(target.get_legend_handles_labels()[1])
     return target.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(n, 4) or 1, title=title, **kw)
 
-# %% ../../nbs/core/plot.ipynb #8ec62746
+# %% ../../nbs/core/plot.ipynb #50b0aef7
 def interval_yerr(values, lows: Sequence[float] | None = None, highs: Sequence[float] | None = None) -> np.ndarray:
     "Asymmetric error bars `[[value - low], [high - value]]` from `Estimate`s, or from values with lows and highs."
     if lows is None and highs is None:
@@ -113,6 +113,7 @@ def mark_missing(ax: Axes, x: float, y: float = 0.0, text: str = "n/a", **kw) ->
     ax.annotate(text, (x, y), ha="center", va="bottom", fontsize=8, color="0.35", xytext=(0, 2),
                 textcoords="offset points", **kw)
 
+# %% ../../nbs/core/plot.ipynb #dba53d37
 def heatmap(ax: Axes, data, xticklabels: Sequence, yticklabels: Sequence, cbar_label: str, fmt: str | None = ".2f",
             cmap: str = "viridis", **kw):
     "`data` (rows × columns) as an image with labelled ticks, optional cell annotations and a labelled colour bar."

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from fastcore.basics import patch
 import numpy as np
 import torch
 
@@ -36,7 +37,7 @@ __all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'RUNNER_ENV', 'PARAMETERS_ENV', 'che
            'write_json_atomic', 'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results',
            'RunContext', 'open_runs', 'start_run']
 
-# %% ../../nbs/core/repro.ipynb #bf4921b2
+# %% ../../nbs/core/repro.ipynb #f05661fd
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 
@@ -72,6 +73,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device {name!r} requested but MPS is not available here; use 'cpu' or 'auto'")
     return torch.device(name)
 
+# %% ../../nbs/core/repro.ipynb #e4becaf7
 def project_root() -> Path:
     "The checkout this package lives in (the folder holding `pyproject.toml`), else the current directory."
     import paper_repro  # the package, not this module: also right when run inside the notebook
@@ -134,7 +136,7 @@ def _json_default(o):
     if isinstance(o, torch.device): return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
-# %% ../../nbs/core/repro.ipynb #e86cdc5f
+# %% ../../nbs/core/repro.ipynb #eba6af48
 class RunLockedError(RuntimeError):
     "Another run is writing the same results folder; the message names it."
 
@@ -167,6 +169,7 @@ def _describe(info: dict | None) -> str:
     if not info: return "a process that has not yet said who it is"
     return f"pid {info.get('pid', '?')}, started {info.get('started', '?')}, command: {info.get('command', '?')}"
 
+# %% ../../nbs/core/repro.ipynb #683951dc
 class ResultsLock:
     "An exclusive lock on one results folder for this process; `acquire` raises `RunLockedError` naming the holder."
     def __init__(self, out_dir: str | Path) -> None:
@@ -177,39 +180,44 @@ class ResultsLock:
     @property
     def held(self) -> bool: return self._fd is not None
 
-    def acquire(self) -> "ResultsLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RunLockedError(f"{relative_to_root(self.out_dir)} is being written by another run "
-                                     f"({_describe(lock_holder(self.out_dir))}); wait for it to end or stop it") from None
-            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError: same = False
-            if same: break
-            os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-        info = dict(pid=os.getpid(), started=_now_iso(), command=command[:300])
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
-        if self._fd is None: return
-        try:
-            recover_results(self.out_dir)
-        finally:
-            try: os.unlink(self.path)
-            except FileNotFoundError: pass
-            os.close(self._fd)  # closing the only descriptor drops the flock
-            self._fd = None
-
     def __enter__(self) -> "ResultsLock": return self.acquire()
     def __exit__(self, *exc) -> None: self.release()
+
+# %% ../../nbs/core/repro.ipynb #7fdab71c
+@patch
+def acquire(self: ResultsLock) -> "ResultsLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(f"{relative_to_root(self.out_dir)} is being written by another run "
+                                 f"({_describe(lock_holder(self.out_dir))}); wait for it to end or stop it") from None
+        try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError: same = False
+        if same: break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    info = dict(pid=os.getpid(), started=_now_iso(), command=command[:300])
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    self._fd = fd
+    return self
+
+# %% ../../nbs/core/repro.ipynb #cdce6b6c
+@patch
+def release(self: ResultsLock) -> None:
+    "Settle what runs left in staging, remove the lock file and unlock (removing first: see `acquire`)."
+    if self._fd is None: return
+    try:
+        recover_results(self.out_dir)
+    finally:
+        try: os.unlink(self.path)
+        except FileNotFoundError: pass
+        os.close(self._fd)  # closing the only descriptor drops the flock
+        self._fd = None
+
 
 def _held_by_runner(out_dir: Path) -> bool:
     "Whether the `paper-repro run` that started this process holds the lock of `out_dir` (then we write under it)."
@@ -257,7 +265,7 @@ def recover_results(out_dir: str | Path) -> dict[str, str]:
     out_dir = Path(out_dir).resolve()
     return {s.name: _settle(s, out_dir) for s in _staging_dirs(out_dir) if s.is_dir()}
 
-# %% ../../nbs/core/repro.ipynb #ca45d0a6
+# %% ../../nbs/core/repro.ipynb #5e914f10
 def _git_commit(root: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -269,6 +277,7 @@ def _versions() -> dict[str, str]:
     from paper_repro import __version__
     return {"python": platform.python_version(), "torch": torch.__version__, "paper_repro": __version__}
 
+# %% ../../nbs/core/repro.ipynb #3b346221
 # the open runs of this process, by results folder: a second start_run for the same folder replaces the first (in a
 # notebook, re-running the cells after a failure must not find the folder locked by its own kernel)
 _OPEN_RUNS: dict[Path, "RunContext"] = {}
@@ -316,78 +325,100 @@ class RunContext:
         "Whether files can still be written (neither finished nor replaced by a later run of the same folder)."
         return self.staging is not None
 
-    def path(self, name: str) -> Path:
-        "Path of result file `name`: in staging while the run is open, in the results folder after `finish()`."
-        rel = Path(name)
-        if rel.is_absolute() or not rel.parts or any(part.startswith(".") for part in rel.parts):
-            raise ValueError(f"result file name {name!r} must be a relative path inside the results folder, "
-                             "without '..' or hidden parts")
-        return (self.staging if self.staging is not None else self.out_dir) / rel
+# %% ../../nbs/core/repro.ipynb #18f7edd2
+@patch
+def path(self: RunContext, name: str) -> Path:
+    "Path of result file `name`: in staging while the run is open, in the results folder after `finish()`."
+    rel = Path(name)
+    if rel.is_absolute() or not rel.parts or any(part.startswith(".") for part in rel.parts):
+        raise ValueError(f"result file name {name!r} must be a relative path inside the results folder, "
+                         "without '..' or hidden parts")
+    return (self.staging if self.staging is not None else self.out_dir) / rel
 
-    def _writable(self, name: str) -> Path:
-        if not self.is_open:
-            raise RuntimeError(f"run {self.slug!r} is closed (finished, or replaced by a later start_run for "
-                               f"{relative_to_root(self.out_dir)}); start a new run to write {name!r}")
-        return self.path(name)
+@patch
+def _writable(self: RunContext, name: str) -> Path:
+    if not self.is_open:
+        raise RuntimeError(f"run {self.slug!r} is closed (finished, or replaced by a later start_run for "
+                           f"{relative_to_root(self.out_dir)}); start a new run to write {name!r}")
+    return self.path(name)
 
-    def save_fig(self, fig, name: str = "figure.png", dpi: int = 120) -> Path:
-        "Save a matplotlib figure atomically as `name` (PNG)."
-        return atomic_write(self._writable(name), lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
+# %% ../../nbs/core/repro.ipynb #e51aa149
+@patch
+def save_fig(self: RunContext, fig, name: str = "figure.png", dpi: int = 120) -> Path:
+    "Save a matplotlib figure atomically as `name` (PNG)."
+    return atomic_write(self._writable(name), lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
 
-    def save_table(self, df, name: str = "table", floatfmt: str = ".3g") -> Path:
-        "Write a pandas DataFrame as `name.csv` and `name.md` (the same content)."
-        atomic_write(self._writable(f"{name}.csv"), lambda p: df.to_csv(p, index=False))
-        write_text_atomic(self._writable(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
-        return self.path(f"{name}.csv")
+@patch
+def save_table(self: RunContext, df, name: str = "table", floatfmt: str = ".3g") -> Path:
+    "Write a pandas DataFrame as `name.csv` and `name.md` (the same content)."
+    atomic_write(self._writable(f"{name}.csv"), lambda p: df.to_csv(p, index=False))
+    write_text_atomic(self._writable(f"{name}.md"), _markdown_table(df, floatfmt) + "\n")
+    return self.path(f"{name}.csv")
 
-    def record_claim(self, *, id: str, kind: str, statement: str, metric: str, unit: str,
-                     our_value: float | Estimate, higher_is_better: bool, setting: str, threshold: float | None = None,
-                     holds: bool | None = None, paper_value: float | None = None, source: str = "",
-                     source_checked: bool = False, note: str = "", must_hold: bool | None = None) -> dict:
-        """Record one claim (built and checked by `core.claims.make_claim`, whose keywords these are) and rewrite the
-        staged claims file (`claims.json` unless `claims_file` says otherwise). A claim with `must_hold` (every
-        invariant, by default) that does not hold raises `AssertionError` after it has been staged: the run then
-        fails and commits nothing."""
-        claim = make_claim(id=id, kind=kind, statement=statement, metric=metric, unit=unit, our_value=our_value,
-                           higher_is_better=higher_is_better, setting=setting, threshold=threshold, holds=holds,
-                           paper_value=paper_value, source=source, source_checked=source_checked, note=note,
-                           must_hold=must_hold)
-        target = self._writable(self.claims_file)
-        self.claims = [c for c in self.claims if c["id"] != id] + [claim]
-        write_json_atomic(target, self.claims)
-        if claim["must_hold"] and not claim["holds"]:
-            raise AssertionError(f"claim {id!r} must hold but does not: ours={claim['our_value']} ({note})")
-        return claim
+def _markdown_table(df, floatfmt: str) -> str:
+    def fmt(v):
+        if isinstance(v, (float, np.floating)): return format(float(v), floatfmt)
+        return str(v)
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
 
-    def finish(self, name: str = "run.json") -> dict:
-        "Write the provenance file `name` (default `run.json`), commit the whole set into `out_dir`, return the provenance."
-        target = self._writable(name)
-        files = sorted({*_set_files(self.staging), Path(name).as_posix()})
-        info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
-                    parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
-                    started=_now_iso(self.started), wall_s=round(time.time() - self.started, 3),
-                    load_avg_1m=self.load_avg, files=files)
-        write_json_atomic(target, info)
-        remove = sorted(set(_previous_files(self.out_dir / name)) - set(files))
-        write_json_atomic(self.staging / _COMMIT, dict(files=files, remove=remove))  # the commit point
-        self._close()
-        return info
+# %% ../../nbs/core/repro.ipynb #71d29892
+@patch
+def record_claim(self: RunContext, *, id: str, kind: str, statement: str, metric: str, unit: str,
+                 our_value: float | Estimate, higher_is_better: bool, setting: str, threshold: float | None = None,
+                 holds: bool | None = None, paper_value: float | None = None, source: str = "",
+                 source_checked: bool = False, note: str = "", must_hold: bool | None = None) -> dict:
+    """Record one claim (built and checked by `core.claims.make_claim`, whose keywords these are) and rewrite the
+    staged claims file (`claims.json` unless `claims_file` says otherwise). A claim with `must_hold` (every
+    invariant, by default) that does not hold raises `AssertionError` after it has been staged: the run then
+    fails and commits nothing."""
+    claim = make_claim(id=id, kind=kind, statement=statement, metric=metric, unit=unit, our_value=our_value,
+                       higher_is_better=higher_is_better, setting=setting, threshold=threshold, holds=holds,
+                       paper_value=paper_value, source=source, source_checked=source_checked, note=note,
+                       must_hold=must_hold)
+    target = self._writable(self.claims_file)
+    self.claims = [c for c in self.claims if c["id"] != id] + [claim]
+    write_json_atomic(target, self.claims)
+    if claim["must_hold"] and not claim["holds"]:
+        raise AssertionError(f"claim {id!r} must hold but does not: ours={claim['our_value']} ({note})")
+    return claim
 
-    def abort(self) -> None:
-        "Give the run up: discard its staged files and let go of the folder; the previous results stay as they were."
-        self._close()
+# %% ../../nbs/core/repro.ipynb #587cad6c
+@patch
+def finish(self: RunContext, name: str = "run.json") -> dict:
+    "Write the provenance file `name` (default `run.json`), commit the whole set into `out_dir`, return the provenance."
+    target = self._writable(name)
+    files = sorted({*_set_files(self.staging), Path(name).as_posix()})
+    info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
+                parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
+                started=_now_iso(self.started), wall_s=round(time.time() - self.started, 3),
+                load_avg_1m=self.load_avg, files=files)
+    write_json_atomic(target, info)
+    remove = sorted(set(_previous_files(self.out_dir / name)) - set(files))
+    write_json_atomic(self.staging / _COMMIT, dict(files=files, remove=remove))  # the commit point
+    self._close()
+    return info
 
-    def _close(self) -> None:
-        "Settle the staging folder (commit if `finish` reached its commit point, else discard) and release the lock."
-        with _OPEN_GUARD:
-            if _OPEN_RUNS.get(self.out_dir) is self: del _OPEN_RUNS[self.out_dir]
-        staging, self.staging = self.staging, None
-        try:
-            if staging is not None: _settle(staging, self.out_dir)
-        finally:
-            lock, self._lock = self._lock, None
-            if lock is not None: lock.release()
+@patch
+def abort(self: RunContext) -> None:
+    "Give the run up: discard its staged files and let go of the folder; the previous results stay as they were."
+    self._close()
 
+@patch
+def _close(self: RunContext) -> None:
+    "Settle the staging folder (commit if `finish` reached its commit point, else discard) and release the lock."
+    with _OPEN_GUARD:
+        if _OPEN_RUNS.get(self.out_dir) is self: del _OPEN_RUNS[self.out_dir]
+    staging, self.staging = self.staging, None
+    try:
+        if staging is not None: _settle(staging, self.out_dir)
+    finally:
+        lock, self._lock = self._lock, None
+        if lock is not None: lock.release()
+
+# %% ../../nbs/core/repro.ipynb #434face1
 def open_runs() -> list[RunContext]:
     "The runs this process has open: started, and neither finished, aborted nor replaced."
     with _OPEN_GUARD: return list(_OPEN_RUNS.values())
@@ -398,15 +429,6 @@ def _abort_open_runs() -> None:
     for run in open_runs():
         try: run.abort()
         except Exception: pass
-
-def _markdown_table(df, floatfmt: str) -> str:
-    def fmt(v):
-        if isinstance(v, (float, np.floating)): return format(float(v), floatfmt)
-        return str(v)
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 # %% ../../nbs/core/repro.ipynb #69c7c779
 def _requested_parameters() -> dict[str, Any]:

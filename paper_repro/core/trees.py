@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoding import Draft
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['check_rank_accuracy', 'top_paths', 'prefix_tree', 'draft_from_paths', 'draft_from_rank_paths', 'rank_hits',
@@ -51,7 +52,7 @@ def top_paths(acc, n: int, max_depth: int | None = None) -> list[tuple[tuple[int
             for r in range(a.shape[1]): heapq.heappush(heap, (negp * a[len(path), r], path + (r,)))
     return out
 
-# %% ../../nbs/core/trees.ipynb #7d1e0a10
+# %% ../../nbs/core/trees.ipynb #76342075
 def prefix_tree(paths: Iterable[Sequence[int]], max_depth: int | None = None, max_nodes: int | None = None,
                 strict: bool = False) -> tuple[list[int], list[int]]:
     """The prefix tree of `paths`: each node's value (the last int of its prefix) and parent (-1: the root), nodes in
@@ -80,6 +81,7 @@ def prefix_tree(paths: Iterable[Sequence[int]], max_depth: int | None = None, ma
             parent = node
     return values, parents
 
+# %% ../../nbs/core/trees.ipynb #a3f09a12
 def draft_from_paths(paths: Iterable[Sequence[int]], max_depth: int, max_nodes: int | None = None,
                      source: str = "", draft_calls: int = 0) -> Draft:
     "Token paths merged into a prefix-tree `Draft`, each cut to `max_depth` tokens, at most `max_nodes` nodes."
@@ -113,7 +115,7 @@ def rank_hits(logits: torch.Tensor, truth: torch.Tensor, width: int) -> torch.Te
 
 # %% ../../nbs/core/trees.ipynb #7d1e0a16
 class MedusaHeads(nn.Module):
-    "Medusa heads: `[..., d]` final hidden states → logits `[..., n_heads, V]` (see above)."
+    "Medusa heads: `[..., d]` final hidden states → logits `[..., n_heads, V]`, one residual SiLU block per head, then an LM head (a trained copy per head, or the target's own shared one)."
     def __init__(self, d_model: int, vocab_size: int, n_heads: int, lm_head: nn.Linear | None = None,
                  own_lm_head: bool = True):
         super().__init__()
@@ -138,7 +140,7 @@ class MedusaHeads(nn.Module):
         if self.own_lm_head: return torch.einsum("...kd,kvd->...kv", z, self.out)
         return z @ self.out.T
 
-# %% ../../nbs/core/trees.ipynb #7d1e0a18
+# %% ../../nbs/core/trees.ipynb #2982bfe9
 def check_rank_paths(paths: Iterable[Sequence[int]], k: int) -> list[tuple[int, ...]]:
     """Rank paths as tuples in breadth-first order (by depth, stable), after checking them: depth 1…`k`, ranks >= 0,
     no repeats, every prefix present."""
@@ -151,9 +153,10 @@ def check_rank_paths(paths: Iterable[Sequence[int]], k: int) -> list[tuple[int, 
     if len(known) < len(paths): raise ValueError("paths repeat a rank path: give each node once")
     return sorted(paths, key=len)
 
+# %% ../../nbs/core/trees.ipynb #ca5c1454
 class OffsetTreeDrafter:
     """Drafts a fixed tree of rank `paths` from guesses for depths 1…`k` read off the verification pass's row of the
-    last accepted token (see above). Subclasses define `offset_logits` and, if the row is not a final hidden state,
+    last accepted token (the row that looks past the new last token). Subclasses define `offset_logits` and, if the row is not a final hidden state,
     `keep_row`."""
     needs_hidden = True
     source = "offsets"
@@ -177,25 +180,6 @@ class OffsetTreeDrafter:
         "Extra model calls a draft costs (counted in `DecodeResult.draft_calls`)."
         return 0
 
-    def _select(self, context: list[int], hidden: torch.Tensor | None, row: int) -> None:
-        self._kept, self._for = self.keep_row(hidden, row), (len(context), context[-1])
-
-    def observe_prefill(self, context: list[int], logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        if self.warm_start: self._select(context, hidden, len(context) - 2)
-        else: self._kept = self._for = None
-
-    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor,
-                hidden: torch.Tensor | None = None) -> None:
-        node = draft.accepted_node(context[len(context) - 1 - accepted:len(context) - 1])
-        if node is None: self._kept = self._for = None  # a step cut short at an EOS: decoding ends here anyway
-        else: self._select(context, hidden, node + 1)
-
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        if max_tokens <= 0 or self._for != (len(context), context[-1]): return Draft.empty(self.source)
-        depth = min(self.depth, max_tokens)
-        cands = self.offset_logits(self._kept)[:depth].topk(self.width, dim=-1).indices.tolist()  # the one host sync
-        return draft_from_rank_paths(cands, self.paths, depth, self.source, self.draft_calls())
-
 class MedusaDrafter(OffsetTreeDrafter):
     """Medusa-1: `heads` read the target's final hidden state at the last accepted token (handed over by the
     verification pass) and fill the tree of rank `paths`. `warm_start=False`: the first step is a plain one, like a
@@ -208,3 +192,28 @@ class MedusaDrafter(OffsetTreeDrafter):
         self.heads = heads
 
     def offset_logits(self, kept: torch.Tensor) -> torch.Tensor: return self.heads(kept)
+
+# %% ../../nbs/core/trees.ipynb #b904c325
+@patch
+def _select(self: OffsetTreeDrafter, context: list[int], hidden: torch.Tensor | None, row: int) -> None:
+    self._kept, self._for = self.keep_row(hidden, row), (len(context), context[-1])
+
+@patch
+def observe_prefill(self: OffsetTreeDrafter, context: list[int], logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+    if self.warm_start: self._select(context, hidden, len(context) - 2)
+    else: self._kept = self._for = None
+
+@patch
+def observe(self: OffsetTreeDrafter, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor,
+            hidden: torch.Tensor | None = None) -> None:
+    node = draft.accepted_node(context[len(context) - 1 - accepted:len(context) - 1])
+    if node is None: self._kept = self._for = None  # a step cut short at an EOS: decoding ends here anyway
+    else: self._select(context, hidden, node + 1)
+
+# %% ../../nbs/core/trees.ipynb #b73b0c4b
+@patch
+def propose(self: OffsetTreeDrafter, context: list[int], max_tokens: int) -> Draft:
+    if max_tokens <= 0 or self._for != (len(context), context[-1]): return Draft.empty(self.source)
+    depth = min(self.depth, max_tokens)
+    cands = self.offset_logits(self._kept)[:depth].topk(self.width, dim=-1).indices.tolist()  # the one host sync
+    return draft_from_rank_paths(cands, self.paths, depth, self.source, self.draft_calls())

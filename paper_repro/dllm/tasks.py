@@ -77,7 +77,7 @@ def _example(task: str, args: str, text: str, target: str, info: dict, gen_lengt
     prompt = [TOKEN_ID[f"<{task}>"]] + pad(args, ARG_SLOTS) + pad(text, BODY_SLOTS) + [SEP_ID]
     return Example(task, prompt, encode(target) + [EOS_ID] * (gen_length - len(target)), info)
 
-# %% ../../nbs/dllm/tasks.ipynb #13e52720
+# %% ../../nbs/dllm/tasks.ipynb #75adbe6f
 def _letters(rng: random.Random, n: int) -> list[str]:
     return rng.sample(string.ascii_lowercase, n)
 
@@ -108,6 +108,7 @@ def _list_task(task: str, rng: random.Random, n: int, gen_length: int) -> Exampl
     info["target"] = "".join(ys)
     return _example(task, args, "".join(xs), "".join(ys), info, gen_length)
 
+# %% ../../nbs/dllm/tasks.ipynb #c0ec2dba
 def _latin_squares() -> list[str]:
     rows = ["".join(p) for p in itertools.permutations("1234")]
     out = []
@@ -137,6 +138,7 @@ def _sudoku(rng: random.Random, gen_length: int, givens: int = 12) -> Example:
         if len(sudoku_solutions(puzzle)) == 1: break
     return _example("sudoku", "", puzzle, grid, {"puzzle": puzzle, "target": grid}, gen_length)
 
+# %% ../../nbs/dllm/tasks.ipynb #0bab1908
 def _add(rng: random.Random, digits: int, gen_length: int) -> Example:
     a, b = (rng.randrange(10 ** rng.randint(1, digits)) for _ in range(2))
     target = f"{a + b:0{digits + 1}d}"

@@ -18,13 +18,14 @@ import jiwer
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['BLANK', 'State', 'Vocab', 'ctc_loss', 'ctc_greedy_decode', 'ctc_prefix_beam_search', 'rnnt_log_likelihood',
            'rnnt_loss', 'Predictor', 'JoinerFn', 'state_where', 'state_select', 'LSTMPredictor', 'Joiner',
            'rnnt_greedy_decode', 'RNNTHyp', 'rnnt_beam_search', 'wer', 'cer', 'error_counts']
 
-# %% ../../nbs/speech/asr.ipynb #ffa172f6
+# %% ../../nbs/speech/asr.ipynb #637cbcfb
 BLANK = "<blank>"
 
 class Vocab:
@@ -58,35 +59,40 @@ class Vocab:
                                  f"{[t for t in self.tokens[1:] if len(t) > 1]}")
         return ids
 
-    def encode_words(self, text: str, exclude: Collection[str] = ()) -> list[int]:
-        """Token ids of the whitespace-separated words of `text`, each a whole token (a word vocabulary); a word
-        that is no token, the blank, or one of `exclude` (e.g. special tokens a transcript may not contain) is a
-        `ValueError`."""
-        ids = []
-        for w in text.split():
-            i = self.index.get(w)
-            if not i or w in exclude:
-                raise ValueError(f"word {w!r} of {text!r} is not in the vocabulary; valid words: "
-                                 f"{[t for t in self.tokens[1:] if t not in exclude]}")
-            ids.append(i)
-        return ids
+# %% ../../nbs/speech/asr.ipynb #06e9ddaf
+@patch
+def encode_words(self: Vocab, text: str, exclude: Collection[str] = ()) -> list[int]:
+    """Token ids of the whitespace-separated words of `text`, each a whole token (a word vocabulary); a word
+    that is no token, the blank, or one of `exclude` (e.g. special tokens a transcript may not contain) is a
+    `ValueError`."""
+    ids = []
+    for w in text.split():
+        i = self.index.get(w)
+        if not i or w in exclude:
+            raise ValueError(f"word {w!r} of {text!r} is not in the vocabulary; valid words: "
+                             f"{[t for t in self.tokens[1:] if t not in exclude]}")
+        ids.append(i)
+    return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        "Text of `ids` (blanks dropped)."
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < len(self.tokens): raise ValueError(f"token id {i} out of range for {len(self)} tokens")
-            if i != 0: out.append(self.tokens[i])
-        return "".join(out)
+# %% ../../nbs/speech/asr.ipynb #b9cb797e
+@patch
+def decode(self: Vocab, ids: Sequence[int]) -> str:
+    "Text of `ids` (blanks dropped)."
+    out = []
+    for i in ids:
+        i = int(i)
+        if not 0 <= i < len(self.tokens): raise ValueError(f"token id {i} out of range for {len(self)} tokens")
+        if i != 0: out.append(self.tokens[i])
+    return "".join(out)
 
-    def encode_batch(self, texts: Sequence[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        "Padded targets `[B, U_max]` (padding 0) and lengths `[B]`."
-        seqs = [self.encode(t) for t in texts]
-        lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-        out = torch.zeros(len(seqs), max(1, int(lens.max()) if len(seqs) else 1), dtype=torch.long)
-        for i, s in enumerate(seqs): out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        return out.to(device), lens.to(device)
+@patch
+def encode_batch(self: Vocab, texts: Sequence[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    "Padded targets `[B, U_max]` (padding 0) and lengths `[B]`."
+    seqs = [self.encode(t) for t in texts]
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = torch.zeros(len(seqs), max(1, int(lens.max()) if len(seqs) else 1), dtype=torch.long)
+    for i, s in enumerate(seqs): out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device), lens.to(device)
 
 # %% ../../nbs/speech/asr.ipynb #1c736ba5
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
@@ -109,13 +115,14 @@ def ctc_greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | None = None,
     best, keep = best.cpu(), keep.cpu()
     return [best[b][keep[b]].tolist() for b in range(B)]
 
-# %% ../../nbs/speech/asr.ipynb #afcf1ddf
+# %% ../../nbs/speech/asr.ipynb #a131c69d
 def _lse(a: float, b: float) -> float:
     if a == -math.inf: return b
     if b == -math.inf: return a
     m = max(a, b)
     return m + math.log(math.exp(a - m) + math.exp(b - m))
 
+# %% ../../nbs/speech/asr.ipynb #08b5b9cb
 def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 8, token_beam: int | None = None, blank: int = 0,
                            prefix_score=None, nbest: int | None = None) -> list[tuple[tuple[int, ...], float]]:
     "Prefix beam search over one utterance's `[T, V]` log-probabilities; `(tokens, log score)` pairs, best first."
@@ -189,7 +196,7 @@ def rnnt_loss(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.
     nll = -rnnt_log_likelihood(logits, targets, logit_lengths, target_lengths, blank)
     return nll.mean() if reduction == "mean" else nll.sum() if reduction == "sum" else nll
 
-# %% ../../nbs/speech/asr.ipynb #732e7512
+# %% ../../nbs/speech/asr.ipynb #c034b890
 State = Any
 
 class Predictor(Protocol):
@@ -211,6 +218,7 @@ def state_select(state: State, index: torch.Tensor) -> State:
     "Batch rows `index` of a state."
     return _map_state(lambda s: s.index_select(0, index), state)
 
+# %% ../../nbs/speech/asr.ipynb #16377c67
 class LSTMPredictor(nn.Module):
     "RNN-T prediction network: embedding (the blank embeds to zeros) + LSTM; implements the `Predictor` protocol."
     def __init__(self, vocab_size: int, dim: int = 128, layers: int = 1, blank: int = 0, dropout: float = 0.0):
@@ -233,6 +241,7 @@ class LSTMPredictor(nn.Module):
         x = torch.cat([targets.new_full((targets.shape[0], 1), self.blank), targets], 1)
         return self.lstm(self.embed(x))[0]
 
+# %% ../../nbs/speech/asr.ipynb #424a73aa
 class Joiner(nn.Module):
     "RNN-T joint network: `out(tanh(W_e·enc + W_p·pred))`, broadcasting over leading dimensions."
     def __init__(self, enc_dim: int, pred_dim: int, vocab_size: int, dim: int = 128):
@@ -277,7 +286,7 @@ def rnnt_greedy_decode(enc: torch.Tensor, lengths: torch.Tensor | None, predicto
     out, count = out.cpu(), count.cpu()
     return [out[b, :count[b]].tolist() for b in range(B)], score
 
-# %% ../../nbs/speech/asr.ipynb #af510880
+# %% ../../nbs/speech/asr.ipynb #64993cd7
 @dataclass
 class RNNTHyp:
     "A beam-search hypothesis: tokens, log score, last prediction output and state (batch of one)."
@@ -290,6 +299,7 @@ def _cat_states(states: list[State]) -> State:
     if isinstance(states[0], torch.Tensor): return torch.cat(states, 0)
     return type(states[0])(_cat_states([s[i] for s in states]) for i in range(len(states[0])))
 
+# %% ../../nbs/speech/asr.ipynb #d5e3c27b
 def rnnt_beam_search(enc: torch.Tensor, predictor: Predictor, joiner: JoinerFn, beam: int = 4, blank: int = 0,
                      max_symbols: int = 5, merge: str = "sum", length: int | None = None) -> list[RNNTHyp]:
     "Beam search over one utterance's encoder outputs `[T, De]`; hypotheses best first."

@@ -34,6 +34,7 @@ from scipy.signal import resample_poly
 
 from ..core.data import data_dir, sha256_file
 from ..core.repro import atomic_write, write_json_atomic
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ESPEAK_EXE', 'ESPEAK_RATE', 'INSTALL_HINT', 'LANGS', 'LANG_VOICES', 'DIGIT_WORDS', 'WORDS', 'SENTENCES', 'KINDS',
@@ -43,7 +44,7 @@ __all__ = ['ESPEAK_EXE', 'ESPEAK_RATE', 'INSTALL_HINT', 'LANGS', 'LANG_VOICES', 
            'speed_perturb', 'add_noise', 'apply_gain', 'augment', 'CorpusSpec', 'Utterance', 'SpeechCorpus',
            'default_cache_dir', 'cache_identity', 'cache_path', 'build_corpus']
 
-# %% ../../nbs/speech/corpus.ipynb #4dda4b0c
+# %% ../../nbs/speech/corpus.ipynb #cfe776f0
 ESPEAK_EXE = "espeak-ng"   # the executable looked up on PATH; tests monkeypatch it
 ESPEAK_RATE = 22050        # espeak-ng's output sample rate
 INSTALL_HINT = ("install it with `sudo apt-get install espeak-ng` (Debian/Ubuntu; `make test` installs the Debian "
@@ -74,6 +75,7 @@ def _run(args: list[str], text: str | None = None) -> str:
                           f"{proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout.decode(errors="replace")
 
+# %% ../../nbs/speech/corpus.ipynb #cd6e95d2
 @lru_cache(maxsize=None)
 def _version(exe: str) -> str:
     out = subprocess.run([exe, "--version"], capture_output=True).stdout.decode(errors="replace")
@@ -286,7 +288,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, speed: float = 1.0, snr_db:
     if snr_db is not None: y = add_noise(y, snr_db, rng)
     return apply_gain(y, gain_db), scale
 
-# %% ../../nbs/speech/corpus.ipynb #e89ccb85
+# %% ../../nbs/speech/corpus.ipynb #1f4dd0c9
 KINDS: tuple[str, ...] = ("digits", "words", "sentences", "texts")
 FORMAT_VERSION = 1   # bump when the synthesis or layout code changes what a spec produces
 
@@ -333,6 +335,7 @@ class CorpusSpec:
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
+# %% ../../nbs/speech/corpus.ipynb #9dcb3c81
 @dataclass
 class Utterance:
     "One corpus item: transcript, speaker settings, augmentation, exact word timestamps (seconds) and samples."
@@ -357,7 +360,7 @@ class Utterance:
     @property
     def duration(self) -> float: return len(self.audio) / self.sample_rate
 
-# %% ../../nbs/speech/corpus.ipynb #25113b52
+# %% ../../nbs/speech/corpus.ipynb #9a54fa4f
 class SpeechCorpus:
     "Utterances of one spec and seed: metadata records plus int16 samples stored contiguously."
     def __init__(self, spec: CorpusSpec, seed: int, records: list[dict], audio: np.ndarray, offsets: np.ndarray,
@@ -382,28 +385,32 @@ class SpeechCorpus:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return torch.from_numpy(self.audio_i16[a:b].astype(np.float32) / 32768.0)
 
-    def __getitem__(self, i: int) -> Utterance:
-        if not -len(self) <= i < len(self): raise IndexError(f"utterance {i} out of range for {len(self)} utterances")
-        i %= len(self)
-        r = self.records[i]
-        return Utterance(audio=self.samples(i), sample_rate=self.sample_rate, **{k: r[k] for k in (
-            "id", "lang", "text", "item", "voice", "variant", "speed", "pitch", "speed_factor", "snr_db", "gain_db",
-            "word_starts", "word_ends")})
+# %% ../../nbs/speech/corpus.ipynb #4c64ed34
+@patch
+def __getitem__(self: SpeechCorpus, i: int) -> Utterance:
+    if not -len(self) <= i < len(self): raise IndexError(f"utterance {i} out of range for {len(self)} utterances")
+    i %= len(self)
+    r = self.records[i]
+    return Utterance(audio=self.samples(i), sample_rate=self.sample_rate, **{k: r[k] for k in (
+        "id", "lang", "text", "item", "voice", "variant", "speed", "pitch", "speed_factor", "snr_db", "gain_db",
+        "word_starts", "word_ends")})
 
-    def batch(self, indices: Sequence[int], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        "Zero-padded float32 samples `[B, max_len]` and lengths `[B]` (int64) of the given utterances."
-        idx = [int(i) for i in indices]
-        if not idx: raise ValueError("batch needs at least one index")
-        lens = torch.tensor([int(self.offsets[i + 1] - self.offsets[i]) for i in idx])
-        out = torch.zeros(len(idx), int(lens.max()))
-        for row, i in enumerate(idx): out[row, :lens[row]] = self.samples(i)
-        return out.to(device), lens.to(device)
+@patch
+def batch(self: SpeechCorpus, indices: Sequence[int], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    "Zero-padded float32 samples `[B, max_len]` and lengths `[B]` (int64) of the given utterances."
+    idx = [int(i) for i in indices]
+    if not idx: raise ValueError("batch needs at least one index")
+    lens = torch.tensor([int(self.offsets[i + 1] - self.offsets[i]) for i in idx])
+    out = torch.zeros(len(idx), int(lens.max()))
+    for row, i in enumerate(idx): out[row, :lens[row]] = self.samples(i)
+    return out.to(device), lens.to(device)
 
-    def __repr__(self) -> str:
-        return (f"SpeechCorpus({self.spec.kind}, {len(self)} utterances, {self.hours * 60:.1f} min, seed={self.seed}, "
-                f"espeak-ng {self.espeak}, cache: {self.cache_status})")
+@patch
+def __repr__(self: SpeechCorpus) -> str:
+    return (f"SpeechCorpus({self.spec.kind}, {len(self)} utterances, {self.hours * 60:.1f} min, seed={self.seed}, "
+            f"espeak-ng {self.espeak}, cache: {self.cache_status})")
 
-# %% ../../nbs/speech/corpus.ipynb #cbc86c42
+# %% ../../nbs/speech/corpus.ipynb #8b7db404
 def _plan(spec: CorpusSpec, rng: np.random.Generator) -> list[dict]:
     plans = []
     for i in range(spec.n):
@@ -436,6 +443,7 @@ def _plan(spec: CorpusSpec, rng: np.random.Generator) -> list[dict]:
             noise_seed=int(rng.integers(2**63 - 1))))
     return plans
 
+# %% ../../nbs/speech/corpus.ipynb #5fe3c1ec
 def _clip_keys(spec: CorpusSpec, plans: list[dict]) -> list[tuple]:
     keys = set()
     for p in plans:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MelScale', 'Normalize', 'hz_to_mel', 'mel_to_hz', 'mel_filterbank', 'frame_lengths', 'length_mask', 'feature_stats',
@@ -58,7 +59,7 @@ def mel_filterbank(sample_rate: int = 16000, n_fft: int = 512, n_mels: int = 80,
     if norm == "slaney": fb = fb * (2.0 / (pts[2:] - pts[:-2]))[:, None]
     return fb.to(dtype)
 
-# %% ../../nbs/speech/features.ipynb #3beca476
+# %% ../../nbs/speech/features.ipynb #95d32c0d
 Normalize = Literal["utterance", "global"] | None
 
 def frame_lengths(lengths: torch.Tensor, hop_length: int) -> torch.Tensor:
@@ -77,6 +78,7 @@ def feature_stats(feats: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5)
     var = (((feats - mean) ** 2) * m).sum((0, 1)) / n
     return mean, torch.sqrt(var + eps)
 
+# %% ../../nbs/speech/features.ipynb #05683739
 class LogMel(nn.Module):
     "Waveforms `[B, N]` (+ lengths) → log-mel features `[B, T, n_mels]` and frame lengths `[B]`."
     def __init__(self, sample_rate: int = 16000, n_fft: int = 512, win_length: int = 400, hop_length: int = 160,
@@ -97,38 +99,43 @@ class LogMel(nn.Module):
         self.register_buffer("mean", torch.zeros(n_mels))
         self.register_buffer("std", torch.ones(n_mels))
 
-    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        "Fix the per-band statistics used by `normalize='global'` (see `feature_stats`)."
-        if mean.shape != (self.n_mels,) or std.shape != (self.n_mels,):
-            raise ValueError(f"stats must have shape ({self.n_mels},), got {tuple(mean.shape)} and {tuple(std.shape)}")
-        self.mean.copy_(mean); self.std.copy_(std)
+@patch
+def set_stats(self: LogMel, mean: torch.Tensor, std: torch.Tensor) -> None:
+    "Fix the per-band statistics used by `normalize='global'` (see `feature_stats`)."
+    if mean.shape != (self.n_mels,) or std.shape != (self.n_mels,):
+        raise ValueError(f"stats must have shape ({self.n_mels},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+    self.mean.copy_(mean); self.std.copy_(std)
 
-    def power_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        "Mel power spectrogram `[B, T, n_mels]` of zero-padded waveforms `[B, N]` (no log, no masking)."
-        spec = torch.stft(wave, self.n_fft, self.hop_length, self.win_length, self.window.to(wave.dtype),
-                          center=True, pad_mode="constant", return_complex=True)       # [B, F, T]
-        power = spec.real ** 2 + spec.imag ** 2
-        return torch.matmul(self.fb.to(wave.dtype), power).transpose(1, 2)
+# %% ../../nbs/speech/features.ipynb #6fc20f3b
+@patch
+def power_mel(self: LogMel, wave: torch.Tensor) -> torch.Tensor:
+    "Mel power spectrogram `[B, T, n_mels]` of zero-padded waveforms `[B, N]` (no log, no masking)."
+    spec = torch.stft(wave, self.n_fft, self.hop_length, self.win_length, self.window.to(wave.dtype),
+                      center=True, pad_mode="constant", return_complex=True)       # [B, F, T]
+    power = spec.real ** 2 + spec.imag ** 2
+    return torch.matmul(self.fb.to(wave.dtype), power).transpose(1, 2)
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if wave.dim() == 1: wave = wave.unsqueeze(0)
-        if wave.dim() != 2: raise ValueError(f"wave must be [N] or [B, N], got shape {tuple(wave.shape)}")
-        if not wave.is_floating_point(): raise ValueError(f"wave must be floating point, got {wave.dtype}")
-        B, N = wave.shape
-        if lengths is None: lengths = torch.full((B,), N, dtype=torch.long, device=wave.device)
-        lengths = lengths.to(wave.device)
-        feats = torch.log(torch.clamp(self.power_mel(wave), min=self.log_floor))
-        flen = frame_lengths(lengths, self.hop_length)
-        mask = length_mask(flen, feats.shape[1]).unsqueeze(-1)
-        if self.normalize == "utterance":
-            m = mask.to(feats.dtype)
-            n = flen.to(feats.dtype)[:, None, None]
-            mean = (feats * m).sum(1, keepdim=True) / n
-            var = (((feats - mean) ** 2) * m).sum(1, keepdim=True) / n
-            feats = (feats - mean) / torch.sqrt(var + self.eps)
-        elif self.normalize == "global":
-            feats = (feats - self.mean.to(feats.dtype)) / self.std.to(feats.dtype)
-        return feats.masked_fill(~mask, 0.0), flen
+# %% ../../nbs/speech/features.ipynb #1941454f
+@patch
+def forward(self: LogMel, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if wave.dim() == 1: wave = wave.unsqueeze(0)
+    if wave.dim() != 2: raise ValueError(f"wave must be [N] or [B, N], got shape {tuple(wave.shape)}")
+    if not wave.is_floating_point(): raise ValueError(f"wave must be floating point, got {wave.dtype}")
+    B, N = wave.shape
+    if lengths is None: lengths = torch.full((B,), N, dtype=torch.long, device=wave.device)
+    lengths = lengths.to(wave.device)
+    feats = torch.log(torch.clamp(self.power_mel(wave), min=self.log_floor))
+    flen = frame_lengths(lengths, self.hop_length)
+    mask = length_mask(flen, feats.shape[1]).unsqueeze(-1)
+    if self.normalize == "utterance":
+        m = mask.to(feats.dtype)
+        n = flen.to(feats.dtype)[:, None, None]
+        mean = (feats * m).sum(1, keepdim=True) / n
+        var = (((feats - mean) ** 2) * m).sum(1, keepdim=True) / n
+        feats = (feats - mean) / torch.sqrt(var + self.eps)
+    elif self.normalize == "global":
+        feats = (feats - self.mean.to(feats.dtype)) / self.std.to(feats.dtype)
+    return feats.masked_fill(~mask, 0.0), flen
 
 # %% ../../nbs/speech/features.ipynb #d0930a3d
 def dct_matrix(n_mfcc: int, n_mels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

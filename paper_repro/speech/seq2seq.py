@@ -22,6 +22,7 @@ from ..core.lm import ConditionedLM, CrossMemory, LMConfig, TransformerLM
 from ..core.train import Callback
 from .asr import ctc_loss
 from .features import LogMel, length_mask
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ConvSubsampling', 'padding_attn_mask', 'encode', 'decoder_loss', 'attention_greedy_decode', 'CTCPrefixScorer',
@@ -145,7 +146,7 @@ class CTCPrefixScorer:
             psi = torch.logaddexp(psi, phi[..., t - 1] + lp_c[..., t])
         return psi, torch.stack([torch.stack(r_n, -1), torch.stack(r_b, -1)], dim=-1)
 
-# %% ../../nbs/speech/seq2seq.ipynb #3396a752
+# %% ../../nbs/speech/seq2seq.ipynb #4095267b
 @dataclass
 class _Hyp:
     utt: int
@@ -159,6 +160,7 @@ def _check_beam_args(beam: int, ctc_weight: float, ctc_log_probs, max_new_tokens
     if ctc_weight > 0 and ctc_log_probs is None: raise ValueError("ctc_weight > 0 needs ctc_log_probs")
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
+# %% ../../nbs/speech/seq2seq.ipynb #7126a95a
 @torch.no_grad()
 def joint_beam_search(decoder: TransformerLM, memory: CrossMemory, prompts: Sequence[Sequence[int]], eos_id: int,
                       beam: int = 4, ctc_log_probs: torch.Tensor | None = None, ctc_lengths: torch.Tensor | None = None,
@@ -188,6 +190,7 @@ def joint_beam_search(decoder: TransformerLM, memory: CrossMemory, prompts: Sequ
             out[b] = toks
     return out
 
+# %% ../../nbs/speech/seq2seq.ipynb #f3cc7fc7
 def _beam_group(decoder, memory, prompts, utts, eos_id, beam, K, scorer, lam, max_new_tokens, length_bonus):
     "Beam search for utterances whose prompts have one length; returns the best tokens per utterance."
     G, device = len(prompts), memory.k.device
@@ -256,7 +259,7 @@ def attention_decode(decoder: TransformerLM, memory: CrossMemory, prompts: Seque
     return joint_beam_search(decoder, memory, prompts, eos_id, beam, lp, ctc_lengths, ctc_weight, max_new_tokens,
                              length_bonus)
 
-# %% ../../nbs/speech/seq2seq.ipynb #e50a0a11
+# %% ../../nbs/speech/seq2seq.ipynb #e788d2e6
 @dataclass(frozen=True)
 class Seq2SeqConfig:
     "Shape of a `SpeechSeq2Seq`."
@@ -284,6 +287,7 @@ class Seq2SeqConfig:
         return LMConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.dec_layers,
                         n_heads=self.n_heads, d_ff=self.d_ff, cross_attention=True)
 
+# %% ../../nbs/speech/seq2seq.ipynb #da0fbe39
 class SpeechSeq2Seq(nn.Module):
     """Log-mel → conv subsampling → bidirectional transformer encoder (+ CTC head) → cross-attention transformer decoder.
     `frontend=False`: no log-mel front end (the model reads features computed outside it, e.g. with global statistics).
@@ -298,55 +302,63 @@ class SpeechSeq2Seq(nn.Module):
         self.decoder = TransformerLM(cfg.decoder_config())
         if subsample_last: self.subsample = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsample)
 
-    def encode(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Encoder states `[B, S, d_model]` and their lengths for waveforms `[B, N]` of `lengths` samples."
-        if self.frontend is None:
-            raise ValueError(f"this {type(self).__name__} has no log-mel front end (frontend=False): pass features to "
-                             "encode_features instead of waveforms")
-        return self.encode_features(*self.frontend(wave, lengths))
+# %% ../../nbs/speech/seq2seq.ipynb #0f3fe574
+@patch
+def encode(self: SpeechSeq2Seq, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Encoder states `[B, S, d_model]` and their lengths for waveforms `[B, N]` of `lengths` samples."
+    if self.frontend is None:
+        raise ValueError(f"this {type(self).__name__} has no log-mel front end (frontend=False): pass features to "
+                         "encode_features instead of waveforms")
+    return self.encode_features(*self.frontend(wave, lengths))
 
-    def encode_features(self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,
-                        mask_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states and lengths from log-mel features `[B, T, n_mels]` of `lengths` frames (e.g. cached ones);
-        `mask` `[B, S]` replaces the subsampled frames where it is True by the vector `mask_embed` `[d_model]`
-        (masked prediction, as SpeechT5 pre-trains)."""
-        x, xlen = self.subsample(feats.to(self.encoder.dtype), lengths)
-        if mask is not None:
-            if mask_embed is None: raise ValueError("a frame mask needs the mask_embed vector that replaces the frames")
-            x = torch.where(mask[..., None], mask_embed.to(x.dtype), x)
-        return encode(self.encoder, x, xlen), xlen
+@patch
+def encode_features(self: SpeechSeq2Seq, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,
+                    mask_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder states and lengths from log-mel features `[B, T, n_mels]` of `lengths` frames (e.g. cached ones);
+    `mask` `[B, S]` replaces the subsampled frames where it is True by the vector `mask_embed` `[d_model]`
+    (masked prediction, as SpeechT5 pre-trains)."""
+    x, xlen = self.subsample(feats.to(self.encoder.dtype), lengths)
+    if mask is not None:
+        if mask_embed is None: raise ValueError("a frame mask needs the mask_embed vector that replaces the frames")
+        x = torch.where(mask[..., None], mask_embed.to(x.dtype), x)
+    return encode(self.encoder, x, xlen), xlen
 
-    def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        "CTC logits `[B, S, ctc classes]` of encoder states."
-        return self.encoder.lm_head(hidden)
+@patch
+def ctc_logits(self: SpeechSeq2Seq, hidden: torch.Tensor) -> torch.Tensor:
+    "CTC logits `[B, S, ctc classes]` of encoder states."
+    return self.encoder.lm_head(hidden)
 
-    def loss(self, wave: torch.Tensor, lengths: torch.Tensor, sequences: Sequence[Sequence[int]],
-             n_prompt: Sequence[int] | int, ctc_targets: Sequence[Sequence[int]] | None = None, ctc_weight: float = 0.3,
-             label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-        "`total = λ · CTC + (1 − λ) · attention` (both per target token); `ctc_targets` default: the tokens after the prompt."
-        if not 0.0 <= ctc_weight <= 1.0: raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
-        hidden, hlen = self.encode(wave, lengths)
-        zero = hidden.new_zeros(())
-        att = decoder_loss(self.decoder, self.decoder.encode_memory(hidden, hlen), sequences, n_prompt,
-                           label_smoothing) if ctc_weight < 1 else zero
-        ctc = zero
-        if ctc_weight > 0:
-            if ctc_targets is None:
-                n = [n_prompt] * len(sequences) if isinstance(n_prompt, int) else n_prompt
-                ctc_targets = [s[p:-1] for s, p in zip(sequences, n)]
-            tgt = _pad_right(ctc_targets, 0, hidden.device)
-            tlen = torch.tensor([len(t) for t in ctc_targets], device=hidden.device)
-            ctc = ctc_loss(self.ctc_logits(hidden), hlen, tgt, tlen)
-        return dict(total=ctc_weight * ctc + (1 - ctc_weight) * att, att=att, ctc=ctc)
+# %% ../../nbs/speech/seq2seq.ipynb #7d58c129
+@patch
+def loss(self: SpeechSeq2Seq, wave: torch.Tensor, lengths: torch.Tensor, sequences: Sequence[Sequence[int]],
+         n_prompt: Sequence[int] | int, ctc_targets: Sequence[Sequence[int]] | None = None, ctc_weight: float = 0.3,
+         label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    "`total = λ · CTC + (1 − λ) · attention` (both per target token); `ctc_targets` default: the tokens after the prompt."
+    if not 0.0 <= ctc_weight <= 1.0: raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    hidden, hlen = self.encode(wave, lengths)
+    zero = hidden.new_zeros(())
+    att = decoder_loss(self.decoder, self.decoder.encode_memory(hidden, hlen), sequences, n_prompt,
+                       label_smoothing) if ctc_weight < 1 else zero
+    ctc = zero
+    if ctc_weight > 0:
+        if ctc_targets is None:
+            n = [n_prompt] * len(sequences) if isinstance(n_prompt, int) else n_prompt
+            ctc_targets = [s[p:-1] for s, p in zip(sequences, n)]
+        tgt = _pad_right(ctc_targets, 0, hidden.device)
+        tlen = torch.tensor([len(t) for t in ctc_targets], device=hidden.device)
+        ctc = ctc_loss(self.ctc_logits(hidden), hlen, tgt, tlen)
+    return dict(total=ctc_weight * ctc + (1 - ctc_weight) * att, att=att, ctc=ctc)
 
-    @torch.no_grad()
-    def transcribe(self, wave: torch.Tensor, lengths: torch.Tensor, prompts: Sequence[Sequence[int]], eos_id: int,
-                   max_new_tokens: int = 64, beam: int = 1, ctc_weight: float = 0.0, length_bonus: float = 0.0
-                   ) -> list[list[int]]:
-        "Token ids after each prompt: greedy when `beam == 1` and `ctc_weight == 0`, else joint CTC/attention beam search."
-        hidden, hlen = self.encode(wave, lengths)
-        return attention_decode(self.decoder, self.decoder.encode_memory(hidden, hlen), prompts, eos_id, max_new_tokens,
-                                beam, ctc_weight, self.ctc_logits(hidden) if ctc_weight > 0 else None, hlen, length_bonus)
+# %% ../../nbs/speech/seq2seq.ipynb #7f82baba
+@patch
+@torch.no_grad()
+def transcribe(self: SpeechSeq2Seq, wave: torch.Tensor, lengths: torch.Tensor, prompts: Sequence[Sequence[int]], eos_id: int,
+               max_new_tokens: int = 64, beam: int = 1, ctc_weight: float = 0.0, length_bonus: float = 0.0
+               ) -> list[list[int]]:
+    "Token ids after each prompt: greedy when `beam == 1` and `ctc_weight == 0`, else joint CTC/attention beam search."
+    hidden, hlen = self.encode(wave, lengths)
+    return attention_decode(self.decoder, self.decoder.encode_memory(hidden, hlen), prompts, eos_id, max_new_tokens,
+                            beam, ctc_weight, self.ctc_logits(hidden) if ctc_weight > 0 else None, hlen, length_bonus)
 
 # %% ../../nbs/speech/seq2seq.ipynb #920bf899
 class IntervalMeans(Callback):
