@@ -375,6 +375,8 @@ def _figure(summary: pd.DataFrame, device: str, repeats: int):
                         fmt=markers[r.method], color=colors[r.method], ms=6, capsize=2, lw=1, label=r.method)
         ax.axhline(1.0, color=REFERENCE, lw=1, ls="--")
         ax.set(title=cat, xlabel="mean accepted tokens per target call (tokens)", ylabel="speed-up over greedy (×)")
+    top = max(1.5, 1.25 * float(data.speedup.max()))
+    for ax in axes.flat: ax.set_ylim(0, top)   # a speed-up is positive; an interval reaching past the frame is clipped
     for ax in axes.flat[len(cats):]: ax.set_visible(False)
     legend_outside(fig, "right", title="method")
     fig.suptitle(f"Decoding benchmark ({device}): bars = 95% interval over {repeats} timing repeats; "
