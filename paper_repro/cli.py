@@ -32,16 +32,19 @@ from .core.catalog import (
     paper_status, results_dir, status_summary)
 from .core.claims import KINDS, claim_counts, holding_summary
 from .core.data import DataError
+from .core.outputs import STORED_SCALE, store_outputs
+from .core.executor import EXECUTORS, Executor, PaperTask, make_executor
 from .core.repro import (PARAMETERS_ENV, RUNNER_ENV, ResultsLock, RunLockedError, check_scale, check_seed,
                                     open_runs, project_root, resolve_device, write_text_atomic)
 
 # %% auto #0
-__all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INTERRUPT_GRACE_S', 'OUTCOME_MARKS', 'CATALOG_START', 'CATALOG_END',
-           'BENCH_START', 'BENCH_END', 'HF_START', 'HF_END', 'CliError', 'RunOutcome', 'papers_with_notebooks',
-           'check_run', 'notebook_parameters', 'parse_param', 'coerce_param', 'notebook_params', 'output_dir',
-           'kernel_manager_class', 'run_paper', 'run_papers', 'claim_table', 'NoResultsError', 'report_path',
+__all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INLINE_DPI', 'INTERRUPT_GRACE_S', 'OUTCOME_MARKS', 'CATALOG_START',
+           'CATALOG_END', 'BENCH_START', 'BENCH_END', 'HF_START', 'HF_END', 'CliError', 'RunOutcome',
+           'papers_with_notebooks', 'check_run', 'NotebookParameter', 'parameter_specs', 'notebook_parameters',
+           'parse_param', 'coerce_param', 'notebook_params', 'read_params_file', 'output_dir', 'kernel_manager_class',
+           'CellProgress', 'stores_outputs', 'run_paper', 'run_papers', 'claim_table', 'NoResultsError', 'report_path',
            'build_report', 'replace_section', 'replace_catalog_section', 'bench_markdown', 'hf_support_markdown',
-           'update_readme', 'build_parser', 'Terminated', 'main']
+           'update_readme', 'LineProgress', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -62,17 +65,24 @@ def _one_line(text: object) -> str:
 # %% ../nbs/core/cli.ipynb #d96bc891
 @dataclass
 class RunOutcome:
-    "How one paper's notebook run went: `ok`, wall seconds, the kept executed notebook and, if it failed, the error line."
+    """How one paper's notebook run went: `ok`, wall seconds, the kept executed notebook and, if it failed, the error
+    line ("cell N `first line`: ExceptionName: last line") and the number of the failed cell in the source notebook.
+    `stored`: the source notebook, when the run's outputs were written back into it; `note`: why they were not, when
+    they should have been."""
     slug: str
     ok: bool
     wall_s: float
     executed: Path
     error: str | None = None
+    cell: int | None = None
+    stored: Path | None = None
+    note: str | None = None
 
 def papers_with_notebooks(root: str | Path | None = None) -> list[Paper]:
     "Every paper whose notebook exists in `root` (what `run --all` runs), in catalogue order."
     return [p for p in PAPERS if notebook_path(p, root).is_file()]
 
+# %% ../nbs/core/cli.ipynb #4712a981
 RESERVED_PARAMETERS = ("scale", "device", "seed", "out_dir")  # set by the runner itself
 
 def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: int,
@@ -94,43 +104,74 @@ def check_run(slugs: Sequence[str], scale: str, device: str, seed: int, jobs: in
     for name in params or {}:
         if name in RESERVED_PARAMETERS:
             option = "--out-root (results go to DIR/<scale>/<slug>)" if name == "out_dir" else f"--{name}"
-            raise ValueError(f"parameter {name!r} has its own option ({option}); -p is for the others")
+            raise ValueError(f"parameter {name!r} has its own option ({option}); -p and -f are for the others")
     for p in papers: notebook_params(p, params, root)
     return papers
 
+# %% ../nbs/core/cli.ipynb #82c26304
 NON_LITERAL = type("NonLiteral", (), {"__repr__": lambda self: "<not a literal>"})()  # a default we cannot read
 
-def notebook_parameters(path: str | Path) -> dict[str, Any]:
-    """The parameters a notebook's cell tagged `parameters` assigns, in order: name -> default value
-    (`NON_LITERAL` where the default is an expression rather than a literal)."""
+@dataclass
+class NotebookParameter:
+    """One assignment of a notebook's parameters cell: `name`, `default` (`NON_LITERAL` for an expression, whose text is
+    `expression`), `kind` (the type `-p`/`-f` values are read as: the annotation if it names a builtin type, else the
+    default's type; None leaves it open) and `help` (the line's trailing comment, as papermill reads it)."""
+    name: str
+    default: Any
+    expression: str
+    kind: type | None
+    help: str = ""
+
+# %% ../nbs/core/cli.ipynb #11f0271f
+_KINDS = {t.__name__: t for t in (bool, int, float, str, list, dict, tuple)}
+
+def parameter_specs(path: str | Path) -> list[NotebookParameter]:
+    "The parameters of the notebook at `path`, in the order its cell tagged `parameters` assigns them."
     import nbformat
-    found: dict[str, Any] = {}
+    found: dict[str, NotebookParameter] = {}
     for cell in nbformat.read(str(path), as_version=4).cells:
         if "parameters" not in cell.metadata.get("tags", []): continue
         try: body = ast.parse(cell.source).body
         except SyntaxError as e: raise ValueError(f"{path}: the parameters cell is not valid Python ({e.msg}, line {e.lineno})") from None
+        lines = cell.source.splitlines()
         for node in body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
             for t in targets:
                 if not isinstance(t, ast.Name): continue
-                try: found[t.id] = ast.literal_eval(node.value) if node.value is not None else NON_LITERAL
-                except (ValueError, SyntaxError, TypeError): found[t.id] = NON_LITERAL
-    return found
+                try: default = ast.literal_eval(node.value) if node.value is not None else NON_LITERAL
+                except (ValueError, SyntaxError, TypeError): default = NON_LITERAL
+                hint = ast.unparse(node.annotation) if isinstance(node, ast.AnnAssign) else None
+                kind = _KINDS.get(hint) if hint else None
+                if kind is None and hint is None and default is not NON_LITERAL and default is not None: kind = type(default)
+                tail = lines[node.end_lineno - 1][node.end_col_offset:] if node.end_lineno else ""
+                comment = tail.split("#", 1)[1].strip() if "#" in tail else ""
+                expression = ast.unparse(node.value) if node.value is not None else ""
+                found[t.id] = NotebookParameter(t.id, default, expression, kind, comment)
+    return list(found.values())
 
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """The parameters a notebook's cell tagged `parameters` assigns, in order: name -> default value
+    (`NON_LITERAL` where the default is an expression rather than a literal)."""
+    return {p.name: p.default for p in parameter_specs(path)}
+
+# %% ../nbs/core/cli.ipynb #bea0e108
 def parse_param(value: str) -> object:
     "A `-p` value as a Python literal (`True`, `3`, `0.5`, `'x'`), else the plain string."
     try: return ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): return value
 
+# %% ../nbs/core/cli.ipynb #543d303a
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
-def coerce_param(name: str, value: object, default: object, where: str = "the notebook") -> object:
-    """`value` (a `-p` string, or a Python value from the API) read as the type of the parameter's `default`;
-    a `ValueError` naming the parameter, the value and the expected type when it cannot be. A default of `None` or a
-    non-literal leaves the type open: a string is then read as a Python literal if it is one, else kept as is."""
-    if default is None or default is NON_LITERAL:
+def coerce_param(name: str, value: object, default: object, where: str = "the notebook", kind: type | None = None) -> object:
+    """`value` (a `-p` string, or a Python value from the API or a `-f` YAML file) read as `kind` (default: the type of
+    the parameter's `default`); a `ValueError` naming the parameter, the value and the expected type when it cannot be.
+    No kind (a default of `None` or a non-literal, not annotated) leaves the type open: a string is then read as a
+    Python literal if it is one, else kept as is."""
+    kind = kind or (None if default is None or default is NON_LITERAL else type(default))
+    if kind is None:
         return parse_param(value) if isinstance(value, str) else value
-    kind, text = type(default), value if isinstance(value, str) else None
+    text = value if isinstance(value, str) else None
     expected = {bool: "a bool (True, False, true, false, 1 or 0)", int: "an int", float: "a finite float",
                 str: "a str"}.get(kind, f"a {kind.__name__} literal")
     got = None
@@ -156,34 +197,70 @@ def coerce_param(name: str, value: object, default: object, where: str = "the no
         raise ValueError(f"parameter {name!r} of {where} is {expected} (default {name} = {default!r}); got {value!r}")
     return got
 
+# %% ../nbs/core/cli.ipynb #d857e3fd
 def notebook_params(paper: Paper, params: dict | None, root: str | Path | None = None) -> dict[str, Any]:
     "`params` checked and typed against `paper`'s parameters cell (see `coerce_param`)."
-    declared = notebook_parameters(notebook_path(paper, root))
+    declared = {p.name: p for p in parameter_specs(notebook_path(paper, root))}
     where = f"notebook {paper.slug!r}"
     typed = {}
     for name, value in (params or {}).items():
         if name not in declared:
             raise ValueError(f"{where} has no parameter {name!r}; its parameters: "
                              f"{', '.join(declared) or 'none (it has no cell tagged parameters)'}")
-        typed[name] = coerce_param(name, value, declared[name], where)
+        spec = declared[name]
+        typed[name] = coerce_param(name, value, spec.default, where, spec.kind)
     return typed
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """The parameters of a YAML file (`-f`, as papermill reads it: `name: value` lines), values as YAML types them;
+    a `ValueError` naming the file when it cannot be read, is not YAML, or is not a mapping of names to values."""
+    import yaml
+    path = Path(path)
+    try: text = path.read_text(encoding="utf-8")
+    except FileNotFoundError: raise ValueError(f"-f {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e: raise ValueError(f"-f {path}: cannot read it ({e})") from None
+    try: data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"-f {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None: return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"-f {path} must map parameter names to values (`name: value` lines), not be a "
+                         f"{type(data).__name__}")
+    return data
 
 # %% ../nbs/core/cli.ipynb #66fd75a7
 def _error_line(e: BaseException) -> str:
     "The last line of an exception, preferring the kernel-side `ename: evalue` papermill attaches."
-    text = f"{e.ename}: {e.evalue}" if getattr(e, "ename", None) else f"{type(e).__name__}: {e}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
+    if getattr(e, "ename", None):
+        lines = [line.strip() for line in str(e.evalue or "").splitlines() if line.strip()]
+        return f"{e.ename}: {lines[-1]}" if lines else e.ename
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
+
+def _first_line(source: str, width: int = 60) -> str:
+    "A cell's first line of code (nbdev `#|` directives and blank lines skipped), cut to `width` characters."
+    line = next((ln.strip() for ln in source.splitlines() if ln.strip() and not ln.lstrip().startswith("#|")), "")
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 def output_dir(paper: Paper, scale: str, root: str | Path | None = None, out_root: str | Path | None = None) -> Path:
     "Where a run writes: `<out_root>/<scale>/<slug>` if `out_root` is given, else `results/<scale>/<slug>` in `root`."
     if out_root is None: return results_dir(paper, scale, root)
     return Path(out_root) / check_scale(scale) / paper.slug
 
+# %% ../nbs/core/cli.ipynb #3d2f8d5f
 # ipykernel logs a warning on every start (unencrypted local TCP sockets) and sometimes an error when the shutdown's
 # SIGINT races its event loop; both would bury the run's own report. Failures still surface: a cell's error through
 # papermill, a crashed kernel as papermill's DeadKernelError, and a dying process's own stderr is not a log record.
 _KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+INLINE_DPI = 72  # the resolution of the figures a run's notebook shows (and stores): the saved figure.png has its own
+# Each kernel draws with the inline backend (whatever MPLBACKEND the runner has, e.g. Agg in CI), so the executed
+# notebook shows its figures, at INLINE_DPI; and tqdm.auto's warning that ipywidgets is missing (it then draws text
+# bars, which the stored outputs keep) is not printed into every notebook.
+_KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+_KERNEL_WARNINGS = "ignore:IProgress not found"
+_INLINE_ARGS = [f"--InlineBackend.print_figure_kwargs={{'bbox_inches': 'tight', 'dpi': {INLINE_DPI}}}"]
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long an interrupted kernel may take to stop before it is killed
 
 _KERNELS: dict[str, Any] = {}  # run id -> the live kernel manager of that run (for Ctrl-C)
@@ -206,8 +283,9 @@ def kernel_manager_class() -> type:
             with _KERNELS_GUARD: _KERNELS[self.run_id] = self
     return RunKernelManager
 
+# %% ../nbs/core/cli.ipynb #1e2cf0c0
 def _signal_kernel(km, sig: int) -> None:
-    "Send `sig` to a kernel's process group (its own session: see above); ignore one that is gone."
+    "Send `sig` to a kernel's process group (each kernel has a session of its own); ignore one that is gone."
     prov = getattr(km, "provisioner", None)
     pgid = getattr(prov, "pgid", None) or getattr(prov, "pid", None)
     if pgid:
@@ -222,32 +300,138 @@ def _forget_kernel(run_id: str) -> None:
         _signal_kernel(km, signal.SIGKILL)
     with contextlib.suppress(OSError, TypeError): Path(km.connection_file).unlink(missing_ok=True)
 
+# %% ../nbs/core/cli.ipynb #c44b1ef4
+@dataclass
+class CellProgress:
+    """Where one paper's run is: `done` of its `total` code cells have run after `elapsed_s` seconds; `cell` is the
+    number, in the source notebook, of the cell that just ran, which took `cell_s` seconds (`done == 0, cell == 0`:
+    the run is starting)."""
+    slug: str
+    done: int
+    total: int
+    elapsed_s: float
+    cell: int = 0
+    cell_s: float = 0.0
+
+class _CellTracker:
+    """Follows papermill's cell callbacks for one run: which source cell is running (papermill numbers the cells of
+    the executed notebook, which has its injected-parameters cell too) and how many code cells have finished."""
+    def __init__(self, slug: str, total: int, on_progress: Callable[[CellProgress], None] | None, t0: float) -> None:
+        self.slug, self.total, self.on_progress, self.t0 = slug, total, on_progress, t0
+        self.injected_at: int | None = None  # index of papermill's injected cell in the executed notebook
+        self.current: tuple[int, str] | None = None  # (source number, first line) of the last cell started
+        self.done, self.cell_t0 = 0, t0
+
+    def number(self, index: int) -> int:
+        "The 1-based position in the source notebook of the executed notebook's cell `index`."
+        return index + (0 if self.injected_at is None or index < self.injected_at else -1) + 1
+
+    def cell_start(self, cell, index: int) -> None:
+        if "injected-parameters" in cell.metadata.get("tags", []): self.injected_at = index; return
+        self.current, self.cell_t0 = (self.number(index), _first_line(cell.source)), time.perf_counter()
+
+    def cell_complete(self, cell, index: int) -> None:
+        if cell.cell_type != "code" or "injected-parameters" in cell.metadata.get("tags", []): return
+        self.done += 1
+        if self.on_progress is not None:
+            now = time.perf_counter()
+            self.on_progress(CellProgress(self.slug, self.done, self.total, now - self.t0, self.number(index), now - self.cell_t0))
+
+# %% ../nbs/core/cli.ipynb #8cffd128
+@functools.cache
+def _engine_name() -> str:
+    "Register (once) papermill's nbclient engine with `_CellTracker` callbacks, as engine `paper_repro`."
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class RunEngine(NBClientEngine):
+        "papermill's nbclient engine, telling a `_CellTracker` (engine argument `tracker`) about each cell."
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, tracker: _CellTracker | None = None, **kwargs):
+            if tracker is not None:
+                start, complete = nb_man.cell_start, nb_man.cell_complete
+                def cell_start(cell, cell_index=None, **kw):
+                    tracker.cell_start(cell, cell_index)
+                    return start(cell, cell_index, **kw)
+                def cell_complete(cell, cell_index=None, **kw):
+                    try: return complete(cell, cell_index, **kw)
+                    finally: tracker.cell_complete(cell, cell_index)
+                nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("paper_repro", RunEngine)
+    return "paper_repro"
+
+# %% ../nbs/core/cli.ipynb #b2f8baf1
+def _failure(e: BaseException, tracker: _CellTracker, timeout: float | None) -> tuple[int | None, str]:
+    """The failed cell's source number and the error line of a failed run: "cell N `first line`: what happened".
+    papermill's `PapermillExecutionError` names the cell and the kernel's exception; a time-out (nbclient's
+    `CellTimeoutError`) or a dead kernel (`DeadKernelError`) is charged to the cell that was running."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+    where = tracker.current
+    if isinstance(e, PapermillExecutionError):
+        where, what = (tracker.number(e.cell_index), _first_line(e.source)), _error_line(e)
+    elif isinstance(e, CellTimeoutError):
+        what = f"timed out: still running after --timeout {timeout:g} s" if timeout else "timed out"
+    elif isinstance(e, DeadKernelError):
+        what = f"the kernel died (out of memory, or killed) - {_error_line(e)}"
+    else: what = _error_line(e)
+    if where is None: return None, what
+    return where[0], f"cell {where[0]} `{where[1]}`: {what}"
+
+def _code_cells(path: Path) -> int:
+    import nbformat
+    return sum(c.cell_type == "code" for c in nbformat.read(str(path), as_version=4).cells)
+
+def stores_outputs(paper: Paper, scale: str, root: str | Path | None = None, out_root: str | Path | None = None) -> bool:
+    """Whether a successful run writes its outputs back into the source notebook: only a run at the committed scale
+    (`cpu`) into the committed results folder `results/cpu/<slug>/` (not one with another `--out-root`)."""
+    if scale != STORED_SCALE: return False
+    return output_dir(paper, scale, root, out_root).resolve() == results_dir(paper, scale, root).resolve()
+
+# %% ../nbs/core/cli.ipynb #bf5476f1
 def run_paper(paper: Paper, scale: str, device: str, seed: int, root: str | Path | None = None,
               out_root: str | Path | None = None, timeout: float | None = None, params: dict | None = None,
-              run_id: str | None = None) -> RunOutcome:
+              run_id: str | None = None, *, progress: Callable[[CellProgress], None] | None = None,
+              progress_bar: bool | dict = False, store: bool = True) -> RunOutcome:
     """Execute one paper notebook with papermill in its own kernel; never raises for a failing notebook.
     `timeout` is papermill's per-cell limit in seconds (None: no limit); `params` are extra notebook parameters,
-    already typed (`notebook_params`). The caller holds the paper's results lock (as `run_papers` does)."""
+    already typed (`notebook_params`). The caller holds the paper's results lock (as `run_papers` does).
+    `progress` is called before the first cell and after each code cell (`CellProgress`); `progress_bar` is
+    papermill's own tqdm bar over the cells (True, or tqdm arguments). With `store` (the default) a successful run
+    into `results/cpu/<slug>/` writes its outputs back into the source notebook (`stores_outputs`, `store_outputs`)."""
     import papermill as pm  # imported here: it is slow to import and only `run` needs it
     from traitlets.config import Config
     out = output_dir(paper, scale, root, out_root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     nb, executed = notebook_path(paper, root).resolve(), out / "executed.ipynb"
     run_id = run_id or f"{paper.slug}-{uuid.uuid4().hex[:8]}"
-    env = {RUNNER_ENV: str(os.getpid()), PARAMETERS_ENV: json.dumps(dict(params or {}), default=str)}
-    t0 = time.perf_counter()
+    env = {RUNNER_ENV: str(os.getpid()), PARAMETERS_ENV: json.dumps(dict(params or {}), default=str), **_KERNEL_ENV,
+           "PYTHONWARNINGS": ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), _KERNEL_WARNINGS) if w)}
+    store = store and stores_outputs(paper, scale, root, out_root)
+    source_text = nb.read_text(encoding="utf-8") if store else None
+    started, t0 = time.time(), time.perf_counter()
+    tracker = _CellTracker(paper.slug, _code_cells(nb), progress, t0)
+    if progress is not None: progress(CellProgress(paper.slug, 0, tracker.total, 0.0))
     try:
-        pm.execute_notebook(str(nb), str(executed), parameters=dict(params or {}, scale=scale, device=device, seed=seed, out_dir=str(out)),
-                            kernel_name="python3", progress_bar=False, execution_timeout=timeout,
-                            extra_arguments=_KERNEL_ARGS, kernel_manager_class=kernel_manager_class(),
-                            config=Config({"RunKernelManager": {"run_id": run_id, "run_env": env}}),
-                            resources={"metadata": {"path": str(nb.parent)}})
-        return RunOutcome(paper.slug, True, time.perf_counter() - t0, executed)
+        ran = pm.execute_notebook(str(nb), str(executed), parameters=dict(params or {}, scale=scale, device=device, seed=seed, out_dir=str(out)),
+                                  kernel_name="python3", progress_bar=progress_bar, execution_timeout=timeout,
+                                  extra_arguments=_KERNEL_ARGS + _INLINE_ARGS, kernel_manager_class=kernel_manager_class(),
+                                  config=Config({"RunKernelManager": {"run_id": run_id, "run_env": env}}),
+                                  resources={"metadata": {"path": str(nb.parent)}}, engine_name=_engine_name(),
+                                  tracker=tracker)
     except Exception as e:  # any failure of one paper is reported, and the others go on
-        return RunOutcome(paper.slug, False, time.perf_counter() - t0, executed, _error_line(e))
+        cell, error = _failure(e, tracker, timeout)
+        return RunOutcome(paper.slug, False, time.perf_counter() - t0, executed, error, cell=cell)
     finally:
         _forget_kernel(run_id)
+    outcome = RunOutcome(paper.slug, True, time.perf_counter() - t0, executed)
+    if store:
+        try: outcome.stored = store_outputs(paper, ran, source_text, root, since=started)
+        except (ValueError, OSError) as e: outcome.note = f"outputs not stored in the notebook: {_one_line(e)}"
+    return outcome
 
+# %% ../nbs/core/cli.ipynb #85c218de
 def _stop_kernels(futures: dict, grace: float) -> None:
     """Interrupt the kernels of `futures` (run id -> future), kill those still running after `grace` s, wait for all.
     SIGINT is sent again every second: one that lands between two cells, while the kernel ignores it, is lost."""
@@ -263,37 +447,27 @@ def _stop_kernels(futures: dict, grace: float) -> None:
         except KeyboardInterrupt:  # a second Ctrl-C: kill now
             deadline, last = 0.0, 0.0
 
+# %% ../nbs/core/cli.ipynb #37696a26
 def run_papers(slugs: Sequence[str], scale: str = "cpu", device: str = "auto", seed: int = 0, jobs: int = 1,
                root: str | Path | None = None, out_root: str | Path | None = None, timeout: float | None = None,
-               on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None) -> list[RunOutcome]:
+               on_done: Callable[[RunOutcome], None] | None = None, params: dict | None = None, *,
+               progress: Callable[[CellProgress], None] | None = None, progress_bar: bool = False,
+               store: bool = True, executor: Executor | None = None) -> list[RunOutcome]:
     """Run the papers' notebooks, `jobs` at a time, after validating the whole request (`check_run`) and taking every
     paper's results lock (`RunLockedError` if another run holds one). Returns one `RunOutcome` per paper in the order
-    given; `on_done` is called as each one finishes. On Ctrl-C it stops the kernels, keeps the previous results and
-    raises `KeyboardInterrupt` (see above)."""
+    given; `on_done` is called as each one finishes, `progress` as each cell does (`run_paper`); `progress_bar` shows
+    papermill's bar over each notebook's cells (one line per paper running). `store=False`: no run writes its outputs
+    back into its notebook. `executor` says where the notebooks run (`core.executor`): by default
+    `LocalExecutor(jobs)`, threads of this process, which on Ctrl-C stops the kernels, keeps the previous results and
+    raises `KeyboardInterrupt`; `RayExecutor` fans them out over a Ray cluster."""
     papers = check_run(slugs, scale, device, seed, jobs, root, params, timeout)
     typed = {p.slug: notebook_params(p, params, root) for p in papers}
-    stop = threading.Event()
-    def one(p: Paper, run_id: str) -> RunOutcome:
-        if stop.is_set():
-            return RunOutcome(p.slug, False, 0.0, output_dir(p, scale, root, out_root) / "executed.ipynb", "not started (interrupted)")
-        outcome = run_paper(p, scale, device, seed, root, out_root, timeout, typed[p.slug], run_id=run_id)
-        if stop.is_set(): outcome.error = "interrupted: stopped before it finished; its previous results are kept"
-        if on_done is not None: on_done(outcome)
-        return outcome
+    bar = lambda i, p: {"desc": p.slug, "position": i % jobs, "leave": True} if progress_bar else False
+    tasks = [PaperTask(p.slug, scale, device, seed, root, out_root, timeout, typed[p.slug], store=store,
+                       progress=progress, progress_bar=bar(i, p)) for i, p in enumerate(papers)]
     with contextlib.ExitStack() as held:
-        for p in papers: held.enter_context(ResultsLock(output_dir(p, scale, root, out_root)))
-        # threads are enough: each papermill call starts and waits on its own kernel process
-        pool = ThreadPoolExecutor(max_workers=jobs)
-        futures = {f"{p.slug}-{uuid.uuid4().hex[:8]}": p for p in papers}
-        futures = {i: pool.submit(one, p, i) for i, p in futures.items()}
-        try:
-            return [f.result() for f in futures.values()]
-        except KeyboardInterrupt:
-            stop.set()
-            _stop_kernels(futures, INTERRUPT_GRACE_S)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for t in tasks: held.enter_context(ResultsLock(t.out_dir))
+        return (executor or make_executor("local", jobs)).run(tasks, on_done)
 
 # %% ../nbs/core/cli.ipynb #ad41816e
 def _fmt(v: object) -> str:
@@ -321,7 +495,8 @@ def _ours(c: dict) -> str:
 def _paper_number(c: dict) -> str:
     "The paper's number with its source (and `unchecked` where we could not read it there)."
     if c["paper_value"] is None and not c["source"]: return "—"
-    checked = "" if c["source_checked"] or not c["source"] else ", unchecked"
+    ours = c["source"].strip().lower().startswith("our addition")
+    checked = "" if c["source_checked"] or ours or not c["source"] else ", unchecked"
     return f"{_fmt(c['paper_value'])} ({_cell(c['source'])}{checked})" if c["source"] else _fmt(c["paper_value"])
 
 def claim_table(claims: list[dict]) -> list[str]:
@@ -466,33 +641,97 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(df.to_string(index=False))
     return 0
 
+# %% ../nbs/core/cli.ipynb #158c7e6d
 def _report_outcome(o: RunOutcome) -> None:
     "Print one paper's result as soon as it finishes."
-    if o.ok: print(f"ok      {o.slug} ({o.wall_s:.1f} s)", flush=True)
+    if o.ok:
+        stored = f"; outputs stored in {_shown_path(o.stored)}" if o.stored else ""
+        print(f"ok      {o.slug} ({o.wall_s:.1f} s{stored})", flush=True)
+        if o.note: print(f"note    {o.slug}: {o.note}", file=sys.stderr, flush=True)
     else:
         kept = o.executed if o.executed.is_file() else "not written"
-        print(f"FAILED  {o.slug}: {_one_line(o.error)} (executed notebook: {kept})", file=sys.stderr, flush=True)
+        print(f"FAILED  {o.slug} after {o.wall_s:.1f} s: {_one_line(o.error)} (executed notebook: {kept})",
+              file=sys.stderr, flush=True)
+
+def _shown_path(path: Path) -> str:
+    "`path` relative to the working directory when it is inside it."
+    with contextlib.suppress(ValueError): return str(Path(path).resolve().relative_to(Path.cwd()))
+    return str(path)
+
+class LineProgress:
+    """Progress of running notebooks as lines (for a log, or a terminal shared by several papers): one when a paper
+    starts, then one every `every` code cells and after any cell that took `slow_s` seconds or more, with the elapsed
+    time; `RunOutcome`s print the end."""
+    def __init__(self, every: int = 5, slow_s: float = 30.0, file=None) -> None:
+        self.every, self.slow_s, self.file, self._lock = every, slow_s, file, threading.Lock()
+
+    def __call__(self, p: CellProgress) -> None:
+        slow = p.cell_s >= self.slow_s
+        if p.done == 0: line = f"start   {p.slug} ({p.total} code cells)"
+        elif (p.done % self.every == 0 or slow) and p.done < p.total:
+            took = f"cell {p.cell} took {p.cell_s:.1f} s" if slow else f"cell {p.cell}"
+            line = f"        {p.slug}: {p.done}/{p.total} code cells done, {p.elapsed_s:.1f} s ({took})"
+        else: return
+        with self._lock: print(line, file=self.file or sys.stdout, flush=True)
 
 # %% ../nbs/core/cli.ipynb #cf81c0a6
+def _run_params(args: argparse.Namespace) -> dict[str, Any]:
+    "The extra notebook parameters of `run`: the `-f` files in order, then `-p` (which overrides them)."
+    names = [name for name, _ in args.param or []]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice: raise CliError(f"-p {', '.join(twice)} given more than once", code=2)
+    params: dict[str, Any] = {}
+    for path in args.params_file or []: params.update(read_params_file(path))  # YAML-typed values
+    params.update(dict(args.param or []))  # strings: typed against each notebook's parameters cell
+    return params
+
 def _cmd_run(args: argparse.Namespace) -> int:
     "`paper-repro run`: execute paper notebooks; exit 1 if any failed."
     if args.all and args.slugs: raise CliError("give slugs or --all, not both", code=2)
     slugs = [p.slug for p in papers_with_notebooks(args.root)] if args.all else args.slugs
-    names = [name for name, _ in args.param or []]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice: raise CliError(f"-p {', '.join(twice)} given more than once", code=2)
-    params = dict(args.param or [])  # strings: typed against each notebook's parameters cell
+    params = _run_params(args)
     check_run(slugs, args.scale, args.device, args.seed, args.jobs, args.root, params, args.timeout)
-    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {args.jobs} at a time", flush=True)
+    if args.progress_every < 1: raise CliError(f"--progress-every must be at least 1, got {args.progress_every}", code=2)
+    mode = args.progress
+    if mode == "auto": mode = "bar" if sys.stderr.isatty() else "lines"
+    executor = make_executor(args.executor, args.jobs, args.ray_address, args.cpus_per_task)
+    print(f"running {len(slugs)} paper(s) at scale {args.scale} on device {args.device}, {executor.describe()}", flush=True)
     outcomes = run_papers(slugs, args.scale, args.device, args.seed, args.jobs, args.root, args.out_root,
-                          args.timeout, on_done=_report_outcome, params=params)
+                          args.timeout, on_done=_report_outcome, params=params,
+                          progress=LineProgress(args.progress_every) if mode == "lines" else None,
+                          progress_bar=mode == "bar", store=not args.no_store, executor=executor)
     width = max(len(o.slug) for o in outcomes)
     print("\nsummary:")
-    for o in outcomes: print(f"  {'ok' if o.ok else 'FAILED':6}  {o.slug:{width}}  {o.wall_s:7.1f} s")
+    for o in outcomes:
+        print(f"  {'ok' if o.ok else 'FAILED':6}  {o.slug:{width}}  {o.wall_s:7.1f} s" + (f"  cell {o.cell}" if o.cell else ""))
     n_failed = sum(not o.ok for o in outcomes)
     print(f"{len(outcomes) - n_failed} ok, {n_failed} failed")
     return 1 if n_failed else 0
 
+# %% ../nbs/core/cli.ipynb #7705a32e
+def _cmd_params(args: argparse.Namespace) -> int:
+    "`paper-repro params SLUG`: the parameters of a paper's notebook, with their types and defaults."
+    paper = get_paper(args.slug)
+    nb = notebook_path(paper, args.root)
+    if not nb.is_file(): raise CliError(f"paper {paper.slug!r} has no notebook yet (expected {nb})", code=2)
+    specs = parameter_specs(nb)
+    own = {"scale": "--scale", "device": "--device", "seed": "--seed", "out_dir": "--out-root"}
+    rows = [dict(name=s.name, type=s.kind.__name__ if s.kind else "any",
+                 default=s.expression if s.default is NON_LITERAL else repr(s.default),
+                 set_with=own.get(s.name, f"-p {s.name} VALUE"), help=s.help) for s in specs]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{paper.slug}: the parameters cell of {_shown_path(nb)}" if rows else
+          f"{paper.slug}: {_shown_path(nb)} has no cell tagged parameters")
+    if rows:
+        cols = ("name", "type", "default", "set_with", "help")
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        for r in [dict(zip(cols, ("name", "type", "default", "set with", "help"))), *rows]:
+            print("  " + "  ".join(f"{r[c]:{widths[c]}}" for c in cols).rstrip())
+    return 0
+
+# %% ../nbs/core/cli.ipynb #2c690854
 def _cmd_report(args: argparse.Namespace) -> int:
     "`paper-repro report`: write the results report atomically (nothing when there is nothing to report: exit 1)."
     check_scale(args.scale)
@@ -517,15 +756,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
+    executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
+        table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
         if args.suite == "dllm":
-            from paper_repro.dllm.bench import run_dllm_bench
-            table = run_dllm_bench(args.scale, args.device, out, args.seed)
             print(table.to_string(index=False))
             print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
             return 0
-        from paper_repro.core.bench import run_decoding_bench
-        table = run_decoding_bench(args.scale, args.device, out, args.seed, hf=not args.no_hf)
     except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
         raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
     print(table[table.category == "overall"].to_string(index=False))
@@ -541,17 +778,49 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
+def _command(sub, name: str, summary: str, description: str, func: Callable) -> argparse.ArgumentParser:
+    "Add subcommand `name`: `summary` in `paper-repro --help`, `description` at the top of `paper-repro NAME --help`."
+    p = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}")
+    p.set_defaults(func=func)
+    return p
+
+def _positive_number(text: str) -> float:
+    "argparse type of `--cpus-per-task`: a positive, finite number."
+    try: value = float(text)
+    except ValueError: value = float("nan")
+    if not (math.isfinite(value) and value > 0): raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    "`--executor`, `--ray-address`, `--cpus-per-task`: where `run` and `bench` do their work (see `core.executor`)."
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: this machine, -j at a time (default); ray: one Ray task per paper on a Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use (e.g. auto, or HOST:6379; default $RAY_ADDRESS, else a Ray instance "
+                        "started on this machine for the run)")
+    p.add_argument("--cpus-per-task", type=_positive_number, default=1, metavar="N",
+                   help="CPUs each Ray task asks for (default 1; a gpu-scale task also asks for one GPU)")
+
 def build_parser() -> argparse.ArgumentParser:
-    "The `paper-repro` argument parser with its five subcommands."
+    "The `paper-repro` argument parser with its subcommands; each says what it does in `paper-repro NAME --help`."
     parser = _Parser(prog="paper-repro", description="Reproducible paper notebooks: list, run, report.")
     parser.add_argument("--version", action="version", version=f"paper-repro {__version__}")
     parser.add_argument("--root", type=Path, default=None, help="checkout to work on (default: this package's)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,report,bench,readme}")
-    p = sub.add_parser("list", help="the catalogue with each paper's status")
-    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    p.add_argument("--family", choices=FAMILIES, default=None)
-    p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("run", help="execute paper notebooks with papermill, one kernel each")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,params,report,bench,readme}")
+    p = _command(sub, "list", "the catalogue with each paper's status",
+                 "The status is derived from what exists: planned (no notebook or module yet), implemented (a notebook "
+                 "and its exported module), reproduced (also its tests and a committed cpu run: figure, table and "
+                 "claims).", _cmd_list)
+    p.add_argument("--format", choices=("table", "markdown", "json"), default="table",
+                   help="a terminal table (long titles cut), the README's markdown table, or JSON records (default table)")
+    p.add_argument("--family", choices=FAMILIES, default=None, help="only the papers of this family")
+    p = _command(sub, "run", "execute paper notebooks with papermill, one kernel each",
+                 "Each notebook runs headlessly with scale, device, seed and its results folder as parameters, and "
+                 "writes figure, table, claims and run.json to results/<scale>/<slug>/ (the executed notebook is kept "
+                 "there as executed.ipynb). A failed paper is reported with its cell and error line, the others go "
+                 "on; exit 1 if any failed, 130 on Ctrl-C (the previous results are kept). A successful run at scale "
+                 "cpu into results/cpu/ also writes its outputs into the paper's notebook, so that it shows them "
+                 "when opened (see --no-store).", _cmd_run)
     p.add_argument("slugs", nargs="*", metavar="SLUG", help="papers to run (see `paper-repro list`)")
     p.add_argument("--all", action="store_true", help="every paper that has a notebook")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
@@ -561,28 +830,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR",
                    help="write to DIR/<scale>/<slug> instead of results/<scale>/<slug>")
     p.add_argument("--timeout", type=_positive_seconds, default=None, metavar="S", help="per-cell time limit in seconds")
+    p.add_argument("-f", "--params-file", type=Path, action="append", metavar="YAML",
+                   help="notebook parameters from a YAML file of `name: value` lines, as papermill reads them; "
+                        "checked like -p; several files: later ones win")
+    _executor_options(p)
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="another notebook parameter, e.g. -p retrain True; the value must fit the type of the "
-                        "parameter's default in the notebook (bool: True/False/true/false/1/0)")
-    p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("report", help="write the results report (default results/REPORT.md for cpu, else results/<scale>/REPORT.md)")
+                        "parameter's default in the notebook (bool: True/False/true/false/1/0); overrides -f "
+                        "(`paper-repro params SLUG` lists them)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="bar: papermill's bar over each notebook's cells; lines: a line when a paper starts and every "
+                        "--progress-every code cells and after a cell that took 30 s or more, with the elapsed time; "
+                        "auto (default): bar when stderr is a "
+                        "terminal, else lines")
+    p.add_argument("--progress-every", type=int, default=5, metavar="N",
+                   help="with --progress lines, a line every N code cells (default 5)")
+    p.add_argument("--no-store", action="store_true",
+                   help="leave the notebooks as they are (by default a successful cpu run into results/cpu/ writes "
+                        "its outputs into nbs/<family>/<slug>.ipynb, linked to the run in its metadata)")
+    p = _command(sub, "params", "a paper notebook's parameters, with their types and defaults",
+                 "Read from the notebook's cell tagged `parameters`: the type is the annotation if there is one "
+                 "(`steps: int = 10`), else the default's; a value given with -p or -f must fit it. A trailing "
+                 "comment is the parameter's help, as for `papermill --help-notebook`.", _cmd_params)
+    p.add_argument("slug", metavar="SLUG", help="the paper (see `paper-repro list`)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="a table (default) or JSON records")
+    p = _command(sub, "report", "write the results report",
+                 "One section per paper with results at the scale: its claims (the paper's number, ours, whether the "
+                 "claim's direction holds) and its figure; then the benchmarks and the papers not run. Written "
+                 "atomically; exit 1 without writing when there are no results at that scale.", _cmd_report)
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="default results/REPORT.md at scale cpu, results/<scale>/REPORT.md otherwise")
-    p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("bench", help="run a benchmark suite (decoding or dllm) and write results/<scale>/bench/")
+    p = _command(sub, "bench", "run a benchmark suite (decoding or dllm) and write results/<scale>/bench/",
+                 "Every method of the suite on the same task, model, device and budget, the baseline measured in the "
+                 "same run; writes the table, figure and claims ledger of the suite. Exit 1 if a claim that must hold "
+                 "(losslessness) does not; the previous results are then kept.", _cmd_bench)
     p.add_argument("suite", choices=("decoding", "dllm"),
                    help="which benchmark: decoding (speculative decoding) or dllm (masked-diffusion parallel decoding)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the benchmark (default 0)")
     p.add_argument("--out-root", type=Path, default=None, metavar="DIR", help="write to DIR/<scale>/bench")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baselines")
-    p.set_defaults(func=_cmd_bench)
-    p = sub.add_parser("readme", help="regenerate the README's catalogue and benchmark sections")
+    _executor_options(p)
+    p = _command(sub, "readme", "regenerate the README's catalogue and benchmark sections",
+                 "The catalogue (each paper's derived status), the committed cpu decoding benchmark and the Hugging "
+                 "Face support table, each between its two marker lines of README.md.", _cmd_readme)
     p.add_argument("--check", action="store_true", help="only check; exit 1 if it is out of date")
-    p.set_defaults(func=_cmd_readme)
     return parser
+
 
 # %% ../nbs/core/cli.ipynb #301d1f9f
 def _silence_stdout() -> None:
@@ -596,6 +892,7 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum, frame) -> NoReturn:
     raise Terminated()
 
+# %% ../nbs/core/cli.ipynb #341fcb6b
 # errors that mean "this request cannot be carried out as given": one line, exit 2
 _EXPECTED = (ValueError, TypeError, DataError, RunLockedError)
 

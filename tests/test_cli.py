@@ -1,5 +1,6 @@
 """The `paper-repro` command line (paper_repro.cli) against fake checkouts in temporary folders.
 A few notebook runs start a kernel (a few seconds each); everything else is checked on hand-made files."""
+import argparse
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from paper_repro.core.catalog import test_path as paper_test_path
 from paper_repro.core.repro import ResultsLock, RunLockedError
 
 from conftest import CLAIM, touch
+from paper_repro.core.claims import make_claim
 
 
 def fake_paper_notebook(path: Path, slug: str, fail: bool = False) -> Path:
@@ -58,11 +60,12 @@ def test_run_keeps_going_after_a_failure(fake_root, capsys):
     code, out, err = cli(capsys, fake_root, "run", "--all", "--scale", "ci", "--device", "cpu", "--seed", "7", "-j", "2")
     assert code == 1
     pearl_nb = fake_root / "results/ci/pearl/executed.ipynb"
-    assert f"FAILED  pearl: ValueError: boom from the fake paper (executed notebook: {pearl_nb})" in err
+    assert (f'FAILED  pearl after ' in err and 's: cell 2 `raise ValueError("boom from the fake paper")`: ValueError: boom '
+            f"from the fake paper (executed notebook: {pearl_nb})" in err)
     assert "Traceback" not in err
     assert "ok      copyspec" in out and "1 ok, 1 failed" in out
     summary = out.split("summary:")[1].split()
-    assert summary[:2] == ["FAILED", "pearl"] and summary[4:6] == ["ok", "copyspec"]  # catalogue order
+    assert summary[:2] == ["FAILED", "pearl"] and summary[4:6] == ["cell", "2"] and summary[6:8] == ["ok", "copyspec"]  # catalogue order
     # the failing notebook is kept with its error; the other one ran to the end with our parameters
     assert pearl_nb.is_file() and "boom from the fake paper" in pearl_nb.read_text()
     res = fake_root / "results/ci/copyspec"
@@ -104,7 +107,12 @@ def test_run_papers_returns_outcomes_and_honours_out_root(fake_root, tmp_path_fa
     (["run", "copyspec", "--seed", "x"], "argument --seed: invalid int value"),
     (["run", "copyspec", "-p", "retrian", "True"], "notebook 'copyspec' has no parameter 'retrian'; its parameters: "
                                                     "scale, device, seed, out_dir"),
-    (["run", "copyspec", "-p", "seed", "3"], "parameter 'seed' has its own option (--seed)"),
+    (["run", "copyspec", "-p", "seed", "3"], "parameter 'seed' has its own option (--seed); -p and -f are for the others"),
+    (["run", "copyspec", "--progress", "loud"], "argument --progress: invalid choice: 'loud'"),
+    (["run", "copyspec", "--progress-every", "0"], "--progress-every must be at least 1, got 0"),
+    (["run", "copyspec", "-f", "/nonexistent/params.yaml"], "-f /nonexistent/params.yaml: no such file"),
+    (["params", "copyspek"], "unknown paper slug 'copyspek'; did you mean copyspec?"),
+    (["params", "ppd"], "paper 'ppd' has no notebook yet"),
     (["run", "copyspec", "-p", "out_dir", "x"], "parameter 'out_dir' has its own option (--out-root"),
     (["list", "--family", "llm"], "argument --family: invalid choice: 'llm'"),
     (["report", "--scale", "huge"], "valid scales: ci, cpu, gpu"),
@@ -260,8 +268,9 @@ def results_root(tmp_path) -> Path:
     res = results_dir("copyspec", "cpu", tmp_path)
     touch(res / "figure.png")
     touch(res / "table.csv", "a\n1\n")
-    claims = [CLAIM, {**CLAIM, "id": "quality", "statement": "same | output", "paper_value": None, "our_value": 0.25,
-                      "holds": False, "note": "too small\na model"}]
+    claims = [CLAIM, make_claim(id="quality", kind="ablation", source="our addition", statement="same | output",
+                                metric="agreement", unit="x", our_value=0.25, threshold=0.5, higher_is_better=True,
+                                setting="toy", note="too small\na model")]
     touch(res / "claims.json", json.dumps(claims))
     touch(results_dir("pearl", "cpu", tmp_path) / "claims.json", json.dumps([CLAIM]))
     return tmp_path
@@ -271,10 +280,12 @@ def test_report_content(results_root):
     md = build_report("cpu", results_root)
     assert md.startswith("# Results report: scale `cpu`")
     assert "**Status:** 1 reproduced · 1 implemented · 51 planned (53 papers)" in md
-    assert "**Claims at scale `cpu`:** 2 of 3 hold (2 papers with results)." in md
-    assert "### 53. copyspec: CopySpec" in md and "Status: **reproduced** · [figure.png](cpu/copyspec/figure.png)" in md
-    assert "| copyspec | `speedup` | faster than greedy | 2 | 1.5 | x | ✓ |  |" in md
-    assert r"| copyspec | `quality` | same \| output | — | 0.25 | x | ✗ | too small a model |" in md
+    assert "**Headline claims at scale `cpu`:** 2 of 2 hold, 0 inconclusive, 0 fail (2 papers with results)." in md
+    assert "Not counted: ablations 0 of 1 hold; implementation invariants 0 of 0 hold." in md
+    assert "### 53. copyspec: CopySpec" in md
+    assert "Status: **reproduced (1 of 1 headline claim holds)** · [figure.png](cpu/copyspec/figure.png)" in md
+    assert "| headline | `speedup` | faster than greedy | 2 (toy paper, Table 1, unchecked) | 1.5 | x | ✓ holds |  |" in md
+    assert r"| ablation | `quality` | same \| output | — (our addition) | 0.25 | x | ✗ fails | too small a model |" in md
     assert "Status: **implemented** · figure.png missing" in md
     not_run = md.split("## Not run at this scale")[1]
     assert "| 51 | ppd | decoding | planned |" in not_run and "copyspec" not in not_run
@@ -315,7 +326,7 @@ def test_report_path_follows_the_scale_and_a_report_of_nothing_writes_nothing(re
     touch(results_dir("pearl", "ci", results_root) / "claims.json", json.dumps([CLAIM]))
     assert cli(capsys, results_root, "report", "--scale", "ci")[0] == 0
     assert (results_root / "results/REPORT.md").read_text() == committed
-    assert "| pearl | `speedup` |" in (results_root / "results/ci/REPORT.md").read_text()
+    assert "| headline | `speedup` |" in (results_root / "results/ci/REPORT.md").read_text()
     touch(results_root / "results/gpu/bench/dllm.md", "| a |\n|---|\n| 1 |\n")  # a benchmark alone is worth a report
     assert "## Diffusion-LM decoding benchmark" in build_report("gpu", results_root)
 
@@ -376,3 +387,142 @@ def test_seeds_and_parameters_cells_that_cannot_work(fake_root, capsys):
     nbformat.write(book, nb)
     code, out, err = cli(capsys, fake_root, "run", "copyspec", "-p", "retrain", "1")
     assert code == 2 and "its parameters: none (it has no cell tagged parameters)" in err
+
+
+# --- progress, -f, params, failures, help ----------------------------------------------------------------------------
+
+def test_progress_lines_when_stderr_is_not_a_terminal(fake_root, capsys):
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "--scale", "ci", "--device", "cpu", "--progress-every", "1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1] == "start   copyspec (2 code cells)"
+    assert lines[2].startswith("        copyspec: 1/2 code cells done, ") and lines[2].endswith(" s (cell 1)")
+    assert lines[3].startswith("ok      copyspec (") and "Executing" not in err
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "--scale", "ci", "--device", "cpu", "--progress", "none")
+    assert code == 0 and "start" not in out and "code cells done" not in out
+
+
+def test_progress_lines_for_slow_cells(capsys):
+    from paper_repro.cli import CellProgress, LineProgress
+    show = LineProgress(every=5, slow_s=30)
+    for p in [CellProgress("x", 0, 16, 0.0), CellProgress("x", 3, 16, 50.0, 7, 45.0), CellProgress("x", 4, 16, 51.0, 8, 1.0),
+              CellProgress("x", 5, 16, 52.0, 9, 1.0), CellProgress("x", 16, 16, 90.0, 20, 38.0)]:
+        show(p)
+    assert capsys.readouterr().out.splitlines() == [
+        "start   x (16 code cells)", "        x: 3/16 code cells done, 50.0 s (cell 7 took 45.0 s)",
+        "        x: 5/16 code cells done, 52.0 s (cell 9)"]  # the last cell: the ok/FAILED line says it
+
+
+def test_progress_bar_is_papermills(fake_root, capsys):
+    code, out, err = cli(capsys, fake_root, "run", "copyspec", "--scale", "ci", "--device", "cpu", "--progress", "bar")
+    assert code == 0 and "start   copyspec" not in out
+    assert "copyspec: 100%" in err and "3/3 [" in err and "cell/s" in err  # every cell, the injected one too
+
+
+def test_params_file(tmp_path_factory, capsys):
+    root = tmp_path_factory.mktemp("yaml")
+    nb = fake_paper_notebook(notebook_path("copyspec", root), "copyspec")
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nretrain = False\nlabel = 'x'\nsizes = [1]"
+    book.cells[1].source += "\nassert (retrain, label, sizes) == (True, 'from -p', [2, 3]), (retrain, label, sizes)"
+    nbformat.write(book, nb)
+    params = root / "params.yaml"
+    params.write_text("retrain: true\nlabel: from the file\nsizes: [2, 3]\n")
+    code, out, err = cli(capsys, root, "run", "copyspec", "--scale", "ci", "--device", "cpu", "-f", str(params),
+                         "-p", "label", "from -p")
+    assert code == 0, err
+    run = json.loads((results_dir("copyspec", "ci", root) / "run.json").read_text())
+    assert (run["parameters"]["retrain"], run["parameters"]["label"], run["parameters"]["sizes"]) == (True, "from -p", [2, 3])
+    for text, msg in [("retrain: 3\n", "parameter 'retrain' of notebook 'copyspec' is a bool"),
+                      ("sizes: 2\n", "parameter 'sizes' of notebook 'copyspec' is a list literal"),
+                      ("seed: 3\n", "parameter 'seed' has its own option (--seed); -p and -f are for the others"),
+                      ("retrian: true\n", "notebook 'copyspec' has no parameter 'retrian'"),
+                      ("[1, 2]\n", f"-f {params} must map parameter names to values (`name: value` lines), not be a list"),
+                      ("a: [1\n", f"-f {params} is not valid YAML at line 2: expected ',' or ']'")]:
+        params.write_text(text)
+        code, out, err = cli(capsys, root, "run", "copyspec", "--scale", "ci", "-f", str(params))
+        assert code == 2 and msg in err and err.count("\n") == 1, (text, err)
+    params.write_text("")  # an empty file sets nothing
+    from paper_repro.cli import read_params_file
+    assert read_params_file(params) == {}
+
+
+def test_params_lists_types_and_defaults(typed_root, capsys):
+    nb = notebook_path("copyspec", typed_root)
+    book = nbformat.read(nb, as_version=4)
+    book.cells[0].source += "\nratio: float = 1  # the mixing ratio"
+    nbformat.write(book, nb)
+    code, out, err = cli(capsys, typed_root, "params", "copyspec")
+    assert code == 0 and out.startswith("copyspec: the parameters cell of ")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[0] == ["name", "type", "default", "set", "with", "help"]
+    assert rows[1] == ["scale", "str", "'cpu'", "--scale"] and rows[4] == ["out_dir", "any", "None", "--out-root"]
+    assert rows[5] == ["retrain", "bool", "False", "-p", "retrain", "VALUE"]
+    assert rows[10] == ["when", "any", "2", "*", "3", "-p", "when", "VALUE"]
+    assert rows[11] == ["ratio", "float", "1", "-p", "ratio", "VALUE", "the", "mixing", "ratio"]
+    code, out, err = cli(capsys, typed_root, "params", "copyspec", "--format", "json")
+    specs = {r["name"]: r for r in json.loads(out)}
+    assert specs["label"] == dict(name="label", type="str", default="'x'", set_with="-p label VALUE", help="")
+    # the annotation, not the default's type, decides how a value is read
+    from paper_repro.cli import notebook_params
+    from paper_repro.core.catalog import get_paper
+    assert notebook_params(get_paper("copyspec"), {"ratio": "0.5"}, typed_root) == {"ratio": 0.5}
+    code, out, err = cli(capsys, typed_root, "run", "copyspec", "--scale", "ci", "-p", "ratio", "half")
+    assert code == 2 and "parameter 'ratio' of notebook 'copyspec' is a finite float (default ratio = 1); got 'half'" in err
+
+
+def _one_cell_paper(root: Path, code: str) -> Path:
+    nb = fake_paper_notebook(notebook_path("copyspec", root), "copyspec")
+    book = nbformat.read(nb, as_version=4)
+    book.cells.insert(0, nbformat.v4.new_markdown_cell("# A paper that goes wrong"))
+    book.cells[2].source = code
+    nbformat.write(book, nb)
+    return nb
+
+
+@pytest.mark.parametrize("code, timeout, error", [
+    ("#| hide\nimport time\ntime.sleep(60)", "1",
+     "cell 3 `import time`: timed out: still running after --timeout 1 s"),
+    ("import os\nos._exit(3)", None, "cell 3 `import os`: the kernel died (out of memory, or killed) - DeadKernelError: Kernel died"),
+    ("x = 1\nraise RuntimeError('first line\\nthe last line')", None, "cell 3 `x = 1`: RuntimeError: the last line"),
+])
+def test_a_failure_names_the_cell_and_the_error(tmp_path, capsys, code, timeout, error):
+    _one_cell_paper(tmp_path, code)
+    argv = ["run", "copyspec", "--scale", "ci", "--device", "cpu"] + (["--timeout", timeout] if timeout else [])
+    got, out, err = cli(capsys, tmp_path, *argv)
+    assert got == 1 and "FAILED  copyspec after " in err and f": {error} (executed notebook: " in err, err
+    assert err.count("\n") == 1 and "-----" not in err and "Traceback" not in err
+    assert out.splitlines()[-2].split()[-2:] == ["cell", "3"]
+
+
+def test_every_command_and_option_says_what_it_does(capsys):
+    from paper_repro.cli import build_parser
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"list", "run", "params", "report", "bench", "readme"}
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        assert helps.get(name), f"{name} has no summary in `paper-repro --help`"
+        assert p.description and len(p.description) > len(helps[name]) + 20, f"{name} --help does not say what it does"
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction): continue
+            assert action.help, f"paper-repro {name}: {action.option_strings or action.dest} has no help"
+        assert main([name, "--help"]) == 0
+        text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, breaking at hyphens too
+        assert "".join(p.description.split()) in text
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "-f YAML, --params-file YAML notebook parameters from a YAML file" in text and "--no-store" in text
+
+
+def test_annotated_parameters_read_as_papermill_reads_them():
+    "`paper-repro params` and papermill's --help-notebook agree on an annotated parameters cell (the tiny fixture's)."
+    import papermill
+    from paper_repro.cli import parameter_specs
+    tiny = Path(__file__).parent / "fixtures" / "tiny_paper.ipynb"
+    ours = {p.name: p for p in parameter_specs(tiny)}
+    theirs = papermill.inspect_notebook(str(tiny))
+    assert list(ours) == list(theirs)
+    for name in ("steps", "edit_self"):
+        assert ours[name].kind.__name__ == theirs[name]["inferred_type_name"]
+        assert ours[name].help == theirs[name]["help"] and repr(ours[name].default) == theirs[name]["default"]

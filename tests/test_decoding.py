@@ -221,7 +221,7 @@ def test_bad_inputs(target):
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int, got 0"): generate(target, [1], 0)
     with pytest.raises(ValueError, match="outside the vocabulary"): generate(target, [1, 400], 3)
     with pytest.raises(ValueError, match="temperature must be >= 0"): Sampler(temperature=-1)
-    with pytest.raises(ValueError, match="gamma must be >= 1"): DraftModelDrafter(target, gamma=0)
+    with pytest.raises(ValueError, match="gamma must be a positive int, got 0"): DraftModelDrafter(target, gamma=0)
 
     class Greedy:
         def propose(self, context, max_tokens): return Draft.chain([1] * (max_tokens + 1))

@@ -88,7 +88,9 @@ def test_threshold_above_one_is_top1(trained):
     exs = sample_examples(["copy", "sort", "add", "latin"], 6, seed=3)
     prompts = [e.prompt for e in exs]
     top1 = diffusion_generate(trained, prompts, DecodeConfig(block_length=8, steps=32))
-    thr = diffusion_generate(trained, prompts, DecodeConfig(block_length=8, steps=32, rule="threshold", threshold=1.01))
+    never = Threshold(DecodeConfig(block_length=8, steps=32, rule="threshold"))
+    never.threshold = 1.01  # (DecodeConfig refuses a confidence threshold above 1; a ready rule object may hold one)
+    thr = diffusion_generate(trained, prompts, DecodeConfig(block_length=8, steps=32), rule=never)
     assert torch.equal(top1.sequences, thr.sequences) and torch.equal(top1.commit_step, thr.commit_step) and thr.nfe == 32
 
 
@@ -233,7 +235,7 @@ def test_bad_configs_raise(kwargs, match):
 
 def test_bad_prompts_raise(tiny):
     with pytest.raises(ValueError, match="prompts tensor must be"): diffusion_generate(tiny, torch.zeros(2, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match="no prompts"): diffusion_generate(tiny, [])
+    with pytest.raises(ValueError, match="prompts is empty"): diffusion_generate(tiny, [])
 
 
 # ---- the three distribution scores live in one place ---------------------------------------------------------------

@@ -288,7 +288,50 @@ def test_adapter_generate_takes_tokenizer_output_and_stops_at_the_model_eos():
     finally:
         c.model.generation_config.eos_token_id = model_eos
     with pytest.raises(TypeError, match="float32 tensor"): c.target.generate(torch.tensor([1.0]), 4)
-    with pytest.raises(ValueError, match="eos_id must be an int, None or 'model', got 'eos'"): c.target.generate([1], 4, eos_id="eos")
+    with pytest.raises(ValueError, match="eos_id must be an int, a sequence of ints, None or 'model', got 'eos'"):
+        c.target.generate([1], 4, eos_id="eos")
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_several_eos_ids_stop_where_the_models_own_generate_stops(name):
+    c = case(name)
+    full = c.ref(c.long)
+    eos = [full[N // 2], full[N // 4]]  # a list, as chat models' generation configs give it; the second comes first
+    own = c.model.generate(torch.tensor([c.long]), max_new_tokens=N, do_sample=False, pad_token_id=0,
+                           eos_token_id=eos)[0, len(c.long):].tolist()
+    assert own[-1] in eos and len(own) <= N // 4 + 1  # it stops at whichever comes first
+    assert generate(c.target, c.long, N, eos_id=eos).tokens == own
+    assert generate(c.target, c.long, N, DraftModelDrafter(c.draft, gamma=3), eos_id=tuple(eos)).tokens == own
+    assert batch_greedy_decode(c.target, [c.long, c.long[:9]], N, eos_id=eos).tokens[0] == own
+    saved = c.model.generation_config.eos_token_id
+    try:
+        c.model.generation_config.eos_token_id = eos  # the adapter's default eos: the generation config's, all of them
+        res = c.target.generate(c.long, N)
+        assert res.tokens == own and res.stopped_by_eos
+    finally:
+        c.model.generation_config.eos_token_id = saved
+
+
+HARD_LIMIT = {"GPT-2", "GPT-J", "GPT-Neo", "GPTBigCode", "OPT"}  # positions index a table: the model fails past it
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_context_length_is_where_the_model_really_fails(name):
+    c = case(name)
+    cfg = c.model.config
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if getattr(cfg, k, None)), None)
+    assert c.target.context_length == (limit if name in HARD_LIMIT else None)
+    with torch.no_grad():
+        if name in HARD_LIMIT:
+            with pytest.raises(IndexError): c.model(input_ids=torch.zeros(1, limit + 1, dtype=torch.long))
+            assert c.model(input_ids=torch.zeros(1, limit, dtype=torch.long)).logits.shape[1] == limit
+            with pytest.raises(ValueError) as e: generate(c.target, c.long, limit - 19)  # was an IndexError mid-decode
+            assert (f"a prompt of 20 tokens + max_new_tokens={limit - 19} = {limit + 1} positions exceeds the model's context "
+                    f"length {limit}; at most {limit - 20} new tokens fit after it") == str(e.value)
+            with pytest.raises(ValueError, match=f"context length {limit}"): c.target.batch_greedy_decode([c.long], limit)
+        else:  # computed positions (rotary, ALiBi): past the configured length nothing fails, and nothing is refused
+            far = (limit or 4096) + 8
+            assert torch.isfinite(c.target(torch.tensor([c.long[:4]]), positions=torch.arange(far, far + 4))).all()
 
 
 # ---------------------------------------------------------------- the old import path and the README table

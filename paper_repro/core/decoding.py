@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Protocol, Sequence, runtime_checkable
@@ -21,9 +22,9 @@ from .lm import CausalLM, LMOutput
 
 # %% auto #0
 __all__ = ['CLOCKS', 'Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
-           'check_prompt', 'sync_device', 'StepOutput', 'DecodeStep', 'decode_loop', 'returns_hidden', 'generate',
-           'greedy_decode', 'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter',
-           'time_calls']
+           'check_count', 'context_length', 'check_max_new_tokens', 'check_prompt', 'check_eos', 'check_same_vocab',
+           'sync_device', 'StepOutput', 'DecodeStep', 'decode_loop', 'returns_hidden', 'generate', 'greedy_decode',
+           'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter', 'time_calls']
 
 # %% ../../nbs/core/decoding.ipynb #4af98fad
 @dataclass
@@ -116,7 +117,7 @@ class Drafter(Protocol):
     def propose(self, context: list[int], max_tokens: int) -> Draft: ...
     def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None: ...
 
-# Optional drafter members (see above): `needs_hidden: bool`, `observe_prefill(context, logits, hidden)`,
+# Optional drafter members (see above): `vocab_size: int`, `needs_hidden: bool`, `observe_prefill(context, logits, hidden)`,
 # `run_target(target, tokens, positions, cache, attn_mask) -> LMOutput`.
 
 class NoDrafter:
@@ -247,16 +248,72 @@ class DecodeResult:
         for s in self.steps: out[s.source] = out.get(s.source, 0) + s.accepted
         return out
 
-# %% ../../nbs/core/decoding.ipynb #20eddf2d
-def check_prompt(prompt, vocab_size: int, max_new_tokens: int) -> list[int]:
+# %% ../../nbs/core/decoding.ipynb #23b32005
+def check_count(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """`value` as an `int`, after checking that it is a whole number (a bool is not one) in `[lo, hi]` (`hi=None`: no
+    upper bound); otherwise a one-line `ValueError` names the value and the valid range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
+        valid = f"an int in [{lo}, {hi}]" if hi is not None else "a positive int" if lo == 1 else f"an int >= {lo}"
+        kind = "" if isinstance(value, numbers.Integral) and not isinstance(value, bool) else f" ({type(value).__name__})"
+        raise ValueError(f"{name} must be {valid}, got {value!r}{kind}")
+    return int(value)
+
+def context_length(model) -> int | None:
+    """The most positions `model` can run (prompt plus new tokens), or None where it has no hard limit: the optional
+    `context_length` member of the `CausalLM` protocol (`TransformerLM`: its config's `max_seq_len`)."""
+    n = getattr(model, "context_length", None)
+    return None if n is None else int(n)
+
+def check_max_new_tokens(max_new_tokens, prompt_len: int, context_len: int | None = None,
+                         what: str = "max_new_tokens") -> int:
+    """The budget as an `int`, after checking it is a positive int and that prompt plus budget fit `context_len`
+    (`what`: the budget's name in the message, e.g. a diffusion decoder's `gen_length`)."""
+    n = check_count(what, max_new_tokens)
+    if context_len is not None and prompt_len + n > context_len:
+        room = (f"at most {context_len - prompt_len} new tokens fit after it" if prompt_len < context_len
+                else "the prompt alone fills it")
+        raise ValueError(f"a prompt of {prompt_len} tokens + {what}={n} = {prompt_len + n} positions exceeds the "
+                         f"model's context length {context_len}; {room}")
+    return n
+
+def check_prompt(prompt, vocab_size: int, max_new_tokens: int, context_len: int | None = None) -> list[int]:
     """The prompt as a list of ints, after checking it and the budget (a one-line `ValueError`/`TypeError` names what
-    is wrong). Takes a `list[int]`, a 1-D integer tensor (or 2-D with one row) or a tokenizer's `BatchEncoding`."""
+    is wrong). Takes a `list[int]`, a 1-D integer tensor (or 2-D with one row) or a tokenizer's `BatchEncoding`;
+    `context_len` (see `context_length`): prompt plus `max_new_tokens` must fit in it."""
     from paper_repro.core.hf import as_token_list  # one coercion for the native model and the adapter (no transformers import)
     prompt = as_token_list(prompt, vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens, len(prompt), context_len)
     return prompt
 
+def check_eos(eos_id, vocab_size: int | None = None) -> frozenset[int]:
+    """The end-of-sequence ids as a set: `eos_id` is None (never stop early), one id, or several (a sequence of ids, as
+    Hugging Face generation configs list them); decoding stops after the first of any of them."""
+    if eos_id is None: return frozenset()
+    ids = [eos_id] if isinstance(eos_id, numbers.Integral) or (isinstance(eos_id, torch.Tensor) and eos_id.dim() == 0) \
+        else eos_id
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, (Sequence, set, frozenset, torch.Tensor)):
+        raise TypeError(f"eos_id must be an int, a sequence of ints or None, got {eos_id!r}")
+    out = set()
+    for e in ids:
+        if isinstance(e, torch.Tensor) and e.dim() == 0 and not (e.dtype.is_floating_point or e.dtype == torch.bool):
+            e = e.item()
+        if isinstance(e, bool) or not isinstance(e, numbers.Integral):
+            raise TypeError(f"eos_id must be an int, a sequence of ints or None, got {eos_id!r}")
+        if vocab_size is not None and not 0 <= e < vocab_size:
+            raise ValueError(f"eos_id {int(e)} is outside the vocabulary [0, {vocab_size})")
+        out.add(int(e))
+    return frozenset(out)
+
+def check_same_vocab(target: CausalLM, drafter) -> None:
+    """Refuse a drafter (or draft model) whose vocabulary size differs from the target's, before any decoding: its
+    `vocab_size`, or that of the model it runs (`.model`); None where it has neither (it drafts from the context)."""
+    v = getattr(drafter, "vocab_size", None)
+    if v is None: v = getattr(getattr(drafter, "model", None), "vocab_size", None)
+    if v is not None and v != target.vocab_size:
+        raise ValueError(f"{type(drafter).__name__} drafts from a vocabulary of {v} tokens but the target "
+                         f"{type(target).__name__} has {target.vocab_size}: a drafter must share the target's vocabulary")
+
+# %% ../../nbs/core/decoding.ipynb #20eddf2d
 def sync_device(device: torch.device) -> None:
     "Wait for queued GPU work, so that wall-clock timings are honest (a no-op on CPU)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -296,10 +353,12 @@ class DecodeStep:
 
 @torch.no_grad()
 def decode_loop(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, step: DecodeStep,
-                eos_id: int | None = None, extra_capacity: int = 0, lossless: bool = True) -> DecodeResult:
-    """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with `step`: prefill, steps, EOS cut, statistics,
-    timing. The cache is sized for prompt + budget + `extra_capacity` (what a step feeds beyond its output)."""
-    context = check_prompt(prompt, target.vocab_size, max_new_tokens)
+                eos_id: int | Sequence[int] | None = None, extra_capacity: int = 0, lossless: bool = True) -> DecodeResult:
+    """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with `step`: prefill, steps, EOS cut (at the first
+    of the `eos_id` ids), statistics, timing. The cache is sized for prompt + budget + `extra_capacity` (what a step
+    feeds beyond its output)."""
+    context = check_prompt(prompt, target.vocab_size, max_new_tokens, context_length(target))
+    eos = check_eos(eos_id, target.vocab_size)
     device = next(target.parameters()).device
     sync_device(device)
     t0 = time.perf_counter()
@@ -312,8 +371,8 @@ def decode_loop(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, st
         if not 1 <= len(out.tokens) <= remaining:
             raise ValueError(f"{type(step).__name__} emitted {len(out.tokens)} tokens; 1 to {remaining} allowed")
         emitted = out.tokens
-        if eos_id is not None and eos_id in emitted:
-            emitted = emitted[: emitted.index(eos_id) + 1]
+        if eos and not eos.isdisjoint(emitted):
+            emitted = emitted[: next(i for i, t in enumerate(emitted) if t in eos) + 1]
             res.stopped_by_eos = True
         accepted = max(0, min(out.accepted, len(emitted) - int(out.bonus_first)))
         context.extend(emitted)
@@ -341,7 +400,8 @@ class _DraftVerifyStep(DecodeStep):
     "`generate`'s step: the drafter proposes, one target pass verifies, the drafter observes."
     def __init__(self, target: CausalLM, drafter: Drafter, sampler: Sampler, max_draft: int):
         super().__init__(target)
-        self.drafter, self.sampler, self.max_draft = drafter, sampler, max_draft
+        check_same_vocab(target, drafter)
+        self.drafter, self.sampler, self.max_draft = drafter, sampler, check_count("max_draft", max_draft, lo=0)
         self.hidden = bool(getattr(drafter, "needs_hidden", False))
         self.run = getattr(drafter, "run_target", None)
         if self.hidden and self.run is None and not returns_hidden(target):
@@ -403,31 +463,35 @@ class _DraftVerifyStep(DecodeStep):
 
 @torch.no_grad()
 def generate(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, drafter: Drafter | None = None,
-             sampler: Sampler | None = None, eos_id: int | None = None, max_draft: int = 256) -> DecodeResult:
-    """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with draft-then-verify.
+             sampler: Sampler | None = None, eos_id: int | Sequence[int] | None = None, max_draft: int = 256
+             ) -> DecodeResult:
+    """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with draft-then-verify, stopping after any of the
+    `eos_id` ids.
     `drafter=None` is plain autoregressive decoding through the same loop. Greedy verification and per-position sampling
     are exact; drafts with probabilities `q` under sampling use speculative sampling (exact in distribution)."""
     step = _DraftVerifyStep(target, drafter or NoDrafter(), sampler or Sampler(), max_draft)
     return decode_loop(target, prompt, max_new_tokens, step, eos_id=eos_id, extra_capacity=max_draft + 1)
 
 # %% ../../nbs/core/decoding.ipynb #f17f9559
-def greedy_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, eos_id: int | None = None) -> DecodeResult:
+def greedy_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: int,
+                  eos_id: int | Sequence[int] | None = None) -> DecodeResult:
     "The autoregressive greedy baseline (KV cache, one token per target call)."
     return generate(target, prompt, max_new_tokens, drafter=None, eos_id=eos_id)
 
 @torch.no_grad()
 def reference_decode(target: CausalLM, prompt: Sequence[int], max_new_tokens: int, sampler: Sampler | None = None,
-                     eos_id: int | None = None) -> list[int]:
+                     eos_id: int | Sequence[int] | None = None) -> list[int]:
     "Oracle decode without a KV cache: recompute the full sequence for every token."
     sampler = sampler or Sampler()
-    seq = check_prompt(prompt, target.vocab_size, max_new_tokens)
+    seq = check_prompt(prompt, target.vocab_size, max_new_tokens, context_length(target))
+    eos = check_eos(eos_id, target.vocab_size)
     device = next(target.parameters()).device
     out: list[int] = []
     while len(out) < max_new_tokens:
         logits = target(torch.tensor([seq], device=device))[0, -1:]
         tok = int(sampler.pick(logits, [len(seq)])[0])
         seq.append(tok); out.append(tok)
-        if tok == eos_id: break
+        if tok in eos: break
     return out
 
 # %% ../../nbs/core/decoding.ipynb #462878fa
@@ -452,14 +516,17 @@ def _batch_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                        eos_id: int | None = None, prefix_len: int = 0) -> BatchDecodeResult:
+                        eos_id: int | Sequence[int] | None = None, prefix_len: int = 0) -> BatchDecodeResult:
     """Greedy-decode all `prompts` together (one forward per step for all unfinished rows). `max_new_tokens` may differ
     per prompt. `prefix_len > 0`: the first `prefix_len` tokens are shared by all prompts and prefilled once."""
     B = len(prompts)
     if B == 0: raise ValueError("prompts is empty: give at least one prompt")
-    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    per_row = isinstance(max_new_tokens, (Sequence, torch.Tensor)) and not isinstance(max_new_tokens, str)
+    budgets = list(max_new_tokens) if per_row else [max_new_tokens] * B
     if len(budgets) != B: raise ValueError(f"got {len(budgets)} max_new_tokens for {B} prompts")
-    prompts = [check_prompt(p, target.vocab_size, n) for p, n in zip(prompts, budgets)]
+    context_len = context_length(target)
+    prompts = [check_prompt(p, target.vocab_size, n, context_len) for p, n in zip(prompts, budgets)]
+    eos = check_eos(eos_id, target.vocab_size)
     if prefix_len < 0 or any(p[:prefix_len] != prompts[0][:prefix_len] or len(p) <= prefix_len for p in prompts):
         raise ValueError(f"prefix_len={prefix_len}: every prompt must start with the same {prefix_len} tokens "
                          "and have at least one token after them")
@@ -500,7 +567,7 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
         for row, tok in enumerate(nxt.tolist()):  # the one host sync per step
             i = active[row]
             out[i].append(tok)
-            if len(out[i]) < budgets[i] and tok != eos_id: keep.append(row)
+            if len(out[i]) < budgets[i] and tok not in eos: keep.append(row)
         if not keep: break
         if len(keep) < len(active):  # drop finished rows: their KV memory is freed
             sel = torch.tensor(keep, device=device)
@@ -519,11 +586,15 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
 class DraftModelDrafter:
     "Chain drafts of `gamma` tokens from a small LM sharing the target's vocabulary."
     def __init__(self, model: CausalLM, gamma: int = 5, sampler: Sampler | None = None, source: str = "draft_model"):
-        if gamma < 1: raise ValueError(f"gamma must be >= 1, got {gamma}")
-        self.model, self.gamma, self.sampler, self.source = model, gamma, sampler or Sampler(), source
+        self.model, self.gamma, self.sampler, self.source = model, check_count("gamma", gamma), sampler or Sampler(), source
         self.cache = None
         self.cached: list[int] = []  # tokens whose keys/values are in self.cache
         self.committed = 0           # context length at the last propose: that prefix can never change
+
+    @property
+    def vocab_size(self) -> int:
+        "The draft model's vocabulary (`generate` refuses a target with another: `check_same_vocab`)."
+        return self.model.vocab_size
 
     def _sync_cache(self, context: list[int]) -> None:
         "Roll the cache back to the longest prefix of `context` it holds, checking only tokens after the committed part."

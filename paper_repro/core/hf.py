@@ -23,8 +23,8 @@ from .lm import LMOutput, _check_keep, _prepare_inputs, _require_transformers, c
 
 # %% auto #0
 __all__ = ['METHODS', 'HF_ARCHITECTURES', 'as_token_list', 'as_token_lists', 'UnsupportedModel', 'AttentionPattern',
-           'attention_pattern', 'HFCache', 'HFCausalLM', 'HFArchitecture', 'hf_architecture', 'tiny_hf_model',
-           'support_table']
+           'attention_pattern', 'HFCache', 'position_limit', 'HFCausalLM', 'HFArchitecture', 'hf_architecture',
+           'tiny_hf_model', 'support_table']
 
 # %% ../../nbs/core/hf.ipynb #c256a1ed
 def _int_id(t, what: str, i: int) -> int:
@@ -192,6 +192,19 @@ class HFCache:
 _ALIBI_FROM_MASK = ("builds its ALiBi biases from a 2-D padding mask inside forward, which cannot carry the adapter's "
                     "per-token (tree, window) masks")
 _MODEL_EOS = "model"  # eos_id default of the adapter's generate: the model's generation config
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+def position_limit(model, config) -> int | None:
+    """The hard position limit of a transformers model: its config's `max_position_embeddings` / `n_positions` where
+    positions index a table (learned position embeddings, as GPT-2 and OPT; a precomputed sin/cos table, as GPT-J; a
+    fixed-size mask buffer), None where they are computed (rotary, ALiBi: nothing fails past the configured length)."""
+    limit = next((v for v in (getattr(config, k, None) for k in _POSITION_KEYS)
+                  if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+    if limit is None: return None
+    words = model.get_input_embeddings()
+    learned = any(isinstance(m, nn.Embedding) and m is not words for m in model.modules())
+    table = any(limit in b.shape for b in model.buffers())
+    return limit if learned or table else None
 
 class HFCausalLM(nn.Module):
     """Adapter: a Hugging Face causal LM with the `CausalLM` protocol of this package (positions, a boolean attention
@@ -208,6 +221,7 @@ class HFCausalLM(nn.Module):
         if self.pattern.alibi and not callable(getattr(model.base_model, "build_alibi_tensor", None)):
             raise UnsupportedModel(f"{type(model).__name__} {_ALIBI_FROM_MASK}")
         self._vocab = config.vocab_size
+        self._context = position_limit(model, config)
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` (5.x); use whichever this version's forward takes
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -218,6 +232,10 @@ class HFCausalLM(nn.Module):
 
     @property
     def vocab_size(self) -> int: return self._vocab
+    @property
+    def context_length(self) -> int | None:
+        "The most positions a decode may use where the model has a hard limit (`position_limit`), else None."
+        return self._context
     @property
     def device(self) -> torch.device: return next(self.model.parameters()).device
     @property
@@ -326,21 +344,23 @@ class HFCausalLM(nn.Module):
         try: yield got
         finally: handle.remove()
 
-    def _eos(self, eos_id) -> int | None:
-        if not isinstance(eos_id, str): return eos_id
-        if eos_id != _MODEL_EOS: raise ValueError(f"eos_id must be an int, None or {_MODEL_EOS!r}, got {eos_id!r}")
-        return self.eos_id
+    def _eos(self, eos_id):
+        if not isinstance(eos_id, str): return eos_id  # checked by the decoder (`core.decoding.check_eos`)
+        if eos_id != _MODEL_EOS:
+            raise ValueError(f"eos_id must be an int, a sequence of ints, None or {_MODEL_EOS!r}, got {eos_id!r}")
+        return self.eos_ids
 
-    def generate(self, prompt, max_new_tokens: int, drafter=None, *, sampler=None, eos_id: int | None | str = _MODEL_EOS,
-                 max_draft: int = 256):
+    def generate(self, prompt, max_new_tokens: int, drafter=None, *, sampler=None,
+                 eos_id: int | Sequence[int] | None | str = _MODEL_EOS, max_draft: int = 256):
         """`core.decoding.generate` on this model, for a prompt as `as_token_list` takes it. `eos_id="model"` (the
-        default) stops at the model's generation-config EOS as `model.generate` does (the first one, if it lists
-        several); `None` never stops early."""
+        default) stops at any of the model's generation-config EOS ids, as `model.generate` does; `None` never stops
+        early."""
         from paper_repro.core.decoding import generate
         return generate(self, as_token_list(prompt, self.vocab_size), max_new_tokens, drafter=drafter, sampler=sampler,
                         eos_id=self._eos(eos_id), max_draft=max_draft)
 
-    def batch_greedy_decode(self, prompts, max_new_tokens, *, eos_id: int | None | str = _MODEL_EOS, prefix_len: int = 0):
+    def batch_greedy_decode(self, prompts, max_new_tokens, *, eos_id: int | Sequence[int] | None | str = _MODEL_EOS,
+                            prefix_len: int = 0):
         "`core.decoding.batch_greedy_decode` on this model, for prompts as `as_token_lists` takes them (see `generate`)."
         from paper_repro.core.decoding import batch_greedy_decode
         return batch_greedy_decode(self, as_token_lists(prompts, self.vocab_size), max_new_tokens,

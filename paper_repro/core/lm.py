@@ -244,7 +244,7 @@ class LMOutput:
 
 @runtime_checkable
 class CausalLM(Protocol):
-    "What the decoding core needs from a model."
+    "What the decoding core needs from a model (optionally also `context_length`: see `core.decoding.context_length`)."
     vocab_size: int
     def new_cache(self, batch_size: int = 1, capacity: int = 256): ...
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
@@ -297,6 +297,10 @@ class TransformerLM(nn.Module):
 
     @property
     def vocab_size(self) -> int: return self.cfg.vocab_size
+    @property
+    def context_length(self) -> int:
+        "The most positions a decode may use (prompt plus new tokens): the config's `max_seq_len`."
+        return self.cfg.max_seq_len
     @property
     def device(self) -> torch.device: return self.embed_tokens.weight.device
     @property
@@ -399,6 +403,8 @@ class ConditionedLM(nn.Module):
 
     @property
     def vocab_size(self) -> int: return self.decoder.vocab_size
+    @property
+    def context_length(self) -> int: return self.decoder.context_length
     @property
     def cfg(self) -> LMConfig: return self.decoder.cfg
 

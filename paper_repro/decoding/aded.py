@@ -282,6 +282,9 @@ class ADEDDrafter:
         self.top_paths, self.max_nodes, self.c1, self.c2, self.seed = top_paths, max_nodes, c1, c2, seed
         self._rng = random.Random(seed)
 
+    @property
+    def vocab_size(self) -> int: return self.trigrams.base.vocab_size  # `generate` refuses a target with another
+
     def reset(self) -> None:
         "Forget the adaptation."
         self.trigrams.reset()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core.decoding import batch_greedy_decode
+from ..core.hf import as_token_lists
 from ..core.lm import CausalLM
 
 from fastcore.basics import patch
@@ -42,9 +43,9 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _check_requests(prompts: Sequence[Sequence[int]], budgets: Sequence[int] | None = None) -> list[list[int]]:
     if len(prompts) == 0: raise ValueError("prompts is empty: give at least one request")
-    prompts = [[int(t) for t in p] for p in prompts]
-    empty = [i for i, p in enumerate(prompts) if not p]
+    empty = [i for i, p in enumerate(prompts) if not len(p)]
     if empty: raise ValueError(f"prompts {empty[:5]} are empty: every prompt needs at least one token")
+    prompts = as_token_lists(prompts)  # integer ids only: a float id is refused, never truncated
     if budgets is not None:
         if len(budgets) != len(prompts): raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts")
         bad = [b for b in budgets if not isinstance(b, int) or b < 1]

@@ -9,7 +9,7 @@ Docs: https://paper-repro.github.io/paper_repro/decoding/copyspec.html.md"""
 # %% ../../nbs/decoding/copyspec.ipynb #ac67aaf8
 from __future__ import annotations
 
-from ..core.decoding import Draft, Drafter
+from ..core.decoding import Draft, Drafter, check_count
 
 # %% auto #0
 __all__ = ['BENCH_HEADLINE', 'CopyIndex', 'CopySpecDrafter', 'bench_methods']
@@ -18,8 +18,7 @@ __all__ = ['BENCH_HEADLINE', 'CopyIndex', 'CopySpecDrafter', 'bench_methods']
 class CopyIndex:
     "Incremental map from each γ-gram of a token sequence to the position after its first occurrence."
     def __init__(self, gamma: int):
-        if not isinstance(gamma, int) or gamma < 1: raise ValueError(f"gamma must be a positive int, got {gamma!r}")
-        self.gamma = gamma
+        self.gamma = check_count("gamma", gamma)
         self.first: dict[tuple[int, ...], int] = {}
         self.indexed = 0      # tokens of the sequence already indexed
         self._last_token = None
@@ -54,6 +53,9 @@ class CopySpecDrafter:
         self.index = CopyIndex(gamma)
         self.number_copy = number_copy
         self.fallback = fallback
+
+    @property
+    def vocab_size(self) -> int | None: return getattr(self.fallback, "vocab_size", None)  # copies need none
 
     def propose(self, context: list[int], max_tokens: int) -> Draft:
         self.index.update(context)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..core.data import data_dir, data_path, register_file
 from ..core.train import OptimConfig, WarmupCosine, fit
-from ..core.decoding import DecodeResult, DecodeStep, StepOutput, decode_loop
+from ..core.decoding import (DecodeResult, DecodeStep, StepOutput, check_count, check_prompt, context_length,
+                                       decode_loop)
 from ..core.lm import LMConfig, TransformerLM, load_lm, save_lm
 from ..core.repro import seed_everything
 from ..core.zoo import sample_batch
@@ -191,15 +192,11 @@ def finetune_lud(model: TransformerLM, stream: torch.Tensor, unit_len: torch.Ten
 # %% ../../nbs/decoding/lexical_units.ipynb #5b28d1ce
 def _check_decode_args(model: TransformerLM, prompt: Sequence[int], max_new_tokens: int, k: int, beta: float,
                        pad_id: int) -> list[int]:
-    prompt = [int(t) for t in prompt]
-    if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
+    prompt = check_prompt(prompt, model.vocab_size, max_new_tokens, context_length(model))
+    check_count("k", k)
     if not beta >= 0: raise ValueError(f"beta must be >= 0 (above 1 no parallel token is accepted), got {beta}")
     if not 0 <= pad_id < model.vocab_size: raise ValueError(f"pad_id {pad_id} is outside [0, {model.vocab_size})")
-    if not prompt: raise ValueError("prompt is empty: give at least one token (e.g. a BOS or EOS token)")
-    bad = [t for t in prompt if not 0 <= t < model.vocab_size or t == pad_id]
-    if bad: raise ValueError(f"prompt token ids {bad[:5]} are [PAD] ({pad_id}) or outside [0, {model.vocab_size})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if pad_id in prompt: raise ValueError(f"prompt token ids [{pad_id}] are [PAD] ({pad_id}), an input, never a prompt token")
     return prompt
 
 class _LUDStep(DecodeStep):

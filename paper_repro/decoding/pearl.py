@@ -19,8 +19,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..core.decoding import (DecodeResult, DecodeStep, Draft, DraftModelDrafter, Sampler, StepOutput, decode_loop,
-                                       time_calls, verify_speculative, verify_tree)
+from ..core.decoding import (DecodeResult, DecodeStep, Draft, DraftModelDrafter, Sampler, StepOutput, check_count,
+                                       check_eos, check_same_vocab, decode_loop, time_calls, verify_speculative, verify_tree)
 from ..core.lm import CausalLM
 
 # %% auto #0
@@ -111,7 +111,7 @@ class ProcessDraft:
         if not isinstance(max_gamma, int) or max_gamma < 1: raise ValueError(f"max_gamma must be a positive int, got {max_gamma!r}")
         dev = next(model.parameters()).device
         if dev.type != "cpu": raise ValueError(f"ProcessDraft runs CPU models (got {dev}); use ThreadDraft on a GPU")
-        self.max_gamma = max_gamma
+        self.max_gamma, self.vocab_size = max_gamma, model.vocab_size
         self.q_buf = torch.zeros(max_gamma, model.vocab_size, dtype=next(model.parameters()).dtype).share_memory_()
         ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads
         self.conn, child = ctx.Pipe()
@@ -208,10 +208,11 @@ def _verify_chain(logits: torch.Tensor, chain: list[int], q: torch.Tensor | None
 
 class _PearlStep(DecodeStep):
     "One PEARL round for the core's `decode_loop` (see above); the engine drafts the next round during the target pass."
-    def __init__(self, target: CausalLM, engine: DraftEngine, gamma: int, sampler: Sampler, eos_id: int | None,
-                 max_new_tokens: int):
+    def __init__(self, target: CausalLM, engine: DraftEngine, gamma: int, sampler: Sampler,
+                 eos_id: int | Sequence[int] | None, max_new_tokens: int):
         super().__init__(target)
-        self.engine, self.gamma, self.sampler, self.eos_id, self.max_new = engine, gamma, sampler, eos_id, max_new_tokens
+        self.engine, self.gamma, self.sampler, self.max_new = engine, gamma, sampler, max_new_tokens
+        self.eos = check_eos(eos_id, target.vocab_size)
 
     def prefill(self, context: list[int], cache) -> int:
         self.context = list(context)  # prompt, finalized output, then the pending tokens
@@ -252,7 +253,7 @@ class _PearlStep(DecodeStep):
             self.shown, self.pending_q = min(self.shown, final + n), None
         self.final = final + n + bonus
         budget = self.max_new - (len(ctx) - self.prompt_len)  # output plus pending never exceeds the budget
-        self.k = 0 if self.eos_id is not None and self.eos_id in ctx[self.final:] else min(self.gamma, budget)
+        self.k = 0 if not self.eos.isdisjoint(ctx[self.final:]) else min(self.gamma, budget)
         t_end = time.perf_counter()
         return StepOutput(emitted, n, len(d), len(d), "post-verify" if pending else "pre-verify",
                           draft_s=t_verify - t_wait, verify_s=(t_wait - t_target) + (t_end - t_verify),
@@ -260,14 +261,14 @@ class _PearlStep(DecodeStep):
 
 @torch.no_grad()
 def pearl_generate(target: CausalLM, draft: CausalLM | DraftEngine, prompt: Sequence[int], max_new_tokens: int,
-                   gamma: int, sampler: Sampler | None = None, eos_id: int | None = None) -> DecodeResult:
+                   gamma: int, sampler: Sampler | None = None, eos_id: int | Sequence[int] | None = None) -> DecodeResult:
     """Decode up to `max_new_tokens` tokens after `prompt` (batch 1) with PEARL.
     `draft`: a draft model (run sequentially, in this process) or a `DraftEngine` (`ProcessDraft`, `ThreadDraft`) that
     runs it concurrently with the target. Greedy output equals greedy decoding; sampling is exact in distribution."""
     sampler = sampler or Sampler()
     engine = draft if hasattr(draft, "collect") else SequentialDraft(draft)  # (a Protocol isinstance is slow)
-    if not isinstance(gamma, int) or not 1 <= gamma <= engine.max_gamma:
-        raise ValueError(f"gamma must be an int in [1, {engine.max_gamma}], got {gamma!r}")
+    check_same_vocab(target, engine)
+    gamma = check_count("gamma", gamma, hi=engine.max_gamma)
     step = _PearlStep(target, engine, gamma, sampler, eos_id, max_new_tokens)
     return decode_loop(target, prompt, max_new_tokens, step, eos_id=eos_id, extra_capacity=1)
 

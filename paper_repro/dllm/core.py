@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.data import data_dir, data_path, register_file
+from ..core.decoding import check_max_new_tokens, context_length
+from ..core.hf import as_token_lists
 from ..core.lm import KVCache, LMConfig, TransformerLM, count_parameters, load_lm, save_lm
 from ..core.repro import seed_everything
 from ..core.train import OptimConfig, WarmupCosine, fit
@@ -31,12 +33,12 @@ from .tasks import (EOS_ID, GEN_LENGTH, MASK_ID, TASKS, VOCAB_SIZE, Example, bat
                                     make_example, pad_prompts, sample_examples)
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'TRAIN_TASKS', 'DLLM_SPEC', 'PROB_SCORES', 'SCORES', 'CACHES', 'RuleFactory', 'RULES', 'BUILTIN_RULES',
-           'bidirectional_mask', 'row_positions', 'denoise_logits', 'llada_loss', 'DllmSpec', 'llada_batches',
-           'train_dllm', 'load_dllm', 'dllm_card', 'DecodeConfig', 'prob_scores', 'StepView', 'Selection', 'Rule',
-           'register_rule', 'rule_factory', 'make_rule', 'top_k_mask', 'topk_schedule', 'TopK', 'Threshold', 'Factor',
-           'EntropyThreshold', 'DiffusionResult', 'diffusion_generate', 'OracleLM', 'evaluate', 'train_checkpoint',
-           'save_checkpoint']
+__all__ = ['CHECKPOINT', 'TRAIN_TASKS', 'DLLM_SPEC', 'PROB_SCORES', 'SCORES', 'CACHES', 'CONFIDENCE_RULES', 'RuleFactory',
+           'RULES', 'BUILTIN_RULES', 'bidirectional_mask', 'row_positions', 'denoise_logits', 'llada_loss', 'DllmSpec',
+           'llada_batches', 'train_dllm', 'load_dllm', 'dllm_card', 'DecodeConfig', 'prob_scores', 'StepView',
+           'Selection', 'Rule', 'register_rule', 'rule_factory', 'make_rule', 'top_k_mask', 'topk_schedule', 'TopK',
+           'Threshold', 'Factor', 'EntropyThreshold', 'DiffusionResult', 'check_dllm_request', 'diffusion_generate',
+           'OracleLM', 'evaluate', 'train_checkpoint', 'save_checkpoint']
 
 # %% ../../nbs/dllm/core.ipynb #f7a43c6b
 def bidirectional_mask(key_valid: torch.Tensor) -> torch.Tensor:
@@ -140,6 +142,7 @@ def dllm_card(root: Path | None = None) -> dict:
 PROB_SCORES: tuple[str, ...] = ("confidence", "margin", "entropy")  # scores of a predicted distribution
 SCORES: tuple[str, ...] = PROB_SCORES + ("random", "l2r")
 CACHES: tuple[str, ...] = ("none", "prefix", "dual")
+CONFIDENCE_RULES: tuple[str, ...] = ("threshold",)  # rules whose `threshold` is a probability, so at most 1
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -161,9 +164,10 @@ class DecodeConfig:
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f"DecodeConfig.{name}={getattr(self, name)!r}: {why}")
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a count here
         for name in ("gen_length", "block_length", "steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0: bad(name, "must be a positive integer")
+            if not whole(v) or v <= 0: bad(name, "must be a positive integer")
         if self.gen_length % self.block_length: bad("block_length", f"must divide gen_length={self.gen_length}")
         blocks = self.gen_length // self.block_length
         if self.steps % blocks: bad("steps", f"must be a multiple of the number of blocks ({blocks})")
@@ -176,13 +180,16 @@ class DecodeConfig:
         if self.rule not in RULES: bad("rule", f"valid rules: {', '.join(RULES)}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             bad("threshold", "must be a finite number >= 0")
+        if self.rule in CONFIDENCE_RULES and self.threshold > 1:
+            bad("threshold", f"rule={self.rule!r} compares it with a confidence: it must be in [0, 1] (above 1 no "
+                             "position passes and one token commits per step)")
         if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 0):
             bad("factor", "must be a finite number > 0")
         if self.cache not in CACHES: bad("cache", f"valid caches: {', '.join(CACHES)}")
-        if not isinstance(self.cache_refresh, int) or self.cache_refresh < 0:
+        if not whole(self.cache_refresh) or self.cache_refresh < 0:
             bad("cache_refresh", "must be an integer >= 0 (0 = at block starts only)")
         for name in ("mask_id", "eos_id", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0: bad(name, "must be an integer >= 0")
+            if not whole(getattr(self, name)) or getattr(self, name) < 0: bad(name, "must be an integer >= 0")
         if self.mask_id == self.eos_id: bad("eos_id", "must differ from mask_id")
 
     @property
@@ -347,11 +354,21 @@ class DiffusionResult:
     commit_step: torch.Tensor     # [B, L] index of the pass whose step committed each position
     wall_s: float                 # seconds, device synchronised
 
-def _prompt_batch(prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] == 0: raise ValueError(f"prompts tensor must be [B, P], got {tuple(prompts.shape)}")
-        return prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
-    return pad_prompts([list(p) for p in prompts], device=device)
+def check_dllm_request(model: nn.Module, prompts, config: DecodeConfig, device=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as (`ids [B, P]` left-padded, `valid [B, P]`) on `device`, after checking them against `model` and
+    `config` once per call: integer ids inside the model's vocabulary (a float or bool tensor is refused, never
+    truncated), `mask_id` and `eos_id` inside it too, and the longest prompt plus `gen_length` within the model's
+    context length (`core.decoding.context_length`). Each failure is a one-line error naming the value and the range."""
+    if isinstance(prompts, torch.Tensor) and (prompts.dim() != 2 or prompts.shape[1] == 0):
+        raise ValueError(f"prompts tensor must be [B, P], got {tuple(prompts.shape)}")
+    V = getattr(model, "vocab_size", None)
+    rows = as_token_lists(prompts, V)  # one host read of a tensor batch, per call
+    for name in ("mask_id", "eos_id"):
+        if V is not None and getattr(config, name) >= V:
+            raise ValueError(f"DecodeConfig.{name}={getattr(config, name)} is outside the model's vocabulary [0, {V})")
+    check_max_new_tokens(config.gen_length, max(map(len, rows)), context_length(model), what="gen_length")
+    return pad_prompts(rows, device=device)
 
 def _scores(logits64: torch.Tensor, x0: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "random": return torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
@@ -361,10 +378,11 @@ def _scores(logits64: torch.Tensor, x0: torch.Tensor, kind: str, gen: torch.Gene
 @torch.no_grad()
 def diffusion_generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
                        config: DecodeConfig = DecodeConfig(), rule: Rule | None = None) -> DiffusionResult:
-    """Decode `prompts` (a `[B, P]` tensor, or lists of ids of any lengths, left-padded here) with the masked-diffusion
-    `model` under `config`; `rule` overrides `config.rule` with a ready rule object."""
+    """Decode `prompts` (a `[B, P]` integer tensor, lists of ids of any lengths, left-padded here, or a tokenizer's
+    batch) with the masked-diffusion `model` under `config` (checked by `check_dllm_request`); `rule` overrides
+    `config.rule` with a ready rule object."""
     dev = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    ids, valid = _prompt_batch(prompts, dev)
+    ids, valid = check_dllm_request(model, prompts, config, dev)
     B, P = ids.shape
     L, Lb, mask_id = config.gen_length, config.block_length, config.mask_id
     N = P + L
