@@ -294,30 +294,36 @@ def run_decoding_bench(scale: str = "cpu", device: str = "auto", out: str | Path
                     out_dir=out if out is not None else project_root() / "results" / scale / "bench")
     cfg = DECODING_BENCH_CONFIGS[scale]
     dev = run.device
-    if models is None:
-        models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
-    tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
-    entries = decoding_entries(models, modules)
-    hf_model = to_hf_llama(models.target) if hf else None
-    for e in entries: e.method(tasks[0].prompt[:16], 8)  # warm-up
-    if hf_model is not None:
-        for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
-    rows = _time_tasks(entries, tasks, cfg["new_tokens"], cfg["repeats"], hf_model, progress)
-    speedups = repeat_speedups(rows)
-    summary = with_intervals(_summarise(rows), speedups)
-    table = pd.DataFrame({"category": summary.category, "method": summary.method,
-                          "tokens/s": summary.tokens_per_s.round(1), "speed-up": summary.speedup.round(2),
-                          "speed-up 95% low": summary.speedup_low.round(2),
-                          "speed-up 95% high": summary.speedup_high.round(2),
-                          "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
-    run.save_table(table, name="decoding")
-    run.save_fig(_figure(summary, dev.type, cfg["repeats"]), name="decoding.png")
-    record_bench_claims(run, summary, entries,
-                        f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
-                        f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
-                        f"{cfg['repeats']} interleaved timing repeats, {dev.type}, scale={scale}", speedups)
-    run.finish(name="decoding.run.json")
-    return table
+    threads = torch.get_num_threads()
+    if dev.type == "cpu": torch.set_num_threads(1)  # a second thread on a shared CPU makes small-model steps erratic
+    try:
+        if models is None:
+            models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
+        tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
+        entries = decoding_entries(models, modules)
+        hf_model = to_hf_llama(models.target) if hf else None
+        for e in entries: e.method(tasks[0].prompt[:16], 8)  # warm-up
+        if hf_model is not None:
+            for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
+        rows = _time_tasks(entries, tasks, cfg["new_tokens"], cfg["repeats"], hf_model, progress)
+        speedups = repeat_speedups(rows)
+        summary = with_intervals(_summarise(rows), speedups)
+        table = pd.DataFrame({"category": summary.category, "method": summary.method,
+                              "tokens/s": summary.tokens_per_s.round(1), "speed-up": summary.speedup.round(2),
+                              "speed-up 95% low": summary.speedup_low.round(2),
+                              "speed-up 95% high": summary.speedup_high.round(2),
+                              "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
+        run.save_table(table, name="decoding")
+        run.save_fig(_figure(summary, dev.type, cfg["repeats"]), name="decoding.png")
+        record_bench_claims(run, summary, entries,
+                            f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
+                            f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
+                            f"{cfg['repeats']} interleaved timing repeats, {dev.type}"
+                            f"{' (1 thread)' if dev.type == 'cpu' else ''}, scale={scale}", speedups)
+        run.finish(name="decoding.run.json")
+        return table
+    finally:
+        torch.set_num_threads(threads)
 
 # %% ../../nbs/core/bench.ipynb #b7c1d021
 def _claim_id(slug: str, method: str, what: str) -> str:
