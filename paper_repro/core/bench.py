@@ -18,11 +18,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Generic, TypeVar
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .catalog import PAPERS, module_path
+from .claims import LEVEL, Estimate, over_repeats, paired_bootstrap
 from .data import BPETokenizer, load_code_corpus, load_parallel_corpus
 from .decoding import DecodeResult, DraftModelDrafter, Drafter, generate, greedy_decode
 from .lm import count_parameters, to_hf_llama
@@ -31,7 +33,8 @@ from .repro import project_root, start_run
 # %% auto #0
 __all__ = ['M', 'Decode', 'DECODING_BENCH_CONFIGS', 'Headline', 'BenchEntry', 'paper_entries', 'check_unique', 'BenchTask',
            'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels', 'DrafterMethod',
-           'decoding_entries', 'run_decoding_bench', 'record_bench_claims']
+           'decoding_entries', 'repeat_speedups', 'with_intervals', 'paired_ratio', 'run_decoding_bench',
+           'record_bench_claims']
 
 # %% ../../nbs/core/bench.ipynb #9d4f2e7b
 M = TypeVar("M")
@@ -39,8 +42,8 @@ M = TypeVar("M")
 @dataclass(frozen=True)
 class Headline:
     "A paper's headline claim, set beside a benchmark row's measured number in the suite's claims ledger."
-    value: float               # the paper's number
-    statement: str             # the claim in one line
+    value: float               # the paper's number (required: a headline claim has one)
+    statement: str             # the claim in one line, as the paper makes it
     source: str                # where the number stands: the paper's table, figure or section, or its official repository
     checked: bool = False      # whether we read the number there ourselves (False: taken from a secondary source)
     unit: str = "×"
@@ -50,10 +53,13 @@ class Headline:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"Headline.value={v!r}: must be the paper's number (a headline claim has one)")
+        if not isinstance(self.checked, bool):
+            raise ValueError(f"Headline.checked={self.checked!r}: must be True or False")
         for name in ("statement", "source", "unit", "category"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"Headline.{name}={getattr(self, name)!r}: must be a non-empty string")
 
+# %% ../../nbs/core/bench.ipynb #b7c1d004
 @dataclass(frozen=True)
 class BenchEntry(Generic[M]):
     "One row of a benchmark suite: its name, the method the suite runs, and the paper headline it is checked against."
@@ -69,6 +75,7 @@ class BenchEntry(Generic[M]):
             raise TypeError(f"BenchEntry {self.name!r}: paper_headline must be a Headline or None, "
                             f"got {type(self.paper_headline).__name__}")
 
+# %% ../../nbs/core/bench.ipynb #b7c1d006
 def paper_entries(family: str, ctx, method_type: type, modules: Iterable[ModuleType] | None = None,
                   root: Path | None = None) -> list[BenchEntry]:
     """The entries that `family`'s paper modules (or the given `modules`) declare with `bench_methods(ctx)`, in
@@ -192,13 +199,17 @@ def decoding_entries(models: BenchModels, modules: Iterable[ModuleType] | None =
 
 # %% ../../nbs/core/bench.ipynb #03a03698
 DECODING_BENCH_CONFIGS = {
-    "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16),
-    "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48),
-    "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128),
+    "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16, repeats=2),
+    "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48, repeats=3),
+    "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128, repeats=3),
 }
 
+# %% ../../nbs/core/bench.ipynb #b7c1d011
 def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    "Per category (and overall) and method: new tokens, wall time, calls, tokens/s, MAT, speed-up, lossless check."
     greedy = rows[rows.method == "greedy"].set_index("task")["tokens"]
+    if "repeat" in rows and rows.repeat.nunique() > 1:  # every repeat decodes the same tokens: compare with the first
+        greedy = rows[(rows.method == "greedy") & (rows.repeat == rows.repeat.min())].set_index("task")["tokens"]
     rows = rows.assign(identical=[t == greedy[k] for t, k in zip(rows.tokens, rows.task)])
     def agg(df: pd.DataFrame) -> pd.DataFrame:
         g = df.groupby("method", sort=False).agg(new=("new", "sum"), wall_s=("wall_s", "sum"), calls=("calls", "sum"),
@@ -215,58 +226,119 @@ def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out["lossless check"] = [("ok" if i else "MISMATCH") if l else "n/a (lossy)" for i, l in zip(out.identical, out.lossless)]
     return out
 
+# %% ../../nbs/core/bench.ipynb #b7c1d014
+def repeat_speedups(rows: pd.DataFrame) -> pd.DataFrame:
+    """The speed-up of every method in every category (and overall) within each timing repeat (`rows.repeat`): one
+    row per (repeat, category, method). A repeat times every method on every task, interleaved, so a burst of load
+    on the machine lands on all methods of that repeat alike."""
+    if "repeat" not in rows: rows = rows.assign(repeat=0)
+    parts = [_summarise(r)[["category", "method", "speedup"]].assign(repeat=k) for k, r in rows.groupby("repeat")]
+    return pd.concat(parts, ignore_index=True)
+
+def with_intervals(summary: pd.DataFrame, speedups: pd.DataFrame) -> pd.DataFrame:
+    """`summary` with the speed-up replaced by its mean over the repeats and its 95% interval (`speedup_low`,
+    `speedup_high`, from `core.claims.over_repeats`); needs at least 2 repeats."""
+    est = {k: over_repeats(v.tolist()) for k, v in speedups.groupby(["category", "method"], sort=False).speedup}
+    keys = list(zip(summary.category, summary.method))
+    return summary.assign(speedup=[est[k].value for k in keys], speedup_low=[est[k].low for k in keys],
+                          speedup_high=[est[k].high for k in keys], repeats=[est[k].n for k in keys])
+
+# %% ../../nbs/core/bench.ipynb #b7c1d031
+def paired_ratio(base, method, ref_base=None, ref=None, *, n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """`Σbase / Σmethod` over the same items (e.g. seconds per prompt of greedy decoding and of a method that emits
+    the same tokens: the method's speed-up), with a 95% percentile interval from `n_boot` paired resamples of the
+    items. Given `ref_base` and `ref` (another method and its own baseline on the same items), the ratio of the two
+    ratios instead: how much more the method gains over its baseline than `ref` gains over its own."""
+    if (ref_base is None) != (ref is None): raise ValueError("give both ref_base and ref, or neither")
+    arrays = [np.asarray(a, dtype=np.float64).ravel() for a in (base, method, ref_base, ref) if a is not None]
+    n = arrays[0].size
+    if n < 2 or any(a.size != n for a in arrays):
+        raise ValueError(f"paired_ratio: need the same >= 2 items in every list, got sizes {[a.size for a in arrays]}")
+    if not all(np.isfinite(a).all() and (a > 0).all() for a in arrays):
+        raise ValueError("paired_ratio: every value must be a finite positive number")
+    def stat(xs):
+        r = xs[0].sum(-1) / xs[1].sum(-1)
+        return r / (xs[2].sum(-1) / xs[3].sum(-1)) if len(xs) == 4 else r
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boots, value = stat([a[idx] for a in arrays]), float(stat(arrays))
+    low, high = (float(q) for q in np.quantile(boots, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2]))
+    return Estimate(value, min(low, value), max(high, value), float(boots.std(ddof=1)), "bootstrap", n)
+
+# %% ../../nbs/core/bench.ipynb #b7c1d017
+def _time_tasks(entries: Sequence[BenchEntry], tasks: Sequence[BenchTask], new_tokens: int, repeats: int,
+                hf_model=None, progress: bool = True) -> pd.DataFrame:
+    "One row per (repeat, task, method): every method on every task, methods interleaved within a repeat."
+    rows = []
+    for rep in range(repeats):
+        for i, task in enumerate(tqdm(tasks, desc=f"bench decoding, repeat {rep + 1}/{repeats}", disable=not progress)):
+            for e in entries:
+                res = e.method(task.prompt, new_tokens)
+                rows.append(dict(repeat=rep, task=i, category=task.category, method=e.name, tokens=res.tokens,
+                                 new=res.new_tokens, wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless))
+            if hf_model is not None:
+                for name, lookup in (("HF greedy", None), ("HF prompt lookup", 10)):
+                    toks, wall, calls = hf_generate(hf_model, task.prompt, new_tokens, lookup)
+                    rows.append(dict(repeat=rep, task=i, category=task.category, method=name, tokens=toks,
+                                     new=len(toks), wall_s=wall, calls=calls, lossless=True))
+    return pd.DataFrame(rows)
+
+# %% ../../nbs/core/bench.ipynb #b7c1d019
 def run_decoding_bench(scale: str = "cpu", device: str = "auto", out: str | Path | None = None, seed: int = 0,
                        progress: bool = True, *, modules: Iterable[ModuleType] | None = None,
                        models: BenchModels | None = None, hf: bool = True) -> pd.DataFrame:
-    """Run every decoding method on every task; write `decoding.csv`/`.md`/`.png`, `decoding.claims.json` and
-    `decoding.run.json` into `out` (default `results/<scale>/bench/`); return the summary table. `modules` replaces
-    the catalogue's paper modules, `models` the zoo's target, draft and tokenizer (both for tests)."""
+    """Run every decoding method on every task, `repeats` times; write `decoding.csv`/`.md`/`.png`,
+    `decoding.claims.json` and `decoding.run.json` into `out` (default `results/<scale>/bench/`); return the table.
+    `modules` replaces the catalogue's paper modules, `models` the zoo's target, draft and tokenizer (both for tests)."""
     from paper_repro.core.zoo import load_tokenizer, load_zoo
     run = start_run("bench", scale=scale, device=device, seed=seed,
                     out_dir=out if out is not None else project_root() / "results" / scale / "bench")
     cfg = DECODING_BENCH_CONFIGS[scale]
     dev = run.device
-    if models is None:
-        models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
-    tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
-    entries = decoding_entries(models, modules)
-    hf_model = to_hf_llama(models.target) if hf else None
-    for e in entries: e.method(tasks[0].prompt[:16], 8)  # warm-up
-    if hf_model is not None:
-        for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
-    rows = []
-    for i, task in enumerate(tqdm(tasks, desc="bench decoding", disable=not progress)):
-        for e in entries:
-            res = e.method(task.prompt, cfg["new_tokens"])
-            rows.append(dict(task=i, category=task.category, method=e.name, tokens=res.tokens, new=res.new_tokens,
-                             wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless))
+    threads = torch.get_num_threads()
+    if dev.type == "cpu": torch.set_num_threads(1)  # a second thread on a shared CPU makes small-model steps erratic
+    try:
+        if models is None:
+            models = BenchModels(load_zoo("code-target", device=dev), load_zoo("code-draft", device=dev), load_tokenizer())
+        tasks = make_tasks(models.target, models.tokenizer, cfg["per_category"], cfg["prompt_tokens"], cfg["first_turn_tokens"])
+        entries = decoding_entries(models, modules)
+        hf_model = to_hf_llama(models.target) if hf else None
+        for e in entries: e.method(tasks[0].prompt[:16], 8)  # warm-up
         if hf_model is not None:
-            for name, lookup in (("HF greedy", None), ("HF prompt lookup", 10)):
-                toks, wall, calls = hf_generate(hf_model, task.prompt, cfg["new_tokens"], lookup)
-                rows.append(dict(task=i, category=task.category, method=name, tokens=toks, new=len(toks), wall_s=wall,
-                                 calls=calls, lossless=True))
-    summary = _summarise(pd.DataFrame(rows))
-    table = pd.DataFrame({"category": summary.category, "method": summary.method,
-                          "tokens/s": summary.tokens_per_s.round(1), "speed-up": summary.speedup.round(2),
-                          "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
-    run.save_table(table, name="decoding")
-    run.save_fig(_figure(summary, dev.type), name="decoding.png")
-    record_bench_claims(run, summary, entries,
-                        f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
-                        f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
-                        f"{dev.type}, scale={scale}")
-    run.finish(name="decoding.run.json")
-    return table
+            for lookup in (None, 10): hf_generate(hf_model, tasks[0].prompt[:16], 8, lookup)
+        rows = _time_tasks(entries, tasks, cfg["new_tokens"], cfg["repeats"], hf_model, progress)
+        speedups = repeat_speedups(rows)
+        summary = with_intervals(_summarise(rows), speedups)
+        table = pd.DataFrame({"category": summary.category, "method": summary.method,
+                              "tokens/s": summary.tokens_per_s.round(1), "speed-up": summary.speedup.round(2),
+                              "speed-up 95% low": summary.speedup_low.round(2),
+                              "speed-up 95% high": summary.speedup_high.round(2),
+                              "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
+        run.save_table(table, name="decoding")
+        run.save_fig(_figure(summary, dev.type, cfg["repeats"]), name="decoding.png")
+        record_bench_claims(run, summary, entries,
+                            f"zoo code-target ({count_parameters(models.target) / 1e6:.1f}M) and code-draft, "
+                            f"{cfg['per_category']} prompts per category × {cfg['new_tokens']} new tokens, greedy, "
+                            f"{cfg['repeats']} interleaved timing repeats, {dev.type}"
+                            f"{' (1 thread)' if dev.type == 'cpu' else ''}, scale={scale}", speedups)
+        run.finish(name="decoding.run.json")
+        return table
+    finally:
+        torch.set_num_threads(threads)
 
+# %% ../../nbs/core/bench.ipynb #b7c1d021
 def _claim_id(slug: str, method: str, what: str) -> str:
     return "_".join(filter(None, [slug, re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_"), what]))
 
-def record_bench_claims(run, summary: pd.DataFrame, entries: Sequence[BenchEntry], setting: str) -> None:
-    """The claims ledger of the benchmark (`decoding.claims.json`): for every paper's entry with a headline, the
-    paper's speed-up next to the one measured here (in the headline's category), and, for lossless methods, that the
-    output equals greedy decoding (which must hold)."""
+def record_bench_claims(run, summary: pd.DataFrame, entries: Sequence[BenchEntry], setting: str,
+                        speedups: pd.DataFrame) -> None:
+    """The benchmark's claims ledger (`decoding.claims.json`). For every paper entry with a `Headline`, a `headline`
+    claim: the paper's number beside the speed-up measured here over our greedy decoding in the headline's category,
+    an `Estimate` over the timing repeats (`speedups`, from `repeat_speedups`) that holds only when its whole 95%
+    interval lies above 1. For every lossless entry, an `invariant`: its output equals greedy decoding's."""
     run.claims_file = "decoding.claims.json"
     rows = summary.set_index(["category", "method"])
+    per_repeat = {k: v.tolist() for k, v in speedups.groupby(["category", "method"]).speedup}
+    n_rep = speedups.repeat.nunique()
     for e in entries:
         if e.paper is None: continue
         h = e.paper_headline
@@ -274,31 +346,45 @@ def record_bench_claims(run, summary: pd.DataFrame, entries: Sequence[BenchEntry
             if h.category not in summary.category.values:
                 raise ValueError(f"{e.paper}: the headline of {e.name!r} names category {h.category!r}; valid: "
                                  f"{', '.join(summary.category.unique())}")
-            r = rows.loc[(h.category, e.name)]
-            run.record_claim(id=_claim_id(e.paper, e.name, "speedup"), statement=h.statement,
+            r, reps = rows.loc[(h.category, e.name)], per_repeat[(h.category, e.name)]
+            run.record_claim(id=_claim_id(e.paper, e.name, "speedup"), kind="headline",
+                             statement=f"{h.statement}. Tested here: {e.name}'s tokens/s over our greedy decoding's "
+                                       f"on the {h.category} tasks, in each of {n_rep} interleaved timing repeats; "
+                                       "holds if the 95% interval of the mean lies above 1",
                              metric=f"speed-up over our greedy, {h.category} tasks", unit=h.unit, paper_value=h.value,
-                             our_value=float(r.speedup), higher_is_better=True,
-                             setting=setting, holds=bool(r.speedup > 1),
-                             note=f"method {e.name!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s")
+                             source=h.source, source_checked=h.checked, our_value=over_repeats(reps), threshold=1.0,
+                             higher_is_better=True, setting=setting,
+                             note=f"method {e.name!r}; MAT {r.MAT:.2f}; {r.tokens_per_s:.0f} tokens/s; per repeat: "
+                                  + ", ".join(f"{s:.3f}" for s in reps))
         overall = rows.loc[("overall", e.name)]
         if overall.lossless:
-            ident = overall.identical
-            run.record_claim(id=_claim_id(e.paper, e.name, "lossless"),
-                             statement=f"{e.name} is lossless: output identical to greedy",
-                             metric="identical outputs on all tasks", unit="bool", paper_value=1.0,
-                             our_value=float(ident), higher_is_better=True, setting=setting, holds=bool(ident),
-                             note="every task of every category", must_hold=True)
+            ident = bool(overall.identical)
+            run.record_claim(id=_claim_id(e.paper, e.name, "lossless"), kind="invariant",
+                             statement=f"{e.name} is lossless: its output is token-identical to our greedy decoding",
+                             metric="identical outputs on all tasks and repeats", unit="bool", our_value=float(ident),
+                             higher_is_better=True, setting=setting, holds=ident,
+                             note="every task of every category, every repeat")
 
-def _figure(summary: pd.DataFrame, device: str):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    sns.set_theme(style="whitegrid")
+# %% ../../nbs/core/bench.ipynb #b7c1d023
+def _figure(summary: pd.DataFrame, device: str, repeats: int):
+    "One panel per task category: speed-up (with its 95% interval over the repeats) against MAT, a colour per method."
+    from paper_repro.core.plot import REFERENCE, legend_outside, method_colors, method_markers, new_figure
     data = summary[summary.category != "overall"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    sns.scatterplot(data=data, x="MAT", y="speedup", hue="method", style="category", s=80, ax=ax)
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    ax.set(xlabel="mean accepted tokens per target call", ylabel="speed-up over greedy (HF rows: over HF greedy)",
-           title=f"Decoding benchmark ({device})")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
+    cats = list(dict.fromkeys(data.category))
+    colors, markers = method_colors(data.method.unique()), method_markers(data.method.unique())
+    ncols = 2
+    fig, axes = new_figure(math.ceil(len(cats) / ncols), ncols, width=11, height=3.3 * math.ceil(len(cats) / ncols),
+                           sharex=True, sharey=True, squeeze=False)
+    for ax, cat in zip(axes.flat, cats):
+        for r in data[data.category == cat].itertuples():
+            ax.errorbar(r.MAT, r.speedup, yerr=[[r.speedup - r.speedup_low], [r.speedup_high - r.speedup]],
+                        fmt=markers[r.method], color=colors[r.method], ms=6, capsize=2, lw=1, label=r.method)
+        ax.axhline(1.0, color=REFERENCE, lw=1, ls="--")
+        ax.set(title=cat, xlabel="mean accepted tokens per target call (tokens)", ylabel="speed-up over greedy (×)")
+    top = max(1.5, 1.25 * float(data.speedup.max()))
+    for ax in axes.flat: ax.set_ylim(0, top)   # a speed-up is positive; an interval reaching past the frame is clipped
+    for ax in axes.flat[len(cats):]: ax.set_visible(False)
+    legend_outside(fig, "right", title="method")
+    fig.suptitle(f"Decoding benchmark ({device}): bars = 95% interval over {repeats} timing repeats; "
+                 "HF rows over HF greedy", fontsize=10)
     return fig

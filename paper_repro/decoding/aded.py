@@ -19,6 +19,7 @@ from itertools import accumulate
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 
 from ..core.decoding import Draft
 from ..core.trees import draft_from_paths
@@ -42,6 +43,7 @@ class Successors:
 
 NO_SUCCESSORS = Successors([], [])
 
+# %% ../../nbs/decoding/aded.ipynb #ad_s02
 class TrigramMap:
     "Static map `(a, b) → top-k successors c with P(c | a, b)` from corpus trigram counts (CSR arrays, memoised lookups)."
     def __init__(self, keys: np.ndarray, offsets: np.ndarray, succ: np.ndarray, prob: np.ndarray, vocab_size: int,
@@ -50,61 +52,70 @@ class TrigramMap:
         self.vocab_size, self.top_k, self.corpus_tokens = vocab_size, top_k, corpus_tokens
         self._memo: dict[tuple[int, int], Successors] = {}
 
-    @classmethod
-    def from_sequences(cls, sequences: Iterable[Sequence[int]], vocab_size: int, top_k: int = 12) -> "TrigramMap":
-        "Count the trigrams of each token sequence (no trigram crosses two sequences) and keep each pair's top-k."
-        if not isinstance(top_k, int) or top_k < 1: raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        V, codes, n = vocab_size, [], 0
-        for seq in sequences:
-            s = np.asarray(seq, dtype=np.int64)
-            n += len(s)
-            if len(s) == 0: continue
-            if s.min() < 0 or s.max() >= V:
-                raise ValueError(f"token ids must lie in [0, {V}); this sequence has ids {s.min()}..{s.max()}")
-            if len(s) >= 3: codes.append((s[:-2] * V + s[1:-1]) * V + s[2:])
-        uniq, counts = np.unique(np.concatenate(codes) if codes else np.zeros(0, np.int64), return_counts=True)
-        pair, nxt = uniq // V, uniq % V
-        order = np.lexsort((nxt, -counts, pair))           # by pair, then most frequent first, then token id
-        pair, nxt, counts = pair[order], nxt[order], counts[order]
-        new_pair = np.r_[True, pair[1:] != pair[:-1]] if len(pair) else np.zeros(0, bool)
-        starts = np.flatnonzero(new_pair)
-        group = np.cumsum(new_pair) - 1
-        totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, np.int64)
-        keep = np.arange(len(pair)) - starts[group] < top_k  # rank within the pair
-        prob = (counts[keep] / totals[group[keep]]).astype(np.float32)
-        keys, first = np.unique(pair[keep], return_index=True)
-        offsets = np.r_[first, keep.sum()].astype(np.int32)
-        return cls(keys.astype(np.int64), offsets, nxt[keep].astype(np.int32), prob, V, top_k, n)
+# %% ../../nbs/decoding/aded.ipynb #ad_s04
+@patch(cls_method=True)
+def from_sequences(cls: TrigramMap, sequences: Iterable[Sequence[int]], vocab_size: int, top_k: int = 12) -> TrigramMap:
+    "Count the trigrams of each token sequence (no trigram crosses two sequences) and keep each pair's top-k."
+    if not isinstance(top_k, int) or top_k < 1: raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    V, codes, n = vocab_size, [], 0
+    for seq in sequences:
+        s = np.asarray(seq, dtype=np.int64)
+        n += len(s)
+        if len(s) == 0: continue
+        if s.min() < 0 or s.max() >= V:
+            raise ValueError(f"token ids must lie in [0, {V}); this sequence has ids {s.min()}..{s.max()}")
+        if len(s) >= 3: codes.append((s[:-2] * V + s[1:-1]) * V + s[2:])
+    uniq, counts = np.unique(np.concatenate(codes) if codes else np.zeros(0, np.int64), return_counts=True)
+    pair, nxt = uniq // V, uniq % V
+    order = np.lexsort((nxt, -counts, pair))           # by pair, then most frequent first, then token id
+    pair, nxt, counts = pair[order], nxt[order], counts[order]
+    new_pair = np.r_[True, pair[1:] != pair[:-1]] if len(pair) else np.zeros(0, bool)
+    starts = np.flatnonzero(new_pair)
+    group = np.cumsum(new_pair) - 1
+    totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, np.int64)
+    keep = np.arange(len(pair)) - starts[group] < top_k  # rank within the pair
+    prob = (counts[keep] / totals[group[keep]]).astype(np.float32)
+    keys, first = np.unique(pair[keep], return_index=True)
+    offsets = np.r_[first, keep.sum()].astype(np.int32)
+    return cls(keys.astype(np.int64), offsets, nxt[keep].astype(np.int32), prob, V, top_k, n)
 
-    def __len__(self) -> int: return len(self.keys)
-    @property
-    def entries(self) -> int: return len(self.succ)
-    @property
-    def nbytes(self) -> int:
-        "Compact size: an (int32, int32) key and an int32 offset per pair, an int32 token and a float32 per successor."
-        return len(self.keys) * 12 + len(self.succ) * 8
-    @property
-    def size_mb(self) -> float: return self.nbytes / 2**20
+# %% ../../nbs/decoding/aded.ipynb #ad_s06
+@patch
+def __len__(self: TrigramMap) -> int: return len(self.keys)
 
-    def lookup(self, a: int, b: int) -> tuple[list[int], list[float]]:
-        "Successor tokens of `(a, b)` and their probabilities, most frequent first (empty lists if unseen)."
-        V = self.vocab_size
-        if not (0 <= a < V and 0 <= b < V): return [], []
-        code = a * V + b
-        i = int(np.searchsorted(self.keys, code))
-        if i == len(self.keys) or int(self.keys[i]) != code: return [], []
-        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.succ[lo:hi].tolist(), self.prob[lo:hi].tolist()
+@patch(as_prop=True)
+def entries(self: TrigramMap) -> int: return len(self.succ)
 
-    def successors(self, key: tuple[int, int]) -> Successors:
-        "Memoised `Successors` of the pair `key`."
-        s = self._memo.get(key)
-        if s is None:
-            tokens, probs = self.lookup(*key)
-            s = self._memo[key] = Successors(tokens, probs) if tokens else NO_SUCCESSORS
-        return s
+@patch(as_prop=True)
+def nbytes(self: TrigramMap) -> int:
+    "Compact size: an (int32, int32) key and an int32 offset per pair, an int32 token and a float32 per successor."
+    return len(self.keys) * 12 + len(self.succ) * 8
+
+@patch(as_prop=True)
+def size_mb(self: TrigramMap) -> float: return self.nbytes / 2**20
+
+# %% ../../nbs/decoding/aded.ipynb #ad_s08
+@patch
+def lookup(self: TrigramMap, a: int, b: int) -> tuple[list[int], list[float]]:
+    "Successor tokens of `(a, b)` and their probabilities, most frequent first (empty lists if unseen)."
+    V = self.vocab_size
+    if not (0 <= a < V and 0 <= b < V): return [], []
+    code = a * V + b
+    i = int(np.searchsorted(self.keys, code))
+    if i == len(self.keys) or int(self.keys[i]) != code: return [], []
+    lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+    return self.succ[lo:hi].tolist(), self.prob[lo:hi].tolist()
+
+@patch
+def successors(self: TrigramMap, key: tuple[int, int]) -> Successors:
+    "Memoised `Successors` of the pair `key`."
+    s = self._memo.get(key)
+    if s is None:
+        tokens, probs = self.lookup(*key)
+        s = self._memo[key] = Successors(tokens, probs) if tokens else NO_SUCCESSORS
+    return s
 
 # %% ../../nbs/decoding/aded.ipynb #92d50051
 class AdaptiveTrigrams:
@@ -121,32 +132,37 @@ class AdaptiveTrigrams:
         "Forget every adaptation (back to the corpus map)."
         self.bonus.clear(); self._adapted.clear()
 
-    def adapt(self, context: Sequence[int]) -> None:
-        "One step of adaptation: bump every trigram that lies in the last `window` tokens of `context`."
-        if self.boost == 0: return
-        for i in range(max(0, len(context) - self.window), len(context) - 2):
-            key = (context[i], context[i + 1])
-            bumps = self.bonus.setdefault(key, {})
-            bumps[context[i + 2]] = bumps.get(context[i + 2], 0.0) + self.boost
-            self._adapted.pop(key, None)
+# %% ../../nbs/decoding/aded.ipynb #ad_s12
+@patch
+def adapt(self: AdaptiveTrigrams, context: Sequence[int]) -> None:
+    "One step of adaptation: bump every trigram that lies in the last `window` tokens of `context`."
+    if self.boost == 0: return
+    for i in range(max(0, len(context) - self.window), len(context) - 2):
+        key = (context[i], context[i + 1])
+        bumps = self.bonus.setdefault(key, {})
+        bumps[context[i + 2]] = bumps.get(context[i + 2], 0.0) + self.boost
+        self._adapted.pop(key, None)
 
-    def successors(self, key: tuple[int, int]) -> Successors:
-        "Current successors of the pair `key`, best first (ties by token id)."
-        s = self._adapted.get(key)
-        if s is not None: return s
-        bumps = self.bonus.get(key)
-        if not bumps: return self.base.successors(key)
-        base = self.base.successors(key)
-        scores = dict(zip(base.tokens, base.scores))
-        for c, extra in bumps.items(): scores[c] = min(self.cap, scores.get(c, 0.0) + extra)
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-        s = self._adapted[key] = Successors([t for t, _ in ranked], [v for _, v in ranked])
-        return s
+# %% ../../nbs/decoding/aded.ipynb #ad_s14
+@patch
+def successors(self: AdaptiveTrigrams, key: tuple[int, int]) -> Successors:
+    "Current successors of the pair `key`, best first (ties by token id)."
+    s = self._adapted.get(key)
+    if s is not None: return s
+    bumps = self.bonus.get(key)
+    if not bumps: return self.base.successors(key)
+    base = self.base.successors(key)
+    scores = dict(zip(base.tokens, base.scores))
+    for c, extra in bumps.items(): scores[c] = min(self.cap, scores.get(c, 0.0) + extra)
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    s = self._adapted[key] = Successors([t for t, _ in ranked], [v for _, v in ranked])
+    return s
 
-    def score(self, a: int, b: int, c: int) -> float:
-        "Current score of the trigram `(a, b, c)` (0 if absent)."
-        s = self.successors((a, b))
-        return s.scores[s.tokens.index(c)] if c in s.tokens else 0.0
+@patch
+def score(self: AdaptiveTrigrams, a: int, b: int, c: int) -> float:
+    "Current score of the trigram `(a, b, c)` (0 if absent)."
+    s = self.successors((a, b))
+    return s.scores[s.tokens.index(c)] if c in s.tokens else 0.0
 
 # %% ../../nbs/decoding/aded.ipynb #5ac39fb8
 @dataclass
@@ -179,6 +195,7 @@ class SearchTree:
             paths.append(p + [best] if best >= 0 else p)
         return paths
 
+# %% ../../nbs/decoding/aded.ipynb #ad_s22
 def mcts_search(successors: Callable[[tuple[int, int]], Successors], a: int, b: int, iterations: int = 150,
                 depth: int = 4, c1: float = 32.0, c2: float = 8.0, rng: random.Random | None = None) -> SearchTree:
     "ADED's MCTS from state `(a, b)` over the trigram map behind `successors`; the tree holds paths of `depth - 1` tokens."
@@ -293,8 +310,8 @@ class ADEDDrafter:
 from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
 
 BENCH_HEADLINE = Headline(2.5, "ADED speeds up decoding (up to 2.5×)",
-                          source="best speed-up over autoregressive decoding, Vicuna / LLaMA-2 / CodeLlama on MT-Bench, "
-                                 "Alpaca and HumanEval (papers/decoding.md)")
+                          source="official README (liuxukun2000/Adaptix, 'Core Features': up to 2.5X speed improvement; "
+                                 "paper arXiv 2407.12021: MT-Bench, Alpaca, HumanEval)", checked=True)
 
 def bench_methods(models: BenchModels) -> list[BenchEntry]:
     "ADED for `paper_repro.core.bench` (`models.tokenizer` tokenises the training split for the trigram map)."

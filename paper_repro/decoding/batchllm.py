@@ -19,6 +19,8 @@ from ..core.decoding import batch_greedy_decode
 from ..core.hf import as_token_lists
 from ..core.lm import CausalLM
 
+from fastcore.basics import patch
+
 # %% auto #0
 __all__ = ['Call', 'make_call', 'PrefixNode', 'PrefixTree', 'PrefixGroup', 'group_saving', 'one_level_groups', 'group_requests',
            'ideal_saving', 'kv_slots', 'decode_ratio', 'order_groups', 'pack_by_memory', 'pack_by_count',
@@ -72,6 +74,7 @@ class PrefixNode:
         self.ends: list[int] = []   # requests whose key ends exactly here
         self.count = 0              # requests whose key passes through or ends here
 
+# %% ../../nbs/decoding/batchllm.ipynb #bl_t2
 class PrefixTree:
     "Radix tree over request keys (token sequences); `unique_tokens` is the number of distinct prefix tokens."
     def __init__(self, keys: Sequence[Sequence[int]] = ()):
@@ -84,43 +87,47 @@ class PrefixTree:
         "The tree of `prompts`, each keyed by all but its last token."
         return cls([p[:-1] for p in _check_requests(prompts)])
 
-    def insert(self, key: Sequence[int], rid: int) -> None:
-        "Add request `rid` with token sequence `key`."
-        key = tuple(int(t) for t in key)
-        node, i = self.root, 0
-        node.count += 1
-        self.n_keys += 1
-        while i < len(key):
-            child = node.children.get(key[i])
-            if child is None:  # a new branch: one edge holding the rest of the key
-                leaf = PrefixNode(key[i:], len(key))
-                leaf.count, leaf.ends = 1, [rid]
-                node.children[key[i]] = leaf
-                return
-            m = _lcp(child.label, key[i:])
-            if m < len(child.label):  # the key leaves this edge part-way: split it
-                mid = PrefixNode(child.label[:m], node.depth + m)
-                mid.count = child.count
-                child.label = child.label[m:]
-                mid.children[child.label[0]] = child
-                node.children[key[i]] = child = mid
-            child.count += 1
-            node, i = child, i + m
-        node.ends.append(rid)
+# %% ../../nbs/decoding/batchllm.ipynb #bl_t4
+@patch
+def insert(self: PrefixTree, key: Sequence[int], rid: int) -> None:
+    "Add request `rid` with token sequence `key`."
+    key = tuple(int(t) for t in key)
+    node, i = self.root, 0
+    node.count += 1
+    self.n_keys += 1
+    while i < len(key):
+        child = node.children.get(key[i])
+        if child is None:  # a new branch: one edge holding the rest of the key
+            leaf = PrefixNode(key[i:], len(key))
+            leaf.count, leaf.ends = 1, [rid]
+            node.children[key[i]] = leaf
+            return
+        m = _lcp(child.label, key[i:])
+        if m < len(child.label):  # the key leaves this edge part-way: split it
+            mid = PrefixNode(child.label[:m], node.depth + m)
+            mid.count = child.count
+            child.label = child.label[m:]
+            mid.children[child.label[0]] = child
+            node.children[key[i]] = child = mid
+        child.count += 1
+        node, i = child, i + m
+    node.ends.append(rid)
 
-    def nodes(self) -> list[PrefixNode]:
-        "All nodes, parents before children."
-        out, stack = [], [self.root]
-        while stack:
-            n = stack.pop()
-            out.append(n)
-            stack.extend(n.children.values())
-        return out
+# %% ../../nbs/decoding/batchllm.ipynb #bl_t6
+@patch
+def nodes(self: PrefixTree) -> list[PrefixNode]:
+    "All nodes, parents before children."
+    out, stack = [], [self.root]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n.children.values())
+    return out
 
-    @property
-    def unique_tokens(self) -> int:
-        "Distinct prefix tokens over all keys (what ideal multi-level sharing computes)."
-        return sum(len(n.label) for n in self.nodes())
+@patch(as_prop=True)
+def unique_tokens(self: PrefixTree) -> int:
+    "Distinct prefix tokens over all keys (what ideal multi-level sharing computes)."
+    return sum(len(n.label) for n in self.nodes())
 
 # %% ../../nbs/decoding/batchllm.ipynb #50d8abad
 @dataclass
@@ -133,6 +140,7 @@ def group_saving(groups: Sequence[PrefixGroup]) -> int:
     "Prefill tokens a grouping saves: `(n - 1) · prefix_len` per group."
     return sum((len(g.members) - 1) * g.prefix_len for g in groups if g.members)
 
+# %% ../../nbs/decoding/batchllm.ipynb #50d8_c1
 def one_level_groups(tree: PrefixTree) -> list[PrefixGroup]:
     "Optimal one-level prefix-sharing groups of the tree's keys (maximal `group_saving`); the root group shares 0 tokens."
     order = tree.nodes()                       # parents before children
@@ -161,6 +169,7 @@ def one_level_groups(tree: PrefixTree) -> list[PrefixGroup]:
     for grp in groups: grp.members.sort()
     return [grp for grp in groups if grp.members]
 
+# %% ../../nbs/decoding/batchllm.ipynb #50d8_c2
 def group_requests(prompts: Sequence[Sequence[int]]) -> list[PrefixGroup]:
     "BatchLLM's global prefix identification: the optimal one-level groups of a whole batch of prompts."
     return one_level_groups(PrefixTree.from_prompts(prompts))
@@ -184,6 +193,7 @@ def decode_ratio(i: int, prompts: Sequence[Sequence[int]], budgets: Sequence[int
     "Decode length over the prompt tokens request `i` must prefill itself (its shared prefix excluded)."
     return budgets[i] / (len(prompts[i]) - prefix_len)
 
+# %% ../../nbs/decoding/batchllm.ipynb #dbfb_c1
 def order_groups(groups: Sequence[PrefixGroup], prompts: Sequence[Sequence[int]],
                  budgets: Sequence[int]) -> list[PrefixGroup]:
     """Decode-heavy first: groups by total decode over total prefill (prefix once), members by their own ratio.
@@ -195,6 +205,7 @@ def order_groups(groups: Sequence[PrefixGroup], prompts: Sequence[Sequence[int]]
            for g in groups]
     return sorted(out, key=lambda g: -group_ratio(g))
 
+# %% ../../nbs/decoding/batchllm.ipynb #dbfb_c2
 def pack_by_memory(groups: Sequence[PrefixGroup], prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                    max_kv_slots: int, prefix_once: bool = False) -> list[Call]:
     """Cut each group's members (in the given order) into consecutive calls whose `kv_slots` fit `max_kv_slots`.
@@ -218,6 +229,7 @@ def pack_by_memory(groups: Sequence[PrefixGroup], prompts: Sequence[Sequence[int
         if chunk: calls.append(make_call(chunk, prompts))
     return calls
 
+# %% ../../nbs/decoding/batchllm.ipynb #dbfb_c3
 def pack_by_count(groups: Sequence[PrefixGroup], prompts: Sequence[Sequence[int]], batch_size: int) -> list[Call]:
     "Cut each group's members (in the given order) into calls of at most `batch_size` requests, sharing their prefix."
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -244,6 +256,7 @@ def block_keys(key: Sequence[int], block_size: int) -> list[tuple]:
         out.append(prev)
     return out
 
+# %% ../../nbs/decoding/batchllm.ipynb #5216_c1
 def simulate_lru_cache(prompts: Sequence[Sequence[int]], budgets: Sequence[int], calls: Sequence[Call],
                        capacity_tokens: int, block_size: int = 16) -> list[int]:
     "Prompt tokens each request finds in an LRU block prefix cache when `calls` run in order (see the text above)."
@@ -270,6 +283,7 @@ def simulate_lru_cache(prompts: Sequence[Sequence[int]], budgets: Sequence[int],
         while len(cache) > capacity: cache.popitem(last=False)
     return hits
 
+# %% ../../nbs/decoding/batchllm.ipynb #5216_c2
 def lru_realised(calls: Sequence[Call], prompts: Sequence[Sequence[int]], hits: Sequence[int]) -> list[Call]:
     """The part of an LRU cache's reuse our core can execute: per call, the prefix every member shares *and* found in
     the cache (the core cannot load KV left by an earlier call, only prefill a prefix common to all rows once)."""
@@ -300,6 +314,7 @@ class ScheduleResult:
         "Prefill tokens avoided over all prompt tokens."
         return 1 - self.computed_prompt_tokens / self.prompt_tokens
 
+# %% ../../nbs/decoding/batchllm.ipynb #797e_c1
 def check_schedule(calls: Sequence[Call], prompts: Sequence[Sequence[int]]) -> None:
     "Every request in exactly one call, and every call's prefix really shared, leaving each row one token."
     seen = sorted(m for c in calls for m in c.members)
@@ -309,6 +324,7 @@ def check_schedule(calls: Sequence[Call], prompts: Sequence[Sequence[int]]) -> N
         if c.prefix_len > make_call(c.members, prompts).prefix_len:
             raise ValueError(f"call {c.members[:5]} claims a {c.prefix_len}-token shared prefix its prompts do not share")
 
+# %% ../../nbs/decoding/batchllm.ipynb #797e_c2
 def run_schedule(target: CausalLM, prompts: Sequence[Sequence[int]], budgets: Sequence[int], calls: Sequence[Call],
                  eos_id: int | None = None, plan_s: float = 0.0) -> ScheduleResult:
     "Run `calls` one after another with the core's batched greedy decoding; `plan_s` (planning time) is added to the wall time."

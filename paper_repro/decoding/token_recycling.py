@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from ..core.decoding import Draft
 from ..core.trees import prefix_tree
@@ -33,6 +34,7 @@ TEMPLATE_2_2_2: tuple[tuple[int, ...], ...] = (
     (2, 0, 0, 1, 0, 0, 0, 0),                                                # level 5 (8 nodes)
 )
 
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s02
 @dataclass(frozen=True)
 class TreeTemplate:
     "A static draft-tree shape: node `i` is child number `ranks[i]` of node `parents[i]` (-1 = root), depth-ordered."
@@ -52,53 +54,62 @@ class TreeTemplate:
             if i and depth[i] < depth[i - 1]: raise ValueError(f"template node {i} is shallower than node {i - 1}: "
                                                                "nodes must be ordered by depth")
 
-    @classmethod
-    def from_child_counts(cls, levels: Sequence[Sequence[int]]) -> "TreeTemplate":
-        "Build from the number of children of every node, level by level (the first level is the root: one count)."
-        if not levels or len(levels[0]) != 1: raise ValueError("the first level must hold the root's child count only")
-        parents, ranks, level_nodes = [], [], [-1]
-        for d, counts in enumerate(levels):
-            if len(counts) != len(level_nodes):
-                raise ValueError(f"level {d} gives {len(counts)} child counts for {len(level_nodes)} nodes")
-            nxt = []
-            for node, c in zip(level_nodes, counts):
-                for r in range(c): nxt.append(len(parents)); parents.append(node); ranks.append(r)
-            level_nodes = nxt
-        return cls(tuple(parents), tuple(ranks))
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s04
+@patch(cls_method=True)
+def from_child_counts(cls: TreeTemplate, levels: Sequence[Sequence[int]]) -> TreeTemplate:
+    "Build from the number of children of every node, level by level (the first level is the root: one count)."
+    if not levels or len(levels[0]) != 1: raise ValueError("the first level must hold the root's child count only")
+    parents, ranks, level_nodes = [], [], [-1]
+    for d, counts in enumerate(levels):
+        if len(counts) != len(level_nodes):
+            raise ValueError(f"level {d} gives {len(counts)} child counts for {len(level_nodes)} nodes")
+        nxt = []
+        for node, c in zip(level_nodes, counts):
+            for r in range(c): nxt.append(len(parents)); parents.append(node); ranks.append(r)
+        level_nodes = nxt
+    return cls(tuple(parents), tuple(ranks))
 
-    @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "TreeTemplate":
-        "Build from root-to-node rank paths, e.g. `[[0], [1], [0, 0]]` (the official code's notation; one node each)."
-        ranks, parents = prefix_tree(paths, strict=True)
-        return cls(tuple(parents), tuple(ranks))
+@patch(cls_method=True)
+def from_paths(cls: TreeTemplate, paths: Sequence[Sequence[int]]) -> TreeTemplate:
+    "Build from root-to-node rank paths, e.g. `[[0], [1], [0, 0]]` (the official code's notation; one node each)."
+    ranks, parents = prefix_tree(paths, strict=True)
+    return cls(tuple(parents), tuple(ranks))
 
-    def __len__(self) -> int: return len(self.parents)
-    @property
-    def depths(self) -> list[int]:
-        d: list[int] = []
-        for p in self.parents: d.append(1 if p < 0 else d[p] + 1)
-        return d
-    @property
-    def max_rank(self) -> int: return max(self.ranks, default=-1)
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s07
+@patch
+def __len__(self: TreeTemplate) -> int: return len(self.parents)
 
-    def paths(self) -> list[tuple[int, ...]]:
-        "Rank path of every node."
-        out: list[tuple[int, ...]] = []
-        for p, r in zip(self.parents, self.ranks): out.append((out[p] if p >= 0 else ()) + (r,))
-        return out
+@patch(as_prop=True)
+def depths(self: TreeTemplate) -> list[int]:
+    d: list[int] = []
+    for p in self.parents: d.append(1 if p < 0 else d[p] + 1)
+    return d
 
-    def nodes_upto(self, depth: int) -> int:
-        "Number of nodes at depth <= `depth` (a prefix of the node list)."
-        return sum(d <= depth for d in self.depths)
+@patch(as_prop=True)
+def max_rank(self: TreeTemplate) -> int: return max(self.ranks, default=-1)
 
-    def pruned(self, n: int) -> "TreeTemplate":
-        "The `n`-node subtree of lowest path cost `sum(rank + 1)` (ties: template order), still depth-ordered."
-        if not 1 <= n <= len(self): raise ValueError(f"n must be in [1, {len(self)}], got {n}")
-        cost = [sum(r + 1 for r in path) for path in self.paths()]
-        keep = sorted(sorted(range(len(self)), key=lambda i: (cost[i], i))[:n], key=lambda i: (self.depths[i], i))
-        new = {old: j for j, old in enumerate(keep)}
-        return TreeTemplate(tuple(new[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep),
-                            tuple(self.ranks[i] for i in keep))
+@patch
+def paths(self: TreeTemplate) -> list[tuple[int, ...]]:
+    "Rank path of every node."
+    out: list[tuple[int, ...]] = []
+    for p, r in zip(self.parents, self.ranks): out.append((out[p] if p >= 0 else ()) + (r,))
+    return out
+
+@patch
+def nodes_upto(self: TreeTemplate, depth: int) -> int:
+    "Number of nodes at depth <= `depth` (a prefix of the node list)."
+    return sum(d <= depth for d in self.depths)
+
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s10
+@patch
+def pruned(self: TreeTemplate, n: int) -> TreeTemplate:
+    "The `n`-node subtree of lowest path cost `sum(rank + 1)` (ties: template order), still depth-ordered."
+    if not 1 <= n <= len(self): raise ValueError(f"n must be in [1, {len(self)}], got {n}")
+    cost = [sum(r + 1 for r in path) for path in self.paths()]
+    keep = sorted(sorted(range(len(self)), key=lambda i: (cost[i], i))[:n], key=lambda i: (self.depths[i], i))
+    new = {old: j for j, old in enumerate(keep)}
+    return TreeTemplate(tuple(new[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep),
+                        tuple(self.ranks[i] for i in keep))
 
 def default_template(n_nodes: int = 80) -> TreeTemplate:
     "The official 80-node template, or its `n_nodes` cheapest subtree."
@@ -137,43 +148,49 @@ class TokenRecyclingDrafter:
         "Cold start: forget every candidate."
         self.A.zero_(); self._root = None
 
-    def fill(self, root: int, n: int | None = None) -> np.ndarray:
-        "Tokens of `[root] + the first n template nodes`, level by level: `tok[i] = A[tok[parent(i)], rank(i)]`."
-        n = len(self.template) if n is None else n
-        tok = np.empty(n + 1, dtype=np.int64)
-        tok[0] = root
-        for a, b in self._levels:
-            if a >= n: break
-            b = min(b, n)
-            tok[1 + a:1 + b] = self._A[tok[self._parents[a:b]], self._ranks[a:b]]
-        return tok
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s21
+@patch
+def fill(self: TokenRecyclingDrafter, root: int, n: int | None = None) -> np.ndarray:
+    "Tokens of `[root] + the first n template nodes`, level by level: `tok[i] = A[tok[parent(i)], rank(i)]`."
+    n = len(self.template) if n is None else n
+    tok = np.empty(n + 1, dtype=np.int64)
+    tok[0] = root
+    for a, b in self._levels:
+        if a >= n: break
+        b = min(b, n)
+        tok[1 + a:1 + b] = self._A[tok[self._parents[a:b]], self._ranks[a:b]]
+    return tok
 
-    def propose(self, context: list[int], max_tokens: int) -> Draft:
-        root = int(context[-1])
-        if not 0 <= root < self.vocab_size:
-            raise ValueError(f"token {root} is outside the drafter's vocabulary [0, {self.vocab_size})")
-        self._root = root
-        n = self._upto[min(max(max_tokens, 0), len(self._upto) - 1)]
-        if n == 0: return Draft.empty(self.source)
-        return Draft(self.fill(root, n)[1:].tolist(), list(self.template.parents[:n]), source=self.source)
+@patch
+def propose(self: TokenRecyclingDrafter, context: list[int], max_tokens: int) -> Draft:
+    root = int(context[-1])
+    if not 0 <= root < self.vocab_size:
+        raise ValueError(f"token {root} is outside the drafter's vocabulary [0, {self.vocab_size})")
+    self._root = root
+    n = self._upto[min(max(max_tokens, 0), len(self._upto) - 1)]
+    if n == 0: return Draft.empty(self.source)
+    return Draft(self.fill(root, n)[1:].tolist(), list(self.template.parents[:n]), source=self.source)
 
-    def observe(self, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
-        """Recycle: `A[token] = top-k(logits at that node)` for the root and every draft node, accepted or not.
-        `logits`: the verification pass's `[1 + len(draft), V]`, row 0 the root (as `generate` passes them)."""
-        if self._root is None: raise ValueError("observe() needs the root of the last propose(): call propose first")
-        if logits.dim() != 2 or logits.shape[0] != 1 + len(draft) or logits.shape[1] < self.k:
-            raise ValueError(f"logits must be [1 + len(draft), V] = [{1 + len(draft)}, V >= {self.k}], "
-                             f"got {tuple(logits.shape)}")
-        cand = logits.topk(self.k, dim=-1).indices.cpu().numpy()  # the one host sync of the update
-        last = {t: i for i, t in enumerate([self._root] + draft.tokens)}  # later occurrences win
-        self._A[list(last.keys())] = cand[list(last.values())]
-        self._root = None
+# %% ../../nbs/decoding/token_recycling.ipynb #tr_s23
+@patch
+def observe(self: TokenRecyclingDrafter, context: list[int], draft: Draft, accepted: int, logits: torch.Tensor) -> None:
+    """Recycle: `A[token] = top-k(logits at that node)` for the root and every draft node, accepted or not.
+    `logits`: the verification pass's `[1 + len(draft), V]`, row 0 the root (as `generate` passes them)."""
+    if self._root is None: raise ValueError("observe() needs the root of the last propose(): call propose first")
+    if logits.dim() != 2 or logits.shape[0] != 1 + len(draft) or logits.shape[1] < self.k:
+        raise ValueError(f"logits must be [1 + len(draft), V] = [{1 + len(draft)}, V >= {self.k}], "
+                         f"got {tuple(logits.shape)}")
+    cand = logits.topk(self.k, dim=-1).indices.cpu().numpy()  # the one host sync of the update
+    last = {t: i for i, t in enumerate([self._root] + draft.tokens)}  # later occurrences win
+    self._A[list(last.keys())] = cand[list(last.values())]
+    self._root = None
 
 # %% ../../nbs/decoding/token_recycling.ipynb #b42b1f82
 from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
 
-BENCH_HEADLINE = Headline(2.22, "Token Recycling speeds up decoding (Spec-Bench: 2.22×)",
-                          source="Spec-Bench, Vicuna-7B on an A100 (papers/decoding.md)")
+BENCH_HEADLINE = Headline(2.03, "Token Recycling speeds up greedy decoding (Spec-Bench, 7B: 2.03×)",
+                          source="official README (Luowaterbi/TokenRecycling), results table images/results.png: "
+                                 "Spec-Bench, 7B, TR 'Speed' 2.03× (MAT 2.70); abstract: about 2×", checked=True)
 
 def bench_methods(models: BenchModels) -> list[BenchEntry]:
     "Token Recycling for `paper_repro.core.bench`: cold start (a fresh table per prompt) and hot start (one shared table)."
