@@ -261,8 +261,13 @@ def same_value(shown: str, stored: str, sig: str | None = ".3g") -> bool:
     if sig is not None and format(a, sig) == stored: return True
     return math.isclose(a, b, rel_tol=5.01e-3 if sig else 1e-5, abs_tol=5e-7)
 
+def _row_eq(a: list[str], b: list[str], sig: str | None) -> bool:
+    return len(a) == len(b) and all(same_value(x, y, sig) for x, y in zip(a, b))
+
 def _rows_match(shown: list[list[str]], stored: list[list[str]], sig: str | None) -> bool:
-    "Rows equal cell for cell; pandas' truncated display (a row of `...`) matches the stored rows' head and tail."
+    """Rows equal cell for cell; pandas' truncated display (a row of `...`) matches the stored rows' head and tail, and
+    a selection of the table's rows (a notebook showing one slice, e.g. `table[table.turn == 2]`) matches when every
+    row shown is a stored row, in the stored order."""
     cut = [i for i, r in enumerate(shown) if r and all(c == "..." for c in r)]
     if cut:
         i = cut[0]
@@ -270,9 +275,12 @@ def _rows_match(shown: list[list[str]], stored: list[list[str]], sig: str | None
         if len(head) + len(tail) > len(stored): return False
         pairs = list(zip(head, stored)) + list(zip(tail, stored[len(stored) - len(tail):]))
     else:
-        if len(shown) != len(stored): return False
+        if len(shown) > len(stored) or not shown: return False
+        if len(shown) < len(stored):
+            rest = iter(stored)
+            return all(any(_row_eq(a, b, sig) for b in rest) for a in shown)
         pairs = list(zip(shown, stored))
-    return all(len(a) == len(b) and all(same_value(x, y, sig) for x, y in zip(a, b)) for a, b in pairs)
+    return all(_row_eq(a, b, sig) for a, b in pairs)
 
 # %% ../../nbs/core/outputs.ipynb #a34db111
 def _link_problems(nb: dict, res: Path) -> list[str]:
