@@ -239,7 +239,11 @@ def shown_tables(nb: dict) -> list[tuple[list[str], list[list[str]]]]:
                 found.append(([text for _, text in head[n_index:]], [[text for _, text in r[n_index:]] for r in t["body"]]))
     return found
 
-# %% ../../nbs/core/outputs.ipynb #f6e8988a
+# %% ../../nbs/core/outputs.ipynb #fab55878
+def _row_eq(a: list[str], b: list[str], sig: str | None) -> bool:
+    return len(a) == len(b) and all(same_value(x, y, sig) for x, y in zip(a, b))
+
+# %% ../../nbs/core/outputs.ipynb #77771078
 def markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
     "The (columns, rows) of a markdown table as `RunContext.save_table` writes it."
     rows = [[c.strip() for c in ln.strip()[1:-1].split("|")] for ln in text.splitlines() if ln.strip().startswith("|")]
@@ -260,9 +264,6 @@ def same_value(shown: str, stored: str, sig: str | None = ".3g") -> bool:
     if math.isnan(a) or math.isnan(b): return math.isnan(a) and math.isnan(b)
     if sig is not None and format(a, sig) == stored: return True
     return math.isclose(a, b, rel_tol=5.01e-3 if sig else 1e-5, abs_tol=5e-7)
-
-def _row_eq(a: list[str], b: list[str], sig: str | None) -> bool:
-    return len(a) == len(b) and all(same_value(x, y, sig) for x, y in zip(a, b))
 
 def _rows_match(shown: list[list[str]], stored: list[list[str]], sig: str | None) -> bool:
     """Rows equal cell for cell; pandas' truncated display (a row of `...`) matches the stored rows' head and tail, and
