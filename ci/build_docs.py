@@ -45,7 +45,9 @@ READING_ORDER: dict[str, tuple[str, ...]] = {
     "core": ("repro", "data", "lm", "train", "zoo", "decoding", "bench", "catalog", "cli"),
     "dllm": ("tasks", "core", "bench"),
     "lm": ("bench",),
-    "speech": ("corpus", "features", "asr", "seq2seq")}
+    "speech": ("corpus", "features", "asr", "seq2seq"),
+    "vision": ("data", "render", "video", "raycast", "backbones", "metrics", "fd"),
+    "generation": ("core",)}
 CACHE = ".sphinx"  # folder of the stage holding Sphinx's doctrees and the warnings of the last build
 # Warnings that name something the build could resolve (a missing file, page, label or module): they fail the build.
 FIXABLE_WARNINGS = re.compile(r"image file not readable|unknown document|undefined label|failed to import|"
