@@ -223,3 +223,21 @@ def test_bad_input_is_refused(tok):
     with pytest.raises(ValueError, match="method"): answer("rag", dec, tok, [])
     with pytest.raises(ValueError, match="encoder exactly"): answer("arc", dec, tok, [])
     with pytest.raises(ValueError, match="lengths"): enc(torch.zeros(2, 3, dtype=torch.long), torch.tensor([4, 1]))
+
+
+def test_bench_methods_train_score_and_decode(tok):
+    from paper_repro.core.train import OptimConfig
+    from paper_repro.lm.arc_encoder import BENCH_PF, bench_methods
+    from paper_repro.lm.bench import LMBenchContext, check_decoder, core_kv_bytes_per_token, train_method
+    g = torch.Generator().manual_seed(0)
+    ctx = LMBenchContext("ci", torch.device("cpu"), 0, tok, torch.randint(0, 1024, (4000,), generator=g),
+                         torch.randint(0, 1024, (3, 17), generator=g), 16, 4, 3, 32, 2, 4, 48, OptimConfig(lr=1e-3), 1)
+    (entry,) = bench_methods(ctx)
+    assert entry.paper_headline.category == "kv_reduction" and entry.method.uses_base
+    base_before = {k: v.clone() for k, v in ctx.base().state_dict().items()}
+    model, _, tokens = train_method(entry.method, ctx)
+    assert tokens == 3 * 4 * 16
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in base_before.items())  # the decoder stays frozen
+    assert torch.isfinite(entry.method.loss(model, ctx.val))
+    check_decoder(entry.name, entry.method, model, ctx.val[:2, :12], 5)
+    assert entry.method.kv_bytes_per_token(model) == core_kv_bytes_per_token(model.decoder) // BENCH_PF
