@@ -100,3 +100,22 @@ def test_bad_input_is_rejected_with_clear_messages():
     with pytest.raises(ValueError, match="coefficients must have shape"): AtomView(AtomDictionary(3, 4, 4), torch.ones(2))
     with pytest.raises(ValueError, match="rank must be a positive int"): LowRankView(4, 4, 0)
     with pytest.raises(ValueError, match="MASAConfig"): masa_lm(CFG, {"atoms": 2})
+
+
+def test_bench_methods_train_a_shared_model_that_decodes_through_its_materialised_weights():
+    from paper_repro.core.train import OptimConfig
+    from paper_repro.core.zoo import load_tokenizer
+    from paper_repro.lm.bench import LMBenchContext, LMBenchMethod, greedy_tokens
+    from paper_repro.lm.masa import bench_methods
+    torch.manual_seed(0)
+    ctx = LMBenchContext("ci", torch.device("cpu"), 0, load_tokenizer(), torch.randint(0, 1024, (4000,)),
+                         torch.randint(0, 1024, (2, 17)), seq_len=16, batch_size=2, steps=3, d_model=32, n_layers=6,
+                         n_heads=4, d_ff=48, optim=OptimConfig(lr=1e-3), warmup=1)
+    (entry,) = bench_methods(ctx)
+    assert isinstance(entry.method, LMBenchMethod) and entry.paper_headline.category == "param_reduction"
+    assert entry.paper_headline.value == pytest.approx(1.28, abs=0.01)
+    model = entry.method.train(ctx)
+    assert ctx.tokens_drawn == 3 * 2 * 16                                           # trained on the budget
+    assert attention_parameters(model) == 4 * 2 * 32 ** 2 + 4 * 6 * 2              # S = L/3 = 2
+    prompts = ctx.val[:, :5]
+    assert torch.equal(entry.method.generate(model, prompts, 4), greedy_tokens(model, prompts, 4))

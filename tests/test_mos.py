@@ -128,3 +128,28 @@ def test_bad_input_is_rejected_with_clear_messages():
     with pytest.raises(ValueError, match="already has shared pools"):
         attach_pools(model, {}, lambda *a: None, ["q_proj"])
     assert set(PROJECTIONS) == set(MOS.targets)
+
+
+def tiny_bench_context():
+    from paper_repro.core.train import OptimConfig
+    from paper_repro.core.zoo import load_tokenizer
+    from paper_repro.lm.bench import LMBenchContext
+    torch.manual_seed(0)
+    return LMBenchContext("ci", torch.device("cpu"), 0, load_tokenizer(), torch.randint(0, 1024, (4000,)),
+                          torch.randint(0, 1024, (2, 17)), seq_len=16, batch_size=2, steps=4, d_model=32, n_layers=3,
+                          n_heads=4, d_ff=48, optim=OptimConfig(lr=1e-3), warmup=1)
+
+
+def test_bench_methods_adapt_the_base_and_return_a_merged_plain_model():
+    from paper_repro.lm.bench import LMBenchMethod, greedy_tokens
+    from paper_repro.lm.mos import bench_methods
+    ctx = tiny_bench_context()
+    (entry,) = bench_methods(ctx)
+    assert isinstance(entry.method, LMBenchMethod) and entry.method.uses_base and entry.paper_headline is None
+    base_state = copy.deepcopy(ctx.base().state_dict())
+    model = entry.method.train(ctx)
+    assert type(model) is TransformerLM and sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in ctx.base().parameters())
+    assert all(torch.equal(base_state[k], v) for k, v in ctx.base().state_dict().items())   # the base is untouched
+    assert not all(torch.equal(base_state[k], v) for k, v in model.state_dict().items())    # the adapter was merged in
+    assert greedy_tokens(model, ctx.val[:, :5], 3).shape == (2, 3)
