@@ -36,6 +36,7 @@ class LMConfig:
     max_seq_len: int = 4096
     cross_attention: bool = False   # a cross-attention sublayer in every block (an encoder-decoder's decoder)
     d_memory: int | None = None     # width of the encoder states it attends to; None: d_model
+    n_kv_heads: int | None = None   # key/value heads of self-attention (grouped-query attention); None: n_heads
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -44,9 +45,13 @@ class LMConfig:
             raise ValueError(f"LMConfig.d_memory={self.d_memory} needs cross_attention=True and a positive width")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"LMConfig.n_kv_heads={self.n_kv_heads} must be positive and divide n_heads={self.n_heads}")
 
     @property
     def head_dim(self) -> int: return self.d_model // self.n_heads
+    @property
+    def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
     @property
     def memory_dim(self) -> int: return self.d_memory or self.d_model
     def to_dict(self) -> dict: return asdict(self)
@@ -172,21 +177,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # %% ../../nbs/core/lm.ipynb #539a7001
 class Attention(nn.Module):
     "Multi-head self-attention with RoPE and an optional KV cache."
-    def __init__(self, cfg: LMConfig, kv_dim: int | None = None):
+    def __init__(self, cfg: LMConfig, kv_dim: int | None = None, n_kv_heads: int | None = None):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_kv_heads = n_kv_heads or cfg.n_heads  # fewer: grouped-query attention, keys/values shared by groups
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(kv_dim or cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(kv_dim or cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(kv_dim or cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(kv_dim or cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape
-        split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        split = lambda t, h: t.view(B, T, h, self.head_dim).transpose(1, 2)
+        q = split(self.q_proj(x), self.n_heads)
+        k, v = split(self.k_proj(x), self.n_kv_heads), split(self.v_proj(x), self.n_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None: k, v = cache.write(layer, start, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.n_kv_heads == self.n_heads: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 # %% ../../nbs/core/lm.ipynb #ef610ca2
@@ -223,7 +231,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, n_kv_heads=cfg.n_kv_heads)
         if cfg.cross_attention:
             self.cross_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.cross_attn = CrossAttention(cfg)
@@ -309,7 +317,7 @@ class TransformerLM(nn.Module):
     def new_cache(self, batch_size: int = 1, capacity: int = 256, memory: CrossMemory | None = None) -> KVCache:
         "An empty cache on this model's device and dtype (carrying `memory` for a cross-attention model)."
         c = self.cfg
-        return KVCache(c.n_layers, batch_size, c.n_heads, c.head_dim, capacity, self.dtype, self.device, memory)
+        return KVCache(c.n_layers, batch_size, c.kv_heads, c.head_dim, capacity, self.dtype, self.device, memory)
 
 # %% ../../nbs/core/lm.ipynb #9eb01ab6
 @patch
@@ -455,7 +463,7 @@ def to_hf_llama(model: TransformerLM):
     c = model.cfg
     if c.cross_attention: raise ValueError("to_hf_llama converts decoder-only models; this one has cross-attention")
     hf_cfg = tf.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-                            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
+                            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
                             max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
                             rope_theta=c.rope_theta, attention_bias=False, mlp_bias=False, bos_token_id=None,
                             eos_token_id=None, pad_token_id=None)
