@@ -239,3 +239,37 @@ def test_select_batch_keeps_rows():
         cache = model.new_cache(3); model(x[:, :8], cache=cache); cache.select_batch([2, 0])
         step = model(x[[2, 0], 8:9], cache=cache)
         assert torch.allclose(step[:, 0], model(x[[2, 0]])[:, -1], atol=1e-10)
+
+
+def tiny_bench_context(n_layers=6):
+    from paper_repro.core.train import OptimConfig
+    from paper_repro.core.zoo import load_tokenizer
+    from paper_repro.lm.bench import LMBenchContext
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 1000, (3000,), generator=g)
+    return LMBenchContext("ci", torch.device("cpu"), 0, load_tokenizer(), stream, stream[:2 * 33].view(2, 33), 32, 2,
+                          2, 32, n_layers, 2, 88, OptimConfig(lr=1e-3), 1)
+
+
+@pytest.mark.parametrize("n_layers", [4, 6])
+def test_bench_shape_matches_parameters(n_layers):
+    from paper_repro.lm.sambay import bench_shape
+    ctx = tiny_bench_context(n_layers)
+    base = count_parameters(TransformerLM(ctx.base_config()))
+    for layout in ("yoco", "sambay"):
+        shape = bench_shape(ctx, layout)
+        assert shape["n_layers"] == 8
+        assert abs(count_parameters(HybridLM(HybridConfig(1024, layout, **shape))) / base - 1) < 0.05
+
+
+def test_bench_methods_train_and_decode():
+    from paper_repro.lm.sambay import bench_methods
+    ctx = tiny_bench_context()
+    entries = bench_methods(ctx)
+    assert [e.name for e in entries] == ["SambaY (GMU)", "YOCO (Samba self-decoder)"]
+    assert entries[0].paper_headline.value == 10.0 and entries[0].paper_headline.category == "decode_speedup"
+    m = entries[0].method
+    model = m.train(ctx)
+    assert isinstance(model, HybridLM) and ctx.tokens_drawn == 2 * 2 * 32
+    out = m.generate(model, ctx.val[:, :8], 5)
+    assert out.shape == (2, 5) and m.kv_bytes_per_token(model) == 2 * 32 * 4
