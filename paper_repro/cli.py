@@ -782,9 +782,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
         table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
-        if args.suite == "dllm":
+        if args.suite in ("dllm", "lm"):
             print(table.to_string(index=False))
-            print(f"wrote {out / 'dllm.csv'}, dllm.md, dllm.png")
+            print(f"wrote {out / (args.suite + '.csv')}, {args.suite}.md, {args.suite}.png")
             return 0
     except AssertionError as e:  # a claim that must hold (losslessness) does not: the run committed nothing
         raise CliError(f"benchmark {args.suite} failed: {e}; previous results in {out} kept", code=1) from None
