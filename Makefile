@@ -12,11 +12,12 @@ $(STAMP): pyproject.toml ci/bootstrap.sh ci/debian-packages.txt
 
 venv: $(STAMP)
 
-## Regenerate every paper and both benchmarks at cpu scale; write results/REPORT.md and the README tables
+## Regenerate every paper and every benchmark at cpu scale; write results/REPORT.md and the README tables
 repro: $(STAMP)
 	$(BIN)/paper-repro run --all --scale cpu
 	$(BIN)/paper-repro bench decoding --scale cpu
 	$(BIN)/paper-repro bench dllm --scale cpu
+	$(BIN)/paper-repro bench lm --scale cpu
 	$(BIN)/paper-repro report --scale cpu
 	$(BIN)/paper-repro readme
 

@@ -34,7 +34,8 @@ from paper_repro.core.claims import holding_summary  # noqa: E402
 from paper_repro.core.catalog import FAMILIES, PAPERS, Paper, load_claims  # noqa: E402
 
 SCALES_SHOWN: tuple[str, ...] = ("cpu", "gpu")  # committed result scales a page shows, in this order
-BENCH_SUITES: tuple[tuple[str, str], ...] = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"))
+BENCH_SUITES: tuple[tuple[str, str], ...] = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"),
+                                             ("lm", "Language-model architecture benchmark"))
 FAMILY_TITLES: dict[str, str] = {
     "core": "Core substrate", "decoding": "LLM decoding", "dllm": "Diffusion LMs", "lm": "Language models",
     "speech": "Speech", "generation": "Generation", "vision": "Vision", "recognition": "Recognition",
@@ -43,6 +44,7 @@ FAMILY_TITLES: dict[str, str] = {
 READING_ORDER: dict[str, tuple[str, ...]] = {
     "core": ("repro", "data", "lm", "train", "zoo", "decoding", "bench", "catalog", "cli"),
     "dllm": ("tasks", "core", "bench"),
+    "lm": ("bench",),
     "speech": ("corpus", "features", "asr", "seq2seq")}
 CACHE = ".sphinx"  # folder of the stage holding Sphinx's doctrees and the warnings of the last build
 # Warnings that name something the build could resolve (a missing file, page, label or module): they fail the build.

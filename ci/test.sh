@@ -54,6 +54,9 @@ step "decoding benchmark at ci scale"
 step "diffusion-LM decoding benchmark at ci scale"
 "$BIN/paper-repro" bench dllm --scale ci
 
+step "language-model architecture benchmark at ci scale"
+"$BIN/paper-repro" bench lm --scale ci
+
 step "report builds"
 "$BIN/paper-repro" report --scale ci --out results/ci/REPORT.md
 "$BIN/paper-repro" report --scale cpu --out results/ci/REPORT-cpu.md

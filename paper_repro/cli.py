@@ -44,8 +44,8 @@ __all__ = ['RESERVED_PARAMETERS', 'NON_LITERAL', 'INLINE_DPI', 'INTERRUPT_GRACE_
            'papers_with_notebooks', 'check_run', 'NotebookParameter', 'parameter_specs', 'notebook_parameters',
            'parse_param', 'coerce_param', 'notebook_params', 'read_params_file', 'output_dir', 'kernel_manager_class',
            'CellProgress', 'stores_outputs', 'run_paper', 'run_papers', 'claim_table', 'NoResultsError', 'report_path',
-           'build_report', 'replace_section', 'replace_catalog_section', 'bench_markdown', 'hf_support_markdown',
-           'update_readme', 'LineProgress', 'build_parser', 'Terminated', 'main']
+           'build_report', 'replace_section', 'replace_catalog_section', 'bench_markers', 'bench_markdown',
+           'hf_support_markdown', 'update_readme', 'LineProgress', 'build_parser', 'Terminated', 'main']
 
 # %% ../nbs/core/cli.ipynb #54aca526
 class CliError(Exception):
@@ -519,7 +519,8 @@ def report_path(scale: str, root: str | Path | None = None) -> Path:
     return root / "results" / ("REPORT.md" if check_scale(scale) == "cpu" else f"{scale}/REPORT.md")
 
 # %% ../nbs/core/cli.ipynb #624540ba
-_BENCH_SUITES = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"))
+_BENCH_SUITES = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"),
+                 ("lm", "Language-model architecture benchmark"))
 
 def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, base: Path) -> list[str]:
     "The report section of one paper with results: title, status, figure link, claims table."
@@ -607,11 +608,16 @@ def replace_catalog_section(text: str, catalog: str) -> str:
     return replace_section(text, catalog, CATALOG_START, CATALOG_END)
 
 # %% ../nbs/core/cli.ipynb #1a377cc1
-def bench_markdown(root: Path) -> str:
-    "The committed `cpu` decoding benchmark table, or a line saying it has not been run."
-    table = root / "results" / "cpu" / "bench" / "decoding.md"
-    if not table.is_file(): return "_Not run yet: `paper-repro bench decoding --scale cpu`._"
-    return table.read_text().strip() + "\n\nFigure: [results/cpu/bench/decoding.png](results/cpu/bench/decoding.png)"
+def bench_markers(suite: str) -> tuple[str, str]:
+    "The README marker lines around benchmark `suite`'s table."
+    return f"<!-- bench:{suite}:start -->", f"<!-- bench:{suite}:end -->"
+
+def bench_markdown(root: Path, suite: str = "decoding") -> str:
+    "The committed `cpu` table of benchmark `suite`, or a line saying it has not been run."
+    table = root / "results" / "cpu" / "bench" / f"{suite}.md"
+    if not table.is_file(): return f"_Not run yet: `paper-repro bench {suite} --scale cpu`._"
+    figure = f"results/cpu/bench/{suite}.png"
+    return table.read_text().strip() + f"\n\nFigure: [{figure}]({figure})"
 
 # %% ../nbs/core/cli.ipynb #432705b4
 def hf_support_markdown() -> str:
@@ -631,7 +637,9 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     if not readme.is_file(): raise ValueError(f"no README.md at {readme}")
     text = readme.read_text()
     new = replace_catalog_section(text, catalog_markdown(root))
-    if BENCH_START in new: new = replace_section(new, bench_markdown(root), BENCH_START, BENCH_END)
+    for suite in ("decoding", "lm"):
+        start, end = bench_markers(suite)
+        if start in new: new = replace_section(new, bench_markdown(root, suite), start, end)
     if HF_START in new: new = replace_section(new, hf_support_markdown(), HF_START, HF_END)
     if new != text and not check: write_text_atomic(readme, new)
     return new != text
@@ -768,7 +776,7 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
-    "`paper-repro bench decoding|dllm`: run the benchmark and print its summary rows."
+    "`paper-repro bench decoding|dllm|lm`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
     executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
@@ -880,12 +888,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="default results/REPORT.md at scale cpu, results/<scale>/REPORT.md otherwise")
-    p = _command(sub, "bench", "run a benchmark suite (decoding or dllm) and write results/<scale>/bench/",
+    p = _command(sub, "bench", "run a benchmark suite (decoding, dllm or lm) and write results/<scale>/bench/",
                  "Every method of the suite on the same task, model, device and budget, the baseline measured in the "
                  "same run; writes the table, figure and claims ledger of the suite. Exit 1 if a claim that must hold "
                  "(losslessness) does not; the previous results are then kept.", _cmd_bench)
-    p.add_argument("suite", choices=("decoding", "dllm"),
-                   help="which benchmark: decoding (speculative decoding) or dllm (masked-diffusion parallel decoding)")
+    p.add_argument("suite", choices=("decoding", "dllm", "lm"),
+                   help="which benchmark: decoding (speculative decoding), dllm (masked-diffusion parallel decoding) or "
+                        "lm (architecture and compression methods vs the plain transformer)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the benchmark (default 0)")

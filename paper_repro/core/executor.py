@@ -41,7 +41,7 @@ __all__ = ['EXECUTORS', 'BENCH_SUITES', 'RAY_ADDRESS_ENV', 'PaperTask', 'Executo
 
 # %% ../../nbs/core/executor.ipynb #51619f26
 EXECUTORS: tuple[str, ...] = ("local", "ray")
-BENCH_SUITES: tuple[str, ...] = ("decoding", "dllm")
+BENCH_SUITES: tuple[str, ...] = ("decoding", "dllm", "lm")
 
 @dataclass(frozen=True)
 class PaperTask:
@@ -99,13 +99,16 @@ class Executor(Protocol):
 
 # %% ../../nbs/core/executor.ipynb #4fbed1e8
 def run_bench(suite: str, scale: str, device: str, out: str | Path, seed: int = 0, hf: bool = True) -> pd.DataFrame:
-    "Run one benchmark suite in this process (`core.bench.run_decoding_bench` or `dllm.bench.run_dllm_bench`)."
+    "Run one benchmark suite in this process (`core.bench.run_decoding_bench`, `dllm.bench.run_dllm_bench` or `lm.bench.run_lm_bench`)."
     if suite == "decoding":
         from paper_repro.core.bench import run_decoding_bench
         return run_decoding_bench(scale, device, out, seed, hf=hf)
     if suite == "dllm":
         from paper_repro.dllm.bench import run_dllm_bench
         return run_dllm_bench(scale, device, out, seed)
+    if suite == "lm":
+        from paper_repro.lm.bench import run_lm_bench
+        return run_lm_bench(scale, device, out, seed)
     raise ValueError(f"unknown benchmark suite {suite!r}; valid suites: {', '.join(BENCH_SUITES)}")
 
 # %% ../../nbs/core/executor.ipynb #4c722688

@@ -25,8 +25,8 @@ from .features import LogMel, length_mask
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['ConvSubsampling', 'padding_attn_mask', 'encode', 'decoder_loss', 'attention_greedy_decode', 'CTCPrefixScorer',
-           'joint_beam_search', 'attention_decode', 'Seq2SeqConfig', 'SpeechSeq2Seq', 'IntervalMeans']
+__all__ = ['ConvSubsampling', 'CTCPrefixScorer', 'joint_beam_search', 'attention_decode', 'Seq2SeqConfig', 'SpeechSeq2Seq',
+           'IntervalMeans', 'padding_attn_mask', 'encode', 'decoder_loss', 'attention_greedy_decode']
 
 # %% ../../nbs/speech/seq2seq.ipynb #d9596c70
 class ConvSubsampling(nn.Module):
@@ -53,57 +53,10 @@ class ConvSubsampling(nn.Module):
             x = x * length_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)  # zero past the end
         return self.proj(x.transpose(1, 2)), lengths
 
-# %% ../../nbs/speech/seq2seq.ipynb #5a2653ae
-def padding_attn_mask(lengths: torch.Tensor, S: int) -> torch.Tensor:
-    "Bool `[B, S, S]`: every position attends to the first `lengths[b]` positions of its row (a bidirectional encoder)."
-    return length_mask(lengths, S)[:, None, :].expand(len(lengths), S, S)
+# %% ../../nbs/speech/seq2seq.ipynb #2f503bbd
+from ..core.seq2seq import _pad_right, attention_greedy_decode, decoder_loss, encode, padding_attn_mask
 
-def encode(encoder: TransformerLM, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    "Bidirectional final-norm states `[B, S, d]` of `embeds` `[B, S, d]` whose first `lengths[b]` positions are real."
-    if embeds.dim() != 3: raise ValueError(f"embeds must be [batch, S, d], got {tuple(embeds.shape)}")
-    S = embeds.shape[1]
-    if lengths.shape != (embeds.shape[0],) or bool(((lengths < 1) | (lengths > S)).any()):
-        raise ValueError(f"lengths must be [{embeds.shape[0]}] with values in [1, {S}], got {lengths.tolist()}")
-    return encoder.hidden_states(embeds=embeds, attn_mask=padding_attn_mask(lengths.to(embeds.device), S))
-
-# %% ../../nbs/speech/seq2seq.ipynb #5ecafeee
-def _pad_right(seqs: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
-    L = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (L - len(s)) for s in seqs], dtype=torch.long, device=device)
-
-def decoder_loss(decoder: TransformerLM, memory: CrossMemory, sequences: Sequence[Sequence[int]],
-                 n_prompt: Sequence[int] | int, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    """Teacher-forced cross-entropy of `sequences` (prompt + target + end) after each row's first `n_prompt` tokens.
-    `reduction`: 'mean' over all scored tokens, 'sum', or 'none' (one mean per row)."""
-    B = len(sequences)
-    if B != memory.batch_size: raise ValueError(f"{B} sequences for a memory of batch {memory.batch_size}")
-    n_prompt = [n_prompt] * B if isinstance(n_prompt, int) else list(n_prompt)
-    if len(n_prompt) != B or any(not 1 <= p < len(s) for p, s in zip(n_prompt, sequences)):
-        raise ValueError("each sequence needs a prompt of at least one token and at least one token after it; got "
-                         f"lengths {[len(s) for s in sequences][:8]} and n_prompt {n_prompt[:8]}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"unknown reduction {reduction!r}; valid: 'mean', 'sum', 'none'")
-    device = memory.k.device
-    seq = _pad_right(sequences, 0, device)
-    logits = decoder(seq[:, :-1], memory=memory)
-    pos = torch.arange(seq.shape[1] - 1, device=device)[None, :]
-    scored = (pos >= torch.tensor(n_prompt, device=device)[:, None] - 1) & \
-             (pos < torch.tensor([len(s) - 1 for s in sequences], device=device)[:, None])
-    nll = F.cross_entropy(logits.transpose(1, 2), seq[:, 1:], reduction="none", label_smoothing=label_smoothing)
-    nll = nll * scored
-    if reduction == "mean": return nll.sum() / scored.sum()
-    if reduction == "sum": return nll.sum()
-    return nll.sum(1) / scored.sum(1)
-
-# %% ../../nbs/speech/seq2seq.ipynb #71136cfa
-@torch.no_grad()
-def attention_greedy_decode(decoder: TransformerLM, memory: CrossMemory, prompts: Sequence[Sequence[int]],
-                            max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    "Greedy outputs after each row's prompt (batched, KV-cached), without the end token."
-    if len(prompts) != memory.batch_size:
-        raise ValueError(f"{len(prompts)} prompts for a memory of batch {memory.batch_size}")
-    out = batch_greedy_decode(ConditionedLM(decoder, memory), prompts, max_new_tokens, eos_id=eos_id).tokens
-    return [t[:-1] if t and t[-1] == eos_id else t for t in out]
+_all_ = ["padding_attn_mask", "encode", "decoder_loss", "attention_greedy_decode"]
 
 # %% ../../nbs/speech/seq2seq.ipynb #780497dc
 class CTCPrefixScorer:
