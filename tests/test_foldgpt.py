@@ -223,3 +223,14 @@ def test_foldgpt_compress_and_bench_train_give_plain_compressed_lms():
                           device=torch.device("cpu"), optim=OptimConfig(lr=1e-3))
     bench = bench_train(ctx)
     assert type(bench) is TransformerLM and bench.cfg.n_layers == 5
+
+
+def test_bench_methods_plug_into_the_lm_bench():
+    import dataclasses
+    from paper_repro.lm.bench import make_context, train_method
+    from paper_repro.lm.foldgpt import bench_methods
+    ctx = dataclasses.replace(make_context("ci"), steps=8, d_model=32, n_layers=4, n_heads=2, d_ff=64, seq_len=16)
+    (entry,) = bench_methods(ctx)
+    assert entry.method.uses_base
+    model, wall, tokens = train_method(entry.method, ctx)
+    assert type(model) is TransformerLM and model.cfg.n_layers == 3 and tokens > 0

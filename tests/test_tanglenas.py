@@ -1,7 +1,5 @@
 """TangleNAS (paper_repro.lm.tanglenas): weight mixing == output mixing for linear layers, one-hot supernet == the
 extracted plain core TransformerLM, budget maths, the two searches and the memory measurement."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 from paper_repro.core.lm import LMConfig, TransformerLM
 from paper_repro.core.train import OptimConfig
 from paper_repro.lm.foldgpt import lm_flops
-from paper_repro.lm.tanglenas import (DECISIONS, Arch, ArchParams, EntangledLM, SearchSpace, arch_costs, bench_train,
+from paper_repro.lm.tanglenas import (DECISIONS, Arch, ArchParams, EntangledLM, SearchSpace, arch_costs,
                                       drnas_search, expected_flops, extract, mixed_linear, mixing_cost, prefix_mask,
                                       random_search, saved_bytes, spos_train)
 
@@ -181,10 +179,11 @@ def test_output_mixing_memory_grows_with_choices_but_weight_mixing_does_not():
     with pytest.raises(ValueError, match="k=0 must be in"): mixing_cost(0, "weight", **kw)
 
 
-def test_bench_train_returns_a_plain_lm():
-    bank = toks(B=64, T=17, seed=7, V=40).view(32, 2, 17)
-    ctx = SimpleNamespace(vocab_size=40, d_model=16, n_heads=2, n_layers=2, seq_len=16, steps=8, device=torch.device("cpu"),
-                          optim=OptimConfig(lr=1e-3), batch=lambda i: bank[i % 32],
-                          base_config=lambda: LMConfig(40, d_model=16, n_layers=2, n_heads=2, d_ff=32))
-    model = bench_train(ctx)
-    assert type(model) is TransformerLM and model.cfg.vocab_size == 40
+def test_bench_methods_plug_into_the_lm_bench():
+    import dataclasses
+    from paper_repro.lm.bench import make_context, train_method
+    from paper_repro.lm.tanglenas import bench_methods
+    ctx = dataclasses.replace(make_context("ci"), steps=8, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16)
+    (entry,) = bench_methods(ctx)
+    model, wall, tokens = train_method(entry.method, ctx)
+    assert type(model) is TransformerLM and tokens > 0 and not entry.method.uses_base
