@@ -95,7 +95,7 @@ PAPERS: tuple[Paper, ...] = (
           title="Learning to Parallel: Accelerating Diffusion LLMs via Adaptive Parallel Decoding"),
     Paper(29, "xdecoder", "vision", year=2022, code="",
           title="Generalized Decoding for Pixel, Image, and Language (X-Decoder)"),
-    Paper(30, "tanglenas", "lm", year=2023, code="",
+    Paper(30, "tanglenas", "lm", year=2023, code="automl/TangleNAS",
           title="Weight-Entanglement Meets Gradient-Based Neural Architecture Search"),
     Paper(31, "crossnovo", "multimodal", year=2025, code="BEAM-Labs/denovo (announced)",
           title="Bidirectional Representations Augmented Autoregressive Biological Sequence Generation: De Novo Peptide Sequencing"),
