@@ -25,8 +25,8 @@ from .repro import atomic_write, resolve_device, seed_everything
 # %% auto #0
 __all__ = ['ScheduleFn', 'EVENTS', 'LossOutput', 'PRECISIONS', 'T', 'warmup_cosine', 'WarmupCosine', 'Constant', 'LinearDecay',
            'OptimConfig', 'param_groups', 'History', 'CancelFit', 'Callback', 'LambdaCallback', 'split_loss',
-           'to_device', 'Learner', 'fit', 'frozen', 'fp16_state_dict', 'round_fp16', 'load_or_train', 'module_blob',
-           'module_loader']
+           'to_device', 'Learner', 'fit', 'AlternatingStep', 'frozen', 'fp16_state_dict', 'round_fp16', 'load_or_train',
+           'module_blob', 'module_loader']
 
 # %% ../../nbs/core/train.ipynb #84f00f44
 def warmup_cosine(step: int, steps: int, warmup: int = 0, peak: float = 1.0, floor: float = 0.0,
@@ -338,6 +338,41 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], LossOutput], batch
     learner = Learner(model, loss_fn, batches, steps, optim, schedule, param_groups, accumulate, callbacks, device,
                       precision, compile)
     return learner.run(progress=progress, desc=desc, log_every=log_every, eval_every=eval_every, eval_fn=eval_fn)
+
+# %% ../../nbs/core/train.ipynb #b3e1a7c1
+class AlternatingStep(Callback):
+    "After each step of the main `fit`: one optimiser step of `params` on `loss_fn(model, batch)` (its own batches)."
+    order = 10
+    def __init__(self, params: Iterable, loss_fn: Callable[[nn.Module, Any], LossOutput],
+                 batches: Iterable | Callable[[int], Any], optim: OptimConfig = OptimConfig()):
+        self.groups = param_groups(nn.Module(), list(params))
+        self.loss_fn, self.draw, self.optim = loss_fn, _batch_source(batches), optim
+        self.opt = optim.build(self.groups)
+        self.history = History()
+        self._losses: list[torch.Tensor] = []
+        self._parts: dict[str, list] = {}
+        self._steps: list[int] = []
+
+    def after_step(self, learner: Learner) -> None:
+        loss, parts = split_loss(self.loss_fn(learner.model, self.draw(learner.step)))
+        self.opt.zero_grad(set_to_none=True)
+        learner.model.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optim.clip_norm is not None:
+            nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], self.optim.clip_norm)
+        self.opt.step()
+        learner.model.zero_grad(set_to_none=True)  # this batch must not reach the main model's next step
+        self._steps.append(learner.step)
+        self._losses.append(loss.detach())
+        for k, v in parts.items(): self._parts.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else v)
+
+    def after_fit(self, learner: Learner) -> None:
+        "Read the losses back once; `history.lr` holds the main step each alternating step followed."
+        self.history.loss = [float(v) for v in self._losses]
+        self.history.parts = {k: [float(x) for x in v] for k, v in self._parts.items()}
+        self.history.lr = [float(self.opt.param_groups[0]["lr"])] * len(self._losses)
+        self.main_steps = list(self._steps)
+
 
 # %% ../../nbs/core/train.ipynb #4b8e2d17
 from contextlib import contextmanager

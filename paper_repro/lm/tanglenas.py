@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.lm import LMConfig, TransformerLM, apply_rope, causal_mask, rope_cos_sin
-from ..core.train import Callback, Constant, OptimConfig, fit
+from ..core.train import AlternatingStep, Constant, OptimConfig, fit
 from .foldgpt import block_flops, budget_penalty, expected_cost, lm_flops, relaxed_weights
 
 # %% auto #0
 __all__ = ['DECISIONS', 'MIXING', 'Choices', 'Arch', 'SearchSpace', 'prefix_mask', 'mixed_linear', 'EntangledLM', 'extract',
-           'arch_costs', 'expected_flops', 'ArchParams', 'lm_ce', 'ArchStep', 'drnas_search', 'spos_train',
+           'arch_costs', 'expected_flops', 'ArchParams', 'lm_ce', 'arch_step', 'drnas_search', 'spos_train',
            'random_search', 'saved_bytes', 'mixing_cost', 'bench_space', 'bench_train', 'bench_methods']
 
 # %% ../../nbs/lm/tanglenas.ipynb #9e7b94c9
@@ -235,40 +235,33 @@ def lm_ce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of logits `[B, T, V]` for windows `x` `[B, T+1]`."
     return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
 
-class ArchStep(Callback):
-    "After each weight step: one Adam step of the architecture logits on a search batch (loss + budget penalty)."
-    order = 10
-    def __init__(self, arch: ArchParams, search_batches: Callable[[int], torch.Tensor], costs: Mapping[Arch, float],
-                 budget: float, lr: float = 0.05, budget_weight: float = 2.0, kind: str = "dirichlet"):
-        self.arch, self.batches, self.costs, self.budget = arch, search_batches, costs, budget
-        self.kind, self.budget_weight = kind, budget_weight
-        self.opt = torch.optim.Adam(arch.parameters(), lr=lr, betas=(0.5, 0.999))
-        self.log: list[dict] = []
+def arch_step(arch: ArchParams, search_batches: Callable[[int], torch.Tensor], costs: Mapping[Arch, float],
+              budget: float, lr: float = 0.05, budget_weight: float = 2.0, kind: str = "dirichlet") -> AlternatingStep:
+    """The architecture step after each weight step: one Adam step of the logits on a search batch (loss + budget
+    penalty), as a core `AlternatingStep`; its history logs `search_loss` and `flops_ratio`."""
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> dict:
+        w = arch.weights(kind)
+        loss = lm_ce(model(x[:, :-1], w), x)
+        flops = expected_flops(arch.space, w, costs)
+        return dict(loss=loss + budget_weight * budget_penalty(flops, budget, "hinge"), search_loss=loss,
+                    flops_ratio=flops / budget)
+    return AlternatingStep(arch.parameters(), loss_fn, search_batches,
+                           OptimConfig(lr=lr, betas=(0.5, 0.999), weight_decay=0.0, clip_norm=None))
 
-    def after_step(self, learner) -> None:
-        x = self.batches(learner.step)
-        w = self.arch.weights(self.kind)
-        loss = lm_ce(learner.model(x[:, :-1], w), x)
-        flops = expected_flops(self.arch.space, w, self.costs)
-        total = loss + self.budget_weight * budget_penalty(flops, self.budget, "hinge")
-        self.opt.zero_grad(set_to_none=True)
-        learner.model.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt.step()
-        learner.model.zero_grad(set_to_none=True)   # the search batch must not leak into the next weight step
-        self.log.append(dict(step=learner.step, search_loss=loss.item(), flops_ratio=(flops / self.budget).item()))
 
 # %% ../../nbs/lm/tanglenas.ipynb #2b57246a
 def drnas_search(supernet: EntangledLM, batches: Callable[[int], torch.Tensor], search_batches: Callable[[int], torch.Tensor],
                  steps: int, costs: Mapping[Arch, float], budget: float, optim: OptimConfig = OptimConfig(lr=2e-3),
                  kind: str = "dirichlet", arch_lr: float = 0.05, progress: bool | None = None) -> tuple[ArchParams, list[dict]]:
     """Gradient-based search (DrNAS with `kind="dirichlet"`, DARTS with `"softmax"`): alternating weight steps (the
-    core `fit`) and architecture steps (`ArchStep`); returns the logits and the architecture-step log."""
+    core `fit`) and architecture steps (`arch_step`); returns the logits and the architecture-step log."""
     arch = ArchParams(supernet.space).to(supernet.norm.device)
-    step = ArchStep(arch, search_batches, costs, budget, lr=arch_lr, kind=kind)
+    step = arch_step(arch, search_batches, costs, budget, lr=arch_lr, kind=kind)
     loss_fn = lambda m, x: lm_ce(m(x[:, :-1], {n: w.detach() for n, w in arch.weights(kind).items()}), x)
     fit(supernet, loss_fn, batches, steps, optim, Constant(), callbacks=[step], progress=progress, desc=f"{kind} search")
-    return arch, step.log
+    log = [dict(step=s, search_loss=r["search_loss"], flops_ratio=r["flops_ratio"])
+           for s, r in zip(step.main_steps, step.history.rows())]
+    return arch, log
 
 def spos_train(supernet: EntangledLM, batches: Callable[[int], torch.Tensor], steps: int,
                optim: OptimConfig = OptimConfig(lr=2e-3), seed: int = 0, progress: bool | None = None) -> None:
