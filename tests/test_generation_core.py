@@ -136,3 +136,27 @@ def test_multiscale_prefixes_refine_and_decode_matches():
     assert errs[-1] < errs[0]
     with pytest.raises(ValueError, match=r"must be \[B, C, 8, 8\]"): ms(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="scales must increase"): gc.MultiScaleVQ(4, 2, scales=(2, 1))
+
+
+def test_timestep_embedding_frequencies_and_errors():
+    from paper_repro.generation.core import timestep_embedding
+    e = timestep_embedding(torch.tensor([0.0, 1.0]), 6, max_period=8.0)
+    freqs = 8.0 ** (-torch.arange(3) / 3)  # geometric from 1 down to 1/max_period
+    assert torch.allclose(e[1], torch.cat([torch.cos(freqs), torch.sin(freqs)]))
+    assert torch.allclose(timestep_embedding(torch.tensor([0.5]), 4, scale=2.0), timestep_embedding(torch.tensor([1.0]), 4))
+    with pytest.raises(ValueError, match="even"):
+        timestep_embedding(torch.tensor([1]), 5)
+
+
+def test_time_class_embedder_null_class_and_unconditional():
+    from paper_repro.generation.core import TimeClassEmbedder
+    torch.manual_seed(0)
+    emb = TimeClassEmbedder(8, num_classes=3)
+    t = torch.tensor([4, 4, 4])
+    out = emb(t, torch.tensor([0, 1, 3]))
+    assert out.shape == (3, 8) and not torch.allclose(out[0], out[1])
+    assert torch.allclose(emb(t), emb(t, torch.full((3,), 3)))
+    uncond = TimeClassEmbedder(8)
+    assert uncond(t).shape == (3, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond(t, torch.tensor([0, 1, 2]))

@@ -24,8 +24,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 # %% auto #0
 __all__ = ['Denoiser', 'SCHEDULES', 'PARAMETERIZATIONS', 'FLOW_METHODS', 'NoiseSchedule', 'diffusion_loss', 'ddim_timesteps',
-           'ddim_sample', 'guided', 'drop_condition', 'flow_matching_loss', 'flow_sample', 'VQOutput',
-           'VectorQuantizer', 'MultiScaleVQ']
+           'ddim_sample', 'guided', 'drop_condition', 'timestep_embedding', 'TimeClassEmbedder', 'flow_matching_loss',
+           'flow_sample', 'VQOutput', 'VectorQuantizer', 'MultiScaleVQ']
 
 # %% ../../nbs/generation/core.ipynb #c4de8a15
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
@@ -146,6 +146,31 @@ def drop_condition(cond: torch.Tensor, null_id: int, p: float, gen: torch.Genera
     if not 0 <= p <= 1: raise ValueError(f"p must be in [0, 1], got {p!r}")
     drop = torch.rand(cond.shape, generator=gen).to(cond.device) < p
     return torch.where(drop, torch.full_like(cond, null_id), cond)
+
+# %% ../../nbs/generation/core.ipynb #b3ef4578
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor:
+    "Sinusoidal embedding `[B, dim]` of timesteps `t` `[B]` (integers or floats; multiplied by `scale` first)."
+    if dim < 2 or dim % 2: raise ValueError(f"dim must be an even number >= 2, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+class TimeClassEmbedder(nn.Module):
+    "`MLP(sinusoid(t)) + class_embedding(y)`; `y == num_classes` is the null class, `num_classes=0` means unconditional."
+    def __init__(self, dim: int, num_classes: int = 0, freq_dim: int = 64, scale: float = 1.0):
+        super().__init__()
+        self.freq_dim, self.scale, self.num_classes = freq_dim, scale, num_classes
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.classes = nn.Embedding(num_classes + 1, dim) if num_classes else None
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.mlp(timestep_embedding(t, self.freq_dim, scale=self.scale).to(self.mlp[0].weight.dtype))
+        if self.classes is None:
+            if y is not None: raise ValueError("this embedder is unconditional (num_classes=0) but got labels y")
+            return h
+        if y is None: y = torch.full_like(t, self.num_classes, dtype=torch.long)
+        return h + self.classes(y)
 
 # %% ../../nbs/generation/core.ipynb #a4efa73f
 def flow_matching_loss(model: Denoiser, x1: torch.Tensor, cond: Any = None, gen: torch.Generator | None = None
