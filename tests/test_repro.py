@@ -43,6 +43,7 @@ def test_run_writes_all_result_files(tmp_path):
     assert len(claims) == 1 and claims[0]["our_value"] == 4.0
     run_json = json.loads((tmp_path / "run.json").read_text())
     assert run_json["seed"] == 3 and run_json["parameters"]["extra"] == 1 and run_json["wall_s"] >= 0
+    assert run_json["cpu_s"] >= 0
     assert set(run_json["versions"]) == {"python", "torch", "paper_repro"} and info["slug"] == "demo"
     assert run_json["files"] == ["claims.json", "figure.png", "run.json", "table.csv", "table.md"]
     assert "| method | v |" in (tmp_path / "table.md").read_text()
@@ -231,3 +232,14 @@ def test_load_zoo_checks_the_device_first(bad):
     from paper_repro.core.zoo import load_zoo
     with pytest.raises(ValueError, match=rf"unknown device '{bad}'; valid devices: auto, cpu, cuda, mps"):
         load_zoo("code-draft", device=bad)
+
+
+def test_cpu_seconds_counts_work_and_finished_children():
+    import subprocess, sys
+    from paper_repro.core.repro import cpu_seconds
+    t0 = cpu_seconds()
+    sum(i * i for i in range(300_000))
+    t1 = cpu_seconds()
+    assert t1 > t0
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    assert cpu_seconds() - t1 > 0.05  # the child's CPU time is added once it has been reaped

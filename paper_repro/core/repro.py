@@ -35,8 +35,8 @@ from .claims import Estimate, make_claim, validate_claim
 __all__ = ['SCALES', 'DEVICES', 'MAX_SEED', 'DATA_ENV', 'RUNNER_ENV', 'PARAMETERS_ENV', 'check_scale', 'resolve_device',
            'checkout_root', 'project_root', 'relative_to_root', 'check_seed', 'seed_everything', 'ReadOnlyDataError',
            'package_data_dir', 'check_writable', 'atomic_write', 'write_text_atomic', 'write_json_atomic',
-           'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results', 'RunContext', 'open_runs',
-           'start_run']
+           'RunLockedError', 'lock_path', 'lock_holder', 'ResultsLock', 'recover_results', 'cpu_seconds', 'RunContext',
+           'open_runs', 'start_run']
 
 # %% ../../nbs/core/repro.ipynb #f05661fd
 SCALES: tuple[str, ...] = ("ci", "cpu", "gpu")
@@ -307,6 +307,20 @@ def _versions() -> dict[str, str]:
     from paper_repro import __version__
     return {"python": platform.python_version(), "torch": torch.__version__, "paper_repro": __version__}
 
+# %% ../../nbs/core/repro.ipynb #bfb39b0f
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process plus its finished child processes. A run's `cpu_s` is
+    the difference over the run: on a loaded machine wall time grows with the load, CPU time hardly does, so budgets
+    (`cpu` scale: about 2 cores × 5 minutes) are checked against it."""
+    total = time.process_time()
+    try:
+        import resource
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += kids.ru_utime + kids.ru_stime
+    except (ImportError, AttributeError):  # not POSIX: this process only
+        pass
+    return total
+
 # %% ../../nbs/core/repro.ipynb #3b346221
 # the open runs of this process, by results folder: a second start_run for the same folder replaces the first (in a
 # notebook, re-running the cells after a failure must not find the folder locked by its own kernel)
@@ -327,6 +341,8 @@ class RunContext:
     started: float = field(default_factory=time.time)
     # machine load when the run started: timings measured on a busy machine are pessimistic, and this says so
     load_avg: float | None = field(default_factory=lambda: round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+    # CPU seconds used so far (this process and its reaped children): the budget measure that load does not inflate
+    cpu_started: float = field(default_factory=lambda: cpu_seconds())
     claims_file: str = "claims.json"  # a benchmark sharing a folder with another names its own ledger
     staging: Path | None = field(default=None, init=False, repr=False)
     _lock: ResultsLock | None = field(default=None, init=False, repr=False)
@@ -424,7 +440,7 @@ def finish(self: RunContext, name: str = "run.json") -> dict:
     info = dict(slug=self.slug, scale=self.scale, device=str(self.device), seed=self.seed,
                 parameters=self.parameters, git_commit=_git_commit(project_root()), versions=_versions(),
                 started=_now_iso(self.started), wall_s=round(time.time() - self.started, 3),
-                load_avg_1m=self.load_avg, files=files)
+                cpu_s=round(cpu_seconds() - self.cpu_started, 3), load_avg_1m=self.load_avg, files=files)
     write_json_atomic(target, info)
     remove = sorted(set(_previous_files(self.out_dir / name)) - set(files))
     write_json_atomic(self.staging / _COMMIT, dict(files=files, remove=remove))  # the commit point
