@@ -19,6 +19,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence, runtime_chec
 import torch
 from fastcore.basics import patch
 
+from .fused import fused_view
 from .lm import CausalLM, LMOutput
 
 
@@ -356,12 +357,13 @@ class DecodeStep:
     Override `step`; `prefill` and `commit` have plain defaults."""
     def __init__(self, target: CausalLM):
         self.target = target
+        self.fast = fused_view(target)  # the fused view of a plain TransformerLM (core.fused), else the target itself
         self.device = next(target.parameters()).device
 
     def prefill(self, context: list[int], cache) -> int:
         "Put `context[:-1]` in the cache (the last token is the first step's root); return the target calls made."
         if len(context) < 2: return 0
-        self.target(torch.tensor([context[:-1]], device=self.device), cache=cache)
+        self.fast(torch.tensor([context[:-1]], device=self.device), cache=cache)
         return 1
 
     def step(self, context: list[int], cache, remaining: int) -> StepOutput:
@@ -433,8 +435,8 @@ class _DraftVerifyStep(DecodeStep):
 
     def _pass(self, tokens, positions=None, cache=None, attn_mask=None) -> LMOutput:
         if self.run is not None: return self.run(self.target, tokens, positions, cache, attn_mask)
-        if self.hidden: return self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask, return_hidden=True)
-        return LMOutput(self.target(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
+        if self.hidden: return self.fast(tokens, positions=positions, cache=cache, attn_mask=attn_mask, return_hidden=True)
+        return LMOutput(self.fast(tokens, positions=positions, cache=cache, attn_mask=attn_mask))
 
 # %% ../../nbs/core/decoding.ipynb #9fd556a0
 @patch
@@ -587,7 +589,8 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
     mask = _batch_mask(valid, T)
     mask[:, :, prefix_len:] &= is_real[:, None, :]
     mask[:, torch.arange(T), prefix_len + torch.arange(T)] = True  # pad rows see themselves (no all-masked row -> NaN)
-    logits = target(tokens, positions=positions, cache=cache, attn_mask=mask)[:, -1]
+    model = fused_view(target)
+    logits = model(tokens, positions=positions, cache=cache, attn_mask=mask)[:, -1]
     calls, prefill_tokens = calls + 1, prefill_tokens + B * T
     valid = torch.cat([valid, is_real], dim=1)
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
@@ -607,7 +610,7 @@ def batch_greedy_decode(target: CausalLM, prompts: Sequence[Sequence[int]], max_
             cache.select_batch(sel)
             nxt, valid, next_pos = nxt[sel], valid[sel], next_pos[sel]
             active = [active[r] for r in keep]
-        logits = target(nxt[:, None], positions=next_pos[:, None], cache=cache, attn_mask=_batch_mask(valid, 1))[:, -1]
+        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache, attn_mask=_batch_mask(valid, 1))[:, -1]
         calls += 1
         valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], dim=1)
         next_pos = next_pos + 1
@@ -656,7 +659,7 @@ def propose(self: DraftModelDrafter, context: list[int], max_tokens: int) -> Dra
     self.committed = len(context)
     toks, qs = [], []
     for i in range(k):
-        logits = self.model(feed, cache=self.cache)[0, -1:]
+        logits = fused_view(self.model)(feed, cache=self.cache)[0, -1:]
         if self.sampler.greedy:
             nxt = logits.argmax(-1)
         else:
