@@ -15,6 +15,7 @@ venv: $(STAMP)
 ## Regenerate every paper and every benchmark at cpu scale; write results/REPORT.md and the README tables
 repro: $(STAMP)
 	$(BIN)/paper-repro run --all --scale cpu
+	$(BIN)/paper-repro bench core --scale cpu
 	$(BIN)/paper-repro bench decoding --scale cpu
 	$(BIN)/paper-repro bench dllm --scale cpu
 	$(BIN)/paper-repro bench lm --scale cpu

@@ -48,6 +48,9 @@ done
 step "every paper notebook at ci scale (papermill)"
 "$BIN/paper-repro" run --all --scale ci
 
+step "decoding baseline benchmark (bench core) at ci scale"
+"$BIN/paper-repro" bench core --scale ci
+
 step "decoding benchmark at ci scale"
 "$BIN/paper-repro" bench decoding --scale ci
 

@@ -3,6 +3,7 @@
 Modules:
 
 - `paper_repro.core.bench`: `paper-repro bench decoding` runs every decoding method of the collection on the same target (and draft) model, the same prompts and the same device, in one process, Spec-Bench style, and writes `results/<scale>/bench/decoding.*`.
+- `paper_repro.core.bench_core`: `paper-repro bench core`: greedy tokens/s of our eager and fused decode steps, Hugging Face `generate` with its dynamic and static caches, and the memory-bandwidth roofline, side by side in one run; and the cost of verifying 1…64 tokens in one pass relative to one.
 - `paper_repro.core.claims`: What a claim record holds, how its outcome is decided, and the interval helpers (seeds, repeats, paired bootstrap) that decide claims whose numbers move with training randomness or timing.
 - `paper_repro.core.data`: Nothing is downloaded at run time. Every dataset is built deterministically from files that ship with the machine (the Python standard library, Debian's gettext catalogs), committed compressed under `data/`, and checked against `data/MANIFEST.json` every time it is loaded.
 - `paper_repro.core.decoding`: The shared core of every lossless decoding accelerator in this collection: a **draft** (a chain or a tree of guessed tokens), a **verifier** that checks the whole draft with one target forward pass, and a **generation loop** that keeps the KV cache consistent and records per-step statistics.

@@ -519,8 +519,8 @@ def report_path(scale: str, root: str | Path | None = None) -> Path:
     return root / "results" / ("REPORT.md" if check_scale(scale) == "cpu" else f"{scale}/REPORT.md")
 
 # %% ../nbs/core/cli.ipynb #624540ba
-_BENCH_SUITES = (("decoding", "Decoding benchmark"), ("dllm", "Diffusion-LM decoding benchmark"),
-                 ("lm", "Language-model architecture benchmark"))
+_BENCH_SUITES = (("core", "Decoding baseline against the hardware"), ("decoding", "Decoding benchmark"),
+                 ("dllm", "Diffusion-LM decoding benchmark"), ("lm", "Language-model architecture benchmark"))
 
 def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, base: Path) -> list[str]:
     "The report section of one paper with results: title, status, figure link, claims table."
@@ -637,7 +637,7 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     if not readme.is_file(): raise ValueError(f"no README.md at {readme}")
     text = readme.read_text()
     new = replace_catalog_section(text, catalog_markdown(root))
-    for suite in ("decoding", "lm"):
+    for suite in ("core", "decoding", "lm"):
         start, end = bench_markers(suite)
         if start in new: new = replace_section(new, bench_markdown(root, suite), start, end)
     if HF_START in new: new = replace_section(new, hf_support_markdown(), HF_START, HF_END)
@@ -776,13 +776,13 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
-    "`paper-repro bench decoding|dllm|lm`: run the benchmark and print its summary rows."
+    "`paper-repro bench core|decoding|dllm|lm`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
     executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
         table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
-        if args.suite in ("dllm", "lm"):
+        if args.suite in ("core", "dllm", "lm"):
             print(table.to_string(index=False))
             print(f"wrote {out / (args.suite + '.csv')}, {args.suite}.md, {args.suite}.png")
             return 0
@@ -888,13 +888,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="default results/REPORT.md at scale cpu, results/<scale>/REPORT.md otherwise")
-    p = _command(sub, "bench", "run a benchmark suite (decoding, dllm or lm) and write results/<scale>/bench/",
+    p = _command(sub, "bench", "run a benchmark suite (core, decoding, dllm or lm) and write results/<scale>/bench/",
                  "Every method of the suite on the same task, model, device and budget, the baseline measured in the "
                  "same run; writes the table, figure and claims ledger of the suite. Exit 1 if a claim that must hold "
                  "(losslessness) does not; the previous results are then kept.", _cmd_bench)
-    p.add_argument("suite", choices=("decoding", "dllm", "lm"),
-                   help="which benchmark: decoding (speculative decoding), dllm (masked-diffusion parallel decoding) or "
-                        "lm (architecture and compression methods vs the plain transformer)")
+    p.add_argument("suite", choices=("core", "decoding", "dllm", "lm"),
+                   help="which benchmark: core (our greedy step vs Hugging Face and the memory roofline), decoding "
+                        "(speculative decoding), dllm (masked-diffusion parallel decoding) or lm (architecture and "
+                        "compression methods vs the plain transformer)")
     p.add_argument("--scale", default="cpu", help="ci, cpu or gpu (default cpu)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the benchmark (default 0)")

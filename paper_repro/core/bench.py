@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .catalog import PAPERS, module_path
+from .bench_core import cost_at, verify_cost
 from .claims import LEVEL, Estimate, over_repeats, paired_bootstrap
 from .data import BPETokenizer, load_code_corpus, load_parallel_corpus
 from .decoding import DecodeResult, DraftModelDrafter, Drafter, generate, greedy_decode
@@ -33,7 +34,7 @@ from .repro import project_root, start_run
 # %% auto #0
 __all__ = ['M', 'Decode', 'DECODING_BENCH_CONFIGS', 'Headline', 'BenchEntry', 'paper_entries', 'check_unique', 'BenchTask',
            'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels', 'DrafterMethod',
-           'decoding_entries', 'repeat_speedups', 'with_intervals', 'paired_ratio', 'run_decoding_bench',
+           'decoding_entries', 'repeat_speedups', 'with_intervals', 'with_ideal', 'paired_ratio', 'run_decoding_bench',
            'record_bench_claims']
 
 # %% ../../nbs/core/bench.ipynb #9d4f2e7b
@@ -199,9 +200,12 @@ def decoding_entries(models: BenchModels, modules: Iterable[ModuleType] | None =
 
 # %% ../../nbs/core/bench.ipynb #03a03698
 DECODING_BENCH_CONFIGS = {
-    "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16, repeats=2),
-    "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48, repeats=3),
-    "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128, repeats=3),
+    "ci": dict(per_category=1, prompt_tokens=32, first_turn_tokens=24, new_tokens=16, repeats=2,
+               verify_sizes=[1, 4, 16, 64], verify_reps=3),
+    "cpu": dict(per_category=4, prompt_tokens=64, first_turn_tokens=64, new_tokens=48, repeats=3,
+                verify_sizes=[1, 2, 4, 8, 16, 32, 64, 128], verify_reps=20),
+    "gpu": dict(per_category=10, prompt_tokens=64, first_turn_tokens=128, new_tokens=128, repeats=3,
+                verify_sizes=[1, 2, 4, 8, 16, 32, 64, 128], verify_reps=50),
 }
 
 # %% ../../nbs/core/bench.ipynb #b7c1d011
@@ -212,8 +216,9 @@ def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
         greedy = rows[(rows.method == "greedy") & (rows.repeat == rows.repeat.min())].set_index("task")["tokens"]
     rows = rows.assign(identical=[t == greedy[k] for t, k in zip(rows.tokens, rows.task)])
     def agg(df: pd.DataFrame) -> pd.DataFrame:
+        fed = dict(fed=("fed", "sum")) if "fed" in df else {}
         g = df.groupby("method", sort=False).agg(new=("new", "sum"), wall_s=("wall_s", "sum"), calls=("calls", "sum"),
-                                                 identical=("identical", "all"), lossless=("lossless", "all"))
+                                                 identical=("identical", "all"), lossless=("lossless", "all"), **fed)
         g["tokens_per_s"] = g.new / g.wall_s
         g["MAT"] = g.new / g.calls
         base = g.loc["greedy", "tokens_per_s"] if "greedy" in g.index else float("nan")
@@ -242,6 +247,14 @@ def with_intervals(summary: pd.DataFrame, speedups: pd.DataFrame) -> pd.DataFram
     keys = list(zip(summary.category, summary.method))
     return summary.assign(speedup=[est[k].value for k in keys], speedup_low=[est[k].low for k in keys],
                           speedup_high=[est[k].high for k in keys], repeats=[est[k].n for k in keys])
+
+# %% ../../nbs/core/bench.ipynb #f2d22599
+def with_ideal(summary: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
+    """`summary` with `fed_per_call` (tokens fed to the target per call), `ideal` (`MAT / cost(fed_per_call)` from the
+    verify-cost `curve`) and `efficiency` (`speedup / ideal`); NaN for rows without `fed` (the HF baselines)."""
+    fed = summary["fed"] / summary["calls"] if "fed" in summary else pd.Series(np.nan, index=summary.index)
+    ideal = [m / cost_at(curve, f) if np.isfinite(f) else np.nan for m, f in zip(summary.MAT, fed)]
+    return summary.assign(fed_per_call=fed, ideal=ideal, efficiency=summary.speedup / np.asarray(ideal, dtype=float))
 
 # %% ../../nbs/core/bench.ipynb #b7c1d031
 def paired_ratio(base, method, ref_base=None, ref=None, *, n_boot: int = 2000, seed: int = 0) -> Estimate:
@@ -274,7 +287,8 @@ def _time_tasks(entries: Sequence[BenchEntry], tasks: Sequence[BenchTask], new_t
             for e in entries:
                 res = e.method(task.prompt, new_tokens)
                 rows.append(dict(repeat=rep, task=i, category=task.category, method=e.name, tokens=res.tokens,
-                                 new=res.new_tokens, wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless))
+                                 new=res.new_tokens, wall_s=res.wall_s, calls=len(res.steps), lossless=res.lossless,
+                                 fed=sum(1 + s.tree_size for s in res.steps)))
             if hf_model is not None:
                 for name, lookup in (("HF greedy", None), ("HF prompt lookup", 10)):
                     toks, wall, calls = hf_generate(hf_model, task.prompt, new_tokens, lookup)
@@ -308,11 +322,17 @@ def run_decoding_bench(scale: str = "cpu", device: str = "auto", out: str | Path
         rows = _time_tasks(entries, tasks, cfg["new_tokens"], cfg["repeats"], hf_model, progress)
         speedups = repeat_speedups(rows)
         summary = with_intervals(_summarise(rows), speedups)
+        curve = verify_cost(models.target, cfg["verify_sizes"], cfg["prompt_tokens"] + cfg["new_tokens"] // 2,
+                            cfg["verify_reps"])
+        summary = with_ideal(summary, curve)
+        run.save_table(curve.round(5), name="decoding.verify")
         table = pd.DataFrame({"category": summary.category, "method": summary.method,
                               "tokens/s": summary.tokens_per_s.round(1), "speed-up": summary.speedup.round(2),
                               "speed-up 95% low": summary.speedup_low.round(2),
                               "speed-up 95% high": summary.speedup_high.round(2),
-                              "MAT": summary.MAT.round(2), "lossless check": summary["lossless check"]})
+                              "MAT": summary.MAT.round(2), "fed per call": summary.fed_per_call.round(2),
+                              "ideal speed-up": summary.ideal.round(2), "efficiency": summary.efficiency.round(2),
+                              "lossless check": summary["lossless check"]})
         run.save_table(table, name="decoding")
         run.save_fig(_figure(summary, dev.type, cfg["repeats"]), name="decoding.png")
         record_bench_claims(run, summary, entries,

@@ -41,7 +41,7 @@ __all__ = ['EXECUTORS', 'BENCH_SUITES', 'RAY_ADDRESS_ENV', 'PaperTask', 'Executo
 
 # %% ../../nbs/core/executor.ipynb #51619f26
 EXECUTORS: tuple[str, ...] = ("local", "ray")
-BENCH_SUITES: tuple[str, ...] = ("decoding", "dllm", "lm")
+BENCH_SUITES: tuple[str, ...] = ("core", "decoding", "dllm", "lm")
 
 @dataclass(frozen=True)
 class PaperTask:
@@ -109,6 +109,9 @@ def run_bench(suite: str, scale: str, device: str, out: str | Path, seed: int = 
     if suite == "lm":
         from paper_repro.lm.bench import run_lm_bench
         return run_lm_bench(scale, device, out, seed)
+    if suite == "core":
+        from paper_repro.core.bench_core import run_core_bench
+        return run_core_bench(scale, device, out, seed, hf=hf)
     raise ValueError(f"unknown benchmark suite {suite!r}; valid suites: {', '.join(BENCH_SUITES)}")
 
 # %% ../../nbs/core/executor.ipynb #4c722688
