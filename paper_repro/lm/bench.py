@@ -43,8 +43,8 @@ __all__ = ['LM_BENCH_CONFIGS', 'DECODE_BATCHES', 'BASELINE', 'HEADLINE_CATEGORIE
 LM_BENCH_CONFIGS: dict[str, dict] = {
     "ci": dict(d_model=64, n_layers=4, n_heads=4, d_ff=176, seq_len=64, batch_size=8, steps=12, lr=3e-3, warmup=3,
                val_windows=8, prompt_len=32, new_tokens=8, repeats=1),
-    "cpu": dict(d_model=128, n_layers=6, n_heads=4, d_ff=344, seq_len=128, batch_size=8, steps=150, lr=3e-3,
-                warmup=15, val_windows=48, prompt_len=64, new_tokens=32, repeats=3),
+    "cpu": dict(d_model=128, n_layers=6, n_heads=4, d_ff=344, seq_len=128, batch_size=8, steps=80, lr=3e-3,
+                warmup=8, val_windows=48, prompt_len=64, new_tokens=32, repeats=3),
     "gpu": dict(d_model=256, n_layers=8, n_heads=8, d_ff=688, seq_len=512, batch_size=32, steps=2000, lr=2e-3,
                 warmup=100, val_windows=256, prompt_len=512, new_tokens=256, repeats=5),
 }
