@@ -39,7 +39,7 @@ def test_verify_cost_curve_and_interpolation():
 def test_time_greedy_compares_same_tokens_and_restores_fused_flag():
     m = tiny()
     df = bc.time_greedy(m, 1, 5, 3, repeats=2, hf=True)
-    assert set(df.method) == set(bc.GREEDY_METHODS) and len(df) == 8
+    assert set(df.method) == set(bc.GREEDY_METHODS) and len(df) == 10
     assert df.same.all()                 # HF generate decodes the same greedy tokens from the same weights
     assert m.decode_fused is True and (df.tokens_per_s > 0).all()
 

@@ -84,3 +84,41 @@ def test_decoding_is_token_identical_to_eager(dtype):
         assert generate(fast_model, prompt, 12, sampler=s).tokens == generate(slow_model, prompt, 12, sampler=s).tokens
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     assert batch_greedy_decode(fast_model, prompts, [5, 9, 7]).tokens == batch_greedy_decode(slow_model, prompts, [5, 9, 7]).tokens
+
+
+def test_static_greedy_matches_greedy_decode_and_resumes():
+    from paper_repro.core.fused import StaticGreedy
+    for kv in (None, 2):
+        model = tiny(n_kv_heads=kv)
+        for prompt in ([7], [1, 2, 3, 4, 5, 6, 7, 8]):
+            assert StaticGreedy(model, prompt, 15).run() == greedy_decode(model, prompt, 15).tokens
+    s = StaticGreedy(tiny(), [4, 4, 9], 9)
+    assert s.run(2) + s.run(7) == greedy_decode(tiny(), [4, 4, 9], 9).tokens and s.cache.length == 3 - 1 + 9
+
+
+def test_static_greedy_float32_zoo_target_is_token_identical():
+    from paper_repro.core.fused import StaticGreedy
+    from paper_repro.core.zoo import load_zoo
+    target = load_zoo("code-target")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        prompt = torch.randint(0, target.vocab_size, (24,), generator=g).tolist()
+        assert StaticGreedy(target, prompt, 24).run() == greedy_decode(target, prompt, 24).tokens
+
+
+def test_static_greedy_errors():
+    from paper_repro.core.fused import StaticGreedy
+    with pytest.raises(ValueError, match="non-empty prompt"): StaticGreedy(tiny(), [], 3)
+    with pytest.raises(ValueError, match="exceeds the context length 128"): StaticGreedy(tiny(), [1] * 100, 29)
+    with pytest.raises(ValueError, match="needs a CUDA model"): StaticGreedy(tiny(), [1], 3, graph=True)
+    s = StaticGreedy(tiny(), [1], 3)
+    with pytest.raises(ValueError, match="max_new_tokens=4: 1 to 3 left"): s.run(4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_greedy_is_token_identical_to_eager_cuda():
+    from paper_repro.core.fused import StaticGreedy
+    model = tiny(torch.float32).cuda()
+    prompt = [3, 1, 4, 1, 5]
+    assert StaticGreedy(model, prompt, 20, graph=True).run() == StaticGreedy(model, prompt, 20).run()
+    assert StaticGreedy(model, prompt, 20, graph=True).run() == greedy_decode(model, prompt, 20).tokens

@@ -14,7 +14,7 @@ from torch import nn
 from .lm import KVCache, LMOutput, TransformerLM, _prepare_inputs, causal_mask
 
 # %% auto #0
-__all__ = ['FusedLM', 'fused_view']
+__all__ = ['FusedLM', 'fused_view', 'StaticGreedy', 'step', 'run']
 
 # %% ../../nbs/core/fused.ipynb #344eff15
 class FusedLM(nn.Module):
@@ -123,3 +123,88 @@ def fused_view(model):
         cached = (key, FusedLM(model))
         model.__dict__["_fused_view"] = cached  # not a submodule: state_dict and .parameters() stay the model's own
     return cached[1]
+
+# %% ../../nbs/core/fused.ipynb #ba9970fb
+class StaticGreedy:
+    """Greedy decoding of batch-1 `prompt` with fixed-shape device buffers (token, position, cache slot and filled-slot
+    mask, advanced in place by each step; attention over the whole cache capacity): `run(max_new_tokens)` returns the
+    new tokens. `graph=True` (CUDA only) captures the step as a CUDA graph and replays it."""
+    def __init__(self, model: TransformerLM, prompt: list[int], max_new_tokens: int, graph: bool = False):
+        self.fast = fused_view(model)
+        if not isinstance(self.fast, FusedLM):
+            raise ValueError(f"StaticGreedy needs a plain TransformerLM (got {type(model).__name__})")
+        if not prompt or max_new_tokens < 1:
+            raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1, got {len(prompt)} tokens and {max_new_tokens}")
+        dev = self.fast.device
+        if graph and dev.type != "cuda": raise ValueError(f"graph=True needs a CUDA model, this one is on {dev}")
+        L, self.capacity = len(prompt), len(prompt) + max_new_tokens
+        if self.capacity > self.fast.context_length:
+            raise ValueError(f"prompt + max_new_tokens = {self.capacity} exceeds the context length {self.fast.context_length}")
+        self.cache = self.fast.new_cache(1, self.capacity)
+        if L > 1: self.fast(torch.tensor([prompt[:-1]], device=dev), cache=self.cache)
+        self.token = torch.tensor([[prompt[-1]]], device=dev)
+        self.position = torch.tensor([[L - 1]], device=dev)
+        self.slot = torch.tensor([L - 1], device=dev)
+        self.filled = torch.arange(self.capacity, device=dev)[None, :] < L - 1   # slots visible to the next token
+        self.out = torch.zeros(1, max_new_tokens, dtype=torch.long, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.max_new_tokens, self.graph = max_new_tokens, None
+        if graph: self._capture()
+
+# %% ../../nbs/core/fused.ipynb #9f62e25b
+@torch.no_grad()
+def step(self: StaticGreedy) -> None:
+    "One greedy step on the buffers: write the token's keys/values at `slot`, attend over the filled slots, emit."
+    f = self.fast
+    self.filled.index_fill_(1, self.slot, True)
+    mask = self.filled[:, None, None, :]
+    cos, sin = f.cos[self.position][:, None], f.sin[self.position][:, None]
+    x = F.embedding(self.token, f.embed)
+    H, Hkv, D = f.n_heads, f.n_kv_heads, x.shape[-1]
+    for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(f.layers):
+        qkv = F.linear(F.rms_norm(x, (D,), norm1, f._eps), w_qkv).view(1, 1, H + 2 * Hkv, f.head_dim).transpose(1, 2)
+        qk = qkv[:, :H + Hkv]
+        half1, half2 = qk.chunk(2, dim=-1)
+        qk = qk * cos + torch.cat([-half2, half1], dim=-1) * sin
+        self.cache.k[i].index_copy_(2, self.slot, qk[:, H:])
+        self.cache.v[i].index_copy_(2, self.slot, qkv[:, H + Hkv:])
+        y = F.scaled_dot_product_attention(qk[:, :H], self.cache.k[i], self.cache.v[i], attn_mask=mask,
+                                           enable_gqa=Hkv != H)
+        x = x + F.linear(y.transpose(1, 2).reshape(1, 1, D), w_o)
+        gate, up = F.linear(F.rms_norm(x, (D,), norm2, f._eps), w_gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, w_down)
+    nxt = F.linear(F.rms_norm(x[:, -1], (D,), f.norm, f._eps), f.head).argmax(-1)
+    self.out.index_copy_(1, self.index, nxt[:, None])
+    self.token.copy_(nxt[:, None]); self.position.add_(1); self.slot.add_(1); self.index.add_(1)
+
+StaticGreedy.step = step
+
+# %% ../../nbs/core/fused.ipynb #5a6735c7
+def _capture(self: StaticGreedy) -> None:
+    "Warm up on a side stream, then capture one `step` as a CUDA graph (the buffers are restored after each)."
+    state = [t.clone() for t in (self.token, self.position, self.slot, self.filled, self.index)]
+    def restore():
+        for t, s in zip((self.token, self.position, self.slot, self.filled, self.index), state): t.copy_(s)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2): self.step(); restore()
+    torch.cuda.current_stream().wait_stream(side)
+    self.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(self.graph): self.step()
+    restore()  # capturing records the kernels; keys/values it wrote at the first slot are rewritten by the first replay
+
+@torch.no_grad()
+def run(self: StaticGreedy, max_new_tokens: int | None = None) -> list[int]:
+    "Decode `max_new_tokens` (default: the budget given at construction) and return them (one host read, at the end)."
+    n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not 1 <= n <= self.max_new_tokens - int(self.index):
+        raise ValueError(f"max_new_tokens={n}: 1 to {self.max_new_tokens - int(self.index)} left in this decoder")
+    start = int(self.index)
+    for _ in range(n):
+        if self.graph is not None: self.graph.replay()
+        else: self.step()
+    self.cache.length = int(self.slot)
+    return self.out[0, start:start + n].tolist()
+
+StaticGreedy._capture, StaticGreedy.run = _capture, run
