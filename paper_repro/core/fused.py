@@ -61,7 +61,9 @@ def _rotary(self: FusedLM, positions: torch.Tensor | None, past: int, T: int) ->
     if positions is None: return self.cos[past:past + T], self.sin[past:past + T]
     return self.cos[positions][:, None], self.sin[positions][:, None]
 
-def _attend(self: FusedLM, x, layer: int, cos, sin, mask, cache: KVCache | None, start: int, stop: int):
+def _attend(self: FusedLM, x, layer: int, cos, sin, mask, store):
+    """One block. `store(layer, k, v)` puts the new keys/values in the cache and returns the keys/values to attend
+    over (the filled slice here; the whole capacity in the static step below)."""
     norm1, w_qkv, w_o, norm2, w_gate_up, w_down = self.layers[layer]
     B, T, D = x.shape
     H, Hkv = self.n_heads, self.n_kv_heads
@@ -69,12 +71,8 @@ def _attend(self: FusedLM, x, layer: int, cos, sin, mask, cache: KVCache | None,
     qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
     half1, half2 = qk.chunk(2, dim=-1)
     qk = qk * cos + torch.cat([-half2, half1], dim=-1) * sin
-    q, k = qk[:, :H], qk[:, H:]
-    if cache is not None:
-        cache.k[layer, :, :, start:start + T] = k
-        cache.v[layer, :, :, start:start + T] = v
-        k, v = cache.k[layer, :, :, :stop], cache.v[layer, :, :, :stop]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+    k, v = store(layer, qk[:, H:], v)
+    y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, enable_gqa=Hkv != H)
     x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), w_o)
     gate, up = F.linear(F.rms_norm(x, (D,), norm2, self._eps), w_gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w_down)
@@ -97,9 +95,13 @@ def _forward(self: FusedLM, tokens: torch.Tensor, positions: torch.Tensor | None
     mask = attn_mask if attn_mask is not None else (causal_mask(T, past, tokens.device) if T > 1 else None)
     if mask is not None and mask.dim() == 3: mask = mask[:, None]
     cos, sin = self._rotary(positions if positions is None else pos, past, T)
+    def store(i, k, v):
+        if cache is None: return k, v
+        cache.k[i, :, :, past:past + T], cache.v[i, :, :, past:past + T] = k, v
+        return cache.k[i, :, :, :stop], cache.v[i, :, :, :stop]
     x = F.embedding(tokens, self.embed)
     for i in range(len(self.layers)):
-        x = self._attend(x, i, cos, sin, mask, cache, past, stop)
+        x = self._attend(x, i, cos, sin, mask, store)
     if cache is not None: cache.length = max(cache.length, past + T)
     hidden = F.rms_norm(x, (x.shape[-1],), self.norm, self._eps)
     logits = F.linear(hidden, self.head)
@@ -159,21 +161,11 @@ def step(self: StaticGreedy) -> None:
     self.filled.index_fill_(1, self.slot, True)
     mask = self.filled[:, None, None, :]
     cos, sin = f.cos[self.position][:, None], f.sin[self.position][:, None]
+    store = lambda i, k, v: (self.cache.k[i].index_copy_(2, self.slot, k), self.cache.v[i].index_copy_(2, self.slot, v))
     x = F.embedding(self.token, f.embed)
-    H, Hkv, D = f.n_heads, f.n_kv_heads, x.shape[-1]
-    for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(f.layers):
-        qkv = F.linear(F.rms_norm(x, (D,), norm1, f._eps), w_qkv).view(1, 1, H + 2 * Hkv, f.head_dim).transpose(1, 2)
-        qk = qkv[:, :H + Hkv]
-        half1, half2 = qk.chunk(2, dim=-1)
-        qk = qk * cos + torch.cat([-half2, half1], dim=-1) * sin
-        self.cache.k[i].index_copy_(2, self.slot, qk[:, H:])
-        self.cache.v[i].index_copy_(2, self.slot, qkv[:, H + Hkv:])
-        y = F.scaled_dot_product_attention(qk[:, :H], self.cache.k[i], self.cache.v[i], attn_mask=mask,
-                                           enable_gqa=Hkv != H)
-        x = x + F.linear(y.transpose(1, 2).reshape(1, 1, D), w_o)
-        gate, up = F.linear(F.rms_norm(x, (D,), norm2, f._eps), w_gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w_down)
-    nxt = F.linear(F.rms_norm(x[:, -1], (D,), f.norm, f._eps), f.head).argmax(-1)
+    for i in range(len(f.layers)):
+        x = f._attend(x, i, cos, sin, mask, store)
+    nxt = F.linear(F.rms_norm(x[:, -1], (x.shape[-1],), f.norm, f._eps), f.head).argmax(-1)
     self.out.index_copy_(1, self.index, nxt[:, None])
     self.token.copy_(nxt[:, None]); self.position.add_(1); self.slot.add_(1); self.index.add_(1)
 
