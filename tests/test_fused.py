@@ -52,8 +52,9 @@ def test_protocol_errors_are_the_eager_ones():
         fast(torch.zeros(1, 2, dtype=torch.long), cache=fast.new_cache(), cache_start=0)
     with pytest.raises(ValueError, match="attn_mask must be bool"):
         fast(torch.zeros(1, 2, dtype=torch.long), attn_mask=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="plain TransformerLM"):
-        FusedLM(tiny(cross_attention=True, d_memory=16))
+    class Sub(TransformerLM): pass
+    with pytest.raises(ValueError, match="plain TransformerLM, got Sub"):
+        FusedLM(Sub(tiny().cfg))
 
 
 def test_view_is_cached_until_weights_change_and_passes_other_models_through():
@@ -122,3 +123,24 @@ def test_cuda_graph_greedy_is_token_identical_to_eager_cuda():
     prompt = [3, 1, 4, 1, 5]
     assert StaticGreedy(model, prompt, 20, graph=True).run() == StaticGreedy(model, prompt, 20).run()
     assert StaticGreedy(model, prompt, 20, graph=True).run() == greedy_decode(model, prompt, 20).tokens
+
+
+def test_cross_attention_decoder_matches_eager_and_decodes_the_same():
+    from paper_repro.core.fused import StaticGreedy
+    from paper_repro.core.lm import ConditionedLM
+    dec = tiny(cross_attention=True, d_memory=16)
+    states = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    memory = dec.encode_memory(states, lengths=torch.tensor([5, 3]))
+    toks = torch.randint(0, 50, (2, 6))
+    fast = fused_view(dec)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(toks, memory=memory), fast(toks, memory=memory), rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="pass memory="): fast(toks)
+    bound = ConditionedLM(dec, memory)
+    view = fused_view(bound)
+    assert isinstance(view, ConditionedLM) and isinstance(view.decoder, FusedLM)
+    prompts = [[1, 2], [3, 4, 5]]
+    slow = ConditionedLM(eager(tiny(cross_attention=True, d_memory=16)), memory)
+    assert fused_view(slow) is slow
+    assert batch_greedy_decode(bound, prompts, 8).tokens == batch_greedy_decode(slow, prompts, 8).tokens
+    with pytest.raises(ValueError, match="without cross-attention"): StaticGreedy(dec, [1], 2)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lm import KVCache, LMOutput, TransformerLM, _prepare_inputs, causal_mask
+from .lm import ConditionedLM, CrossMemory, KVCache, LMOutput, TransformerLM, _prepare_inputs, causal_mask
 
 # %% auto #0
 __all__ = ['FusedLM', 'fused_view', 'StaticGreedy', 'step', 'run']
@@ -19,12 +19,11 @@ __all__ = ['FusedLM', 'fused_view', 'StaticGreedy', 'step', 'run']
 # %% ../../nbs/core/fused.ipynb #344eff15
 class FusedLM(nn.Module):
     """Inference-only fused copy of a `TransformerLM`'s weights with the decoding protocol of `TransformerLM.forward`
-    (`tokens`, `positions`, `cache`, `attn_mask`, `cache_start`, `return_hidden`). Build it with `fused_view`."""
+    (`tokens`, `positions`, `cache`, `attn_mask`, `cache_start`, `memory`, `return_hidden`). Build it with `fused_view`."""
     def __init__(self, model: TransformerLM):
         super().__init__()
-        if type(model) is not TransformerLM or model.cfg.cross_attention:
-            raise ValueError(f"FusedLM fuses a plain TransformerLM without cross-attention, got {type(model).__name__}"
-                             f"{' with cross_attention=True' if getattr(getattr(model, 'cfg', None), 'cross_attention', False) else ''}")
+        if type(model) is not TransformerLM:
+            raise ValueError(f"FusedLM fuses a plain TransformerLM, got {type(model).__name__}")
         cfg = self.cfg = model.cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         with torch.no_grad():
@@ -33,6 +32,9 @@ class FusedLM(nn.Module):
                             blk.self_attn.o_proj.weight.detach(), blk.post_attention_layernorm.weight.detach(),
                             torch.cat([blk.mlp.gate_proj.weight, blk.mlp.up_proj.weight]), blk.mlp.down_proj.weight.detach())
                            for blk in model.layers]
+            # a cross-attention decoder: its norm, query and output projections (keys/values come with the memory)
+            self.cross = [(blk.cross_attention_layernorm.weight.detach(), blk.cross_attn.q_proj.weight.detach(),
+                           blk.cross_attn.o_proj.weight.detach()) for blk in model.layers] if cfg.cross_attention else None
             self.embed, self.norm, self.head = (model.embed_tokens.weight.detach(), model.norm.weight.detach(),
                                                 model.lm_head.weight.detach())
             self.cos, self.sin = _rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, model.device, model.dtype)
@@ -43,10 +45,10 @@ class FusedLM(nn.Module):
     device = property(lambda self: self.embed.device)
     dtype = property(lambda self: self.embed.dtype)
 
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+    def new_cache(self, batch_size: int = 1, capacity: int = 256, memory: CrossMemory | None = None) -> KVCache:
         "An empty cache shaped for this model (the same as the source model's `new_cache`)."
         c = self.cfg
-        return KVCache(c.n_layers, batch_size, c.kv_heads, c.head_dim, capacity, self.dtype, self.device)
+        return KVCache(c.n_layers, batch_size, c.kv_heads, c.head_dim, capacity, self.dtype, self.device, memory)
 
 def _rope_tables(n: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     "cos/sin `[n, head_dim]` for positions 0…n−1, computed as `core.lm.rope_cos_sin` does."
@@ -61,7 +63,7 @@ def _rotary(self: FusedLM, positions: torch.Tensor | None, past: int, T: int) ->
     if positions is None: return self.cos[past:past + T], self.sin[past:past + T]
     return self.cos[positions][:, None], self.sin[positions][:, None]
 
-def _attend(self: FusedLM, x, layer: int, cos, sin, mask, store):
+def _attend(self: FusedLM, x, layer: int, cos, sin, mask, store, memory: CrossMemory | None = None):
     """One block. `store(layer, k, v)` puts the new keys/values in the cache and returns the keys/values to attend
     over (the filled slice here; the whole capacity in the static step below)."""
     norm1, w_qkv, w_o, norm2, w_gate_up, w_down = self.layers[layer]
@@ -74,6 +76,11 @@ def _attend(self: FusedLM, x, layer: int, cos, sin, mask, store):
     k, v = store(layer, qk[:, H:], v)
     y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, enable_gqa=Hkv != H)
     x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), w_o)
+    if memory is not None:
+        norm_c, w_q, w_oc = self.cross[layer]
+        q = F.linear(F.rms_norm(x, (D,), norm_c, self._eps), w_q).view(B, T, H, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, memory.k[layer], memory.v[layer], attn_mask=memory.mask[:, None, None, :])
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, D), w_oc)
     gate, up = F.linear(F.rms_norm(x, (D,), norm2, self._eps), w_gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w_down)
 
@@ -83,13 +90,14 @@ FusedLM._rotary, FusedLM._attend = _rotary, _attend
 @torch.no_grad()
 def _forward(self: FusedLM, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
              attn_mask: torch.Tensor | None = None, cache_start: int | None = None, *,
-             return_hidden: bool = False) -> torch.Tensor | LMOutput:
+             memory: CrossMemory | None = None, return_hidden: bool = False) -> torch.Tensor | LMOutput:
     """Logits `[batch, T, vocab]` for `tokens` `[batch, T]`, exactly as `TransformerLM.forward` computes them
     (`cache_start` overwrites slots from there and needs `attn_mask`; `return_hidden=True` gives an `LMOutput`)."""
     if cache_start is not None and attn_mask is None:
         raise ValueError("cache_start needs an explicit attn_mask over the cache slots")
     past, pos = _prepare_inputs(tokens, positions, attn_mask, cache, cache_start)
     B, T = tokens.shape
+    memory = TransformerLM._resolve_memory(self, memory, cache, B)   # the same checks (and messages) as the eager model
     stop = max(cache.length, past + T) if cache is not None else T
     if cache is not None: cache._reserve(past + T)
     mask = attn_mask if attn_mask is not None else (causal_mask(T, past, tokens.device) if T > 1 else None)
@@ -101,7 +109,7 @@ def _forward(self: FusedLM, tokens: torch.Tensor, positions: torch.Tensor | None
         return cache.k[i, :, :, :stop], cache.v[i, :, :, :stop]
     x = F.embedding(tokens, self.embed)
     for i in range(len(self.layers)):
-        x = self._attend(x, i, cos, sin, mask, store)
+        x = self._attend(x, i, cos, sin, mask, store, memory)
     if cache is not None: cache.length = max(cache.length, past + T)
     hidden = F.rms_norm(x, (x.shape[-1],), self.norm, self._eps)
     logits = F.linear(hidden, self.head)
@@ -117,7 +125,10 @@ def fused_view(model):
     """The `FusedLM` of a plain `TransformerLM` (rebuilt when its weights change), or `model` itself for anything else
     and for a model with `decode_fused = False` (decode through the eager modules: the reference, or a benchmark's
     baseline)."""
-    if type(model) is not TransformerLM or model.cfg.cross_attention or not getattr(model, "decode_fused", True):
+    if type(model) is ConditionedLM:   # an encoder-decoder bound to its memory: fuse the decoder, keep the binding
+        fast = fused_view(model.decoder)
+        return model if fast is model.decoder else ConditionedLM(fast, model.memory)
+    if type(model) is not TransformerLM or not getattr(model, "decode_fused", True):
         return model
     key = _weights_key(model)
     cached = model.__dict__.get("_fused_view")
@@ -133,8 +144,8 @@ class StaticGreedy:
     new tokens. `graph=True` (CUDA only) captures the step as a CUDA graph and replays it."""
     def __init__(self, model: TransformerLM, prompt: list[int], max_new_tokens: int, graph: bool = False):
         self.fast = fused_view(model)
-        if not isinstance(self.fast, FusedLM):
-            raise ValueError(f"StaticGreedy needs a plain TransformerLM (got {type(model).__name__})")
+        if not isinstance(self.fast, FusedLM) or self.fast.cross is not None:
+            raise ValueError(f"StaticGreedy needs a plain TransformerLM without cross-attention (got {type(model).__name__})")
         if not prompt or max_new_tokens < 1:
             raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1, got {len(prompt)} tokens and {max_new_tokens}")
         dev = self.fast.device
