@@ -42,12 +42,12 @@ FAMILY_TITLES: dict[str, str] = {
     "multimodal": "Multimodal"}
 # Substrate notebooks in reading order (as in README's layout); notebooks not listed follow alphabetically.
 READING_ORDER: dict[str, tuple[str, ...]] = {
-    "core": ("repro", "data", "lm", "train", "zoo", "decoding", "bench", "catalog", "cli"),
+    "core": ("repro", "data", "lm", "fused", "train", "zoo", "decoding", "bench", "bench_core", "catalog", "cli"),
     "dllm": ("tasks", "core", "bench"),
     "lm": ("bench",),
     "speech": ("corpus", "features", "asr", "seq2seq"),
     "vision": ("data", "render", "video", "raycast", "backbones", "metrics", "fd"),
-    "generation": ("core",)}
+    "generation": ("core", "dit", "unet")}
 CACHE = ".sphinx"  # folder of the stage holding Sphinx's doctrees and the warnings of the last build
 # Warnings that name something the build could resolve (a missing file, page, label or module): they fail the build.
 FIXABLE_WARNINGS = re.compile(r"image file not readable|unknown document|undefined label|failed to import|"
@@ -268,7 +268,7 @@ def _run_line(run_json: Path) -> str:
     commit = (r.get("git_commit") or "unknown")[:10]
     when = (r.get("started") or "")[:10]
     return (f"Run at commit `{commit}` on {when}, device `{r.get('device')}`, seed {r.get('seed')}, "
-            f"{r.get('wall_s', 0):.0f} s wall time.")
+            f"{r.get('wall_s', 0):.0f} s wall time" + (f", {r['cpu_s']:.0f} CPU seconds." if "cpu_s" in r else "."))
 
 
 def claims_table(claims: list[dict]) -> str:
