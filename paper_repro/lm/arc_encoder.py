@@ -29,11 +29,12 @@ from ..core.train import (Constant, OptimConfig, WarmupCosine, fit, frozen, load
 
 # %% auto #0
 __all__ = ['CONSONANTS', 'SPLITS', 'DECODER_CONFIG', 'REC', 'CONT', 'METHODS', 'BENCH_PF', 'RecordItem', 'split_of', 'make_items',
-           'item_ids', 'text_stream', 'train_decoder', 'group_sizes', 'pooling_matrix', 'ARCEncoder', 'splice',
-           'CompressedBatch', 'compressed_loss', 'pad_rows', 'is_reconstruction', 'pretrain_batch', 'task_batch',
-           'StageConfig', 'pretrain', 'finetune', 'CompressedContextLM', 'answer', 'exact_match', 'reference_answer',
-           'decoder_file', 'encoder_file', 'load_or_train_decoder', 'load_or_train_encoder', 'Recipe',
-           'frozen_decoder_and_encoders', 'CompressedLM', 'bench_loss', 'bench_generate', 'bench_methods']
+           'item_ids', 'open_book_doc', 'decoder_docs', 'doc_batch', 'answer_loss', 'text_stream', 'train_decoder',
+           'group_sizes', 'pooling_matrix', 'ARCEncoder', 'splice', 'CompressedBatch', 'compressed_loss', 'pad_rows',
+           'is_reconstruction', 'pretrain_batch', 'task_batch', 'StageConfig', 'pretrain', 'finetune',
+           'CompressedContextLM', 'answer', 'exact_match', 'reference_answer', 'decoder_file', 'encoder_file',
+           'load_or_train_decoder', 'load_or_train_encoder', 'Recipe', 'frozen_decoder_and_encoders', 'CompressedLM',
+           'bench_loss', 'bench_generate', 'bench_methods']
 
 # %% ../../nbs/lm/arc_encoder.ipynb #b35f8aa2
 CONSONANTS = "bcdfghjklmnpqrstvwxz"
@@ -77,38 +78,63 @@ def item_ids(tok: BPETokenizer, item: RecordItem) -> tuple[list[int], list[int],
 # %% ../../nbs/lm/arc_encoder.ipynb #e24f93fa
 DECODER_CONFIG = LMConfig(1024, d_model=64, n_layers=4, n_heads=4, d_ff=176, max_seq_len=512)
 
+def open_book_doc(tok: BPETokenizer, item: RecordItem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """One open-book document: the context, then a question and its answer (ending in `<eos>`) for every key of the
+    context in a shuffled order; and a 0/1 mask marking the answer tokens (the only ones a lookup can predict)."""
+    keys = [k for k, _ in item.records]
+    rng.shuffle(keys)
+    ids = item_ids(tok, item)[0]
+    mask = [0] * len(ids)
+    for k in keys:
+        _, q, a = item_ids(tok, RecordItem(item.records, k))
+        ids, mask = ids + q + a, mask + [0] * len(q) + [1] * len(a)
+    return ids, mask
+
+def decoder_docs(tok: BPETokenizer, n_docs: int, records: Sequence[int] = (1, 2, 3, 4), seed: int = 0
+                 ) -> list[tuple[list[int], list[int]]]:
+    "`n_docs` train-split open-book documents for each number of records in `records` (a curriculum mix)."
+    rng = random.Random(seed)
+    return [open_book_doc(tok, it, rng) for n in records for it in make_items("train", n_docs, n, seed=seed)]
+
+def doc_batch(docs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Whole documents as rows, right-padded with `pad`: ids `[B, T]` and the answer mask `[B, T]`."
+    ids, _ = pad_rows([d for d, _ in docs], pad)
+    mask, _ = pad_rows([m for _, m in docs], 0)
+    return ids, mask
+
+def answer_loss(model: TransformerLM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    "Mean next-token cross-entropy of `model` over the masked (answer) tokens of `batch` = (ids, mask)."
+    ids, mask = batch
+    logits = model(ids[:, :-1])
+    scored = mask[:, 1:].bool()
+    return F.cross_entropy(logits[scored], ids[:, 1:][scored])
+
 def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_records: int = 4, seed: int = 0
                 ) -> torch.Tensor:
-    """Train-split open-book documents: a context, then a question and its answer (ending in `<eos>`) for every key
-    of the context in a shuffled order, each document followed by a code chunk of 16–48 tokens from `code` (None:
-    documents only). The token stream the decoder and the encoders' pretraining read."""
+    """Train-split open-book documents (`open_book_doc`) concatenated, each followed by a code chunk of 16–48 tokens
+    from `code` (None: documents only): the token stream the encoders' pretraining reads."""
     g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     parts = []
     for it in make_items("train", n_docs, n_records, seed=seed):
-        keys = [k for k, _ in it.records]
-        rng.shuffle(keys)
-        doc = item_ids(tok, it)[0]
-        for k in keys: doc += sum(item_ids(tok, RecordItem(it.records, k))[1:], [])
-        parts.append(torch.tensor(doc))
+        parts.append(torch.tensor(open_book_doc(tok, it, rng)[0]))
         if code is None: continue
         n = int(torch.randint(16, 48, (1,), generator=g))
         s = int(torch.randint(0, len(code) - n, (1,), generator=g))
         parts.append(code[s:s + n])
     return torch.cat(parts)
 
-def train_decoder(stream: torch.Tensor, steps: int, batch_size: int = 32, seq_len: int = 64, lr: float = 3e-3,
-                  cfg: LMConfig = DECODER_CONFIG, seed: int = 0, stop_at: int | None = None) -> TransformerLM:
-    "A fresh decoder trained by next-token prediction on windows of `stream` (a `steps` schedule, cut at `stop_at`)."
-    from paper_repro.core.train import CancelFit, LambdaCallback
-    from paper_repro.core.zoo import lm_loss, sample_batch
-    def stop(learner):
-        if stop_at is not None and learner.step + 1 >= stop_at: raise CancelFit
+def train_decoder(docs: Sequence[tuple[list[int], list[int]]], steps: int, pad: int, batch_size: int = 32,
+                  lr: float = 3e-3, cfg: LMConfig = DECODER_CONFIG, seed: int = 0, warmup: int = 50,
+                  eval_fn=None, eval_every: int | None = None) -> TransformerLM:
+    """A fresh decoder trained on whole open-book documents (`doc_batch`) with the loss on the answers only
+    (`answer_loss`), AdamW with clipping and a warmup-cosine schedule; `eval_fn(model)` every `eval_every` steps."""
     torch.manual_seed(seed)
-    model, gen = TransformerLM(cfg), torch.Generator().manual_seed(seed)
-    fit(model, lm_loss, lambda i: sample_batch(stream, batch_size, seq_len, gen), steps,
-        OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1), WarmupCosine(min(50, steps // 5)), desc="decoder",
-        callbacks=[LambdaCallback(after_step=stop)])
+    model, rng = TransformerLM(cfg), random.Random(seed)
+    fit(model, answer_loss, lambda i: doc_batch(rng.sample(list(docs), batch_size), pad), steps,
+        OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, clip_norm=1.0), WarmupCosine(min(warmup, steps // 5)),
+        desc="decoder", eval_fn=eval_fn, eval_every=eval_every)
     return model.eval()
+
 
 # %% ../../nbs/lm/arc_encoder.ipynb #4028a339
 def group_sizes(length: int, pooling_factor: int) -> list[int]:
@@ -397,12 +423,13 @@ def load_or_train_encoder(reconstruction: float, train, d_decoder: int, retrain:
 @dataclass(frozen=True)
 class Recipe:
     "How the frozen decoder and the pretrained encoders (one per reconstruction share) are made."
-    n_docs: int = 6000
-    decoder_steps: int = 3000
-    decoder_stop_at: int | None = None  # cut the decoder's schedule here (None: all its steps)
+    n_docs: int = 6000  # train documents per number of records
+    decoder_records: tuple[int, ...] = (1, 2, 3, 4)  # the decoder's curriculum mix of record counts
+    decoder_steps: int = 1500
     decoder_batch: int = 32
+    decoder_lr: float = 3e-3
     code_chunks: bool = False  # interleave code chunks with the documents
-    pretrain: StageConfig = StageConfig(steps=150, batch_size=32, lr=1e-3, warmup=15)
+    pretrain: StageConfig = StageConfig(steps=200, batch_size=32, lr=1e-3, warmup=20)
     pretrain_pf: int = 8
     ratios: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
     ctx_len: int = 48
@@ -416,8 +443,8 @@ def frozen_decoder_and_encoders(tok: BPETokenizer, code: torch.Tensor, recipe: R
         nonlocal stream
         if stream is None: stream = text_stream(tok, code if recipe.code_chunks else None, recipe.n_docs, seed=seed)
         return stream
-    train_dec = lambda: train_decoder(get_stream(), recipe.decoder_steps, recipe.decoder_batch, seed=seed,
-                                      stop_at=recipe.decoder_stop_at)
+    train_dec = lambda: train_decoder(decoder_docs(tok, recipe.n_docs, recipe.decoder_records, seed), recipe.decoder_steps,
+                                      tok.eos_id, recipe.decoder_batch, recipe.decoder_lr, seed=seed)
     decoder = load_or_train_decoder(train_dec, retrain) if store else train_dec()
     decoder.requires_grad_(False)
     special = [tok.encode(";")[0], tok.encode("\n")[0]]  # <Rec>, <Cont> start as these tokens' embeddings
