@@ -217,7 +217,7 @@ def test_open_book_doc_masks_exactly_the_answers(tok):
 def test_answer_loss_scores_only_the_masked_tokens(tok):
     dec = tiny_decoder(torch.float64, vocab=1024)
     docs = decoder_docs(tok, 2, records=(2, 3))
-    ids, mask = doc_batch(docs, tok.eos_id)
+    ids, mask = doc_batch(docs, tok.eos_id, other_weight=0.0)
     assert ids.shape == mask.shape and (ids[mask.bool() == 0] >= 0).all()
     logits = dec(ids[:, :-1])
     ref = [F.cross_entropy(logits[b, t - 1], ids[b, t]) for b in range(len(docs)) for t in range(1, ids.shape[1])
@@ -229,6 +229,13 @@ def test_answer_loss_scores_only_the_masked_tokens(tok):
     torch.testing.assert_close(answer_loss(dec, (other, mask)), answer_loss(dec, (ids, mask)))
     flip = ids.clone(); flip[mask.bool()] = (ids[mask.bool()] + 1) % 1024
     assert not torch.isclose(answer_loss(dec, (flip, mask)), answer_loss(dec, (ids, mask)))  # targets matter
+    ids_w, w = doc_batch(docs, tok.eos_id, other_weight=0.25)
+    assert torch.equal(ids_w, ids) and (w[mask.bool()] == 1).all()
+    real = torch.tensor([[t < len(d) for t in range(ids.shape[1])] for d, _ in docs])
+    assert (w[real & ~mask.bool()] == 0.25).all() and (w[~real] == 0).all()
+    ce = F.cross_entropy(logits.reshape(-1, 1024), ids[:, 1:].reshape(-1), reduction="none").view(len(docs), -1)
+    torch.testing.assert_close(answer_loss(dec, (ids, w)), (ce * w[:, 1:]).sum() / w[:, 1:].sum())
+    with pytest.raises(ValueError, match="other_weight"): doc_batch(docs, tok.eos_id, other_weight=2.0)
 
 
 def test_reconstruction_schedule_share():

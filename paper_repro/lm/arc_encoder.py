@@ -33,8 +33,8 @@ __all__ = ['CONSONANTS', 'SPLITS', 'DECODER_CONFIG', 'REC', 'CONT', 'METHODS', '
            'group_sizes', 'pooling_matrix', 'ARCEncoder', 'splice', 'CompressedBatch', 'compressed_loss', 'pad_rows',
            'is_reconstruction', 'pretrain_batch', 'task_batch', 'StageConfig', 'pretrain', 'finetune',
            'CompressedContextLM', 'answer', 'exact_match', 'reference_answer', 'decoder_file', 'encoder_file',
-           'load_or_train_decoder', 'load_or_train_encoder', 'Recipe', 'frozen_decoder_and_encoders', 'CompressedLM',
-           'bench_loss', 'bench_generate', 'bench_methods']
+           'load_or_train_decoder', 'finetuned_file', 'load_or_train_finetuned', 'load_or_train_encoder', 'Recipe',
+           'frozen_decoder_and_encoders', 'CompressedLM', 'bench_loss', 'bench_generate', 'bench_methods']
 
 # %% ../../nbs/lm/arc_encoder.ipynb #b35f8aa2
 CONSONANTS = "bcdfghjklmnpqrstvwxz"
@@ -96,18 +96,23 @@ def decoder_docs(tok: BPETokenizer, n_docs: int, records: Sequence[int] = (1, 2,
     rng = random.Random(seed)
     return [open_book_doc(tok, it, rng) for n in records for it in make_items("train", n_docs, n, seed=seed)]
 
-def doc_batch(docs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Whole documents as rows, right-padded with `pad`: ids `[B, T]` and the answer mask `[B, T]`."
-    ids, _ = pad_rows([d for d, _ in docs], pad)
-    mask, _ = pad_rows([m for _, m in docs], 0)
-    return ids, mask
+def doc_batch(docs: Sequence[tuple[list[int], list[int]]], pad: int, other_weight: float = 0.25
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole documents as rows, right-padded with `pad`: ids `[B, T]` and per-token loss weights `[B, T]`: 1 on the
+    answer tokens, `other_weight` on every other real token (0: the answers only), 0 on padding."""
+    if not 0.0 <= other_weight <= 1.0: raise ValueError(f"other_weight must lie in [0, 1], got {other_weight!r}")
+    ids, lengths = pad_rows([d for d, _ in docs], pad)
+    answers, _ = pad_rows([m for _, m in docs], 0)
+    real = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    return ids, torch.where(answers.bool(), 1.0, other_weight * real.float())
 
 def answer_loss(model: TransformerLM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    "Mean next-token cross-entropy of `model` over the masked (answer) tokens of `batch` = (ids, mask)."
-    ids, mask = batch
+    "Weighted mean next-token cross-entropy of `model` on `batch` = (ids, per-token weights), as `doc_batch` makes."
+    ids, w = batch
     logits = model(ids[:, :-1])
-    scored = mask[:, 1:].bool()
-    return F.cross_entropy(logits[scored], ids[:, 1:][scored])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = w[:, 1:].reshape(-1).to(ce.dtype)
+    return (ce * w).sum() / w.sum()
 
 def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_records: int = 4, seed: int = 0
                 ) -> torch.Tensor:
@@ -125,12 +130,13 @@ def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_rec
 
 def train_decoder(docs: Sequence[tuple[list[int], list[int]]], steps: int, pad: int, batch_size: int = 32,
                   lr: float = 3e-3, cfg: LMConfig = DECODER_CONFIG, seed: int = 0, warmup: int = 50,
-                  eval_fn=None, eval_every: int | None = None) -> TransformerLM:
-    """A fresh decoder trained on whole open-book documents (`doc_batch`) with the loss on the answers only
-    (`answer_loss`), AdamW with clipping and a warmup-cosine schedule; `eval_fn(model)` every `eval_every` steps."""
+                  other_weight: float = 0.25, eval_fn=None, eval_every: int | None = None) -> TransformerLM:
+    """A fresh decoder trained on whole open-book documents (`doc_batch`: answers weighted 1, other tokens
+    `other_weight`) with `answer_loss`, AdamW with clipping and a warmup-cosine schedule; `eval_fn(model)` every
+    `eval_every` steps."""
     torch.manual_seed(seed)
     model, rng = TransformerLM(cfg), random.Random(seed)
-    fit(model, answer_loss, lambda i: doc_batch(rng.sample(list(docs), batch_size), pad), steps,
+    fit(model, answer_loss, lambda i: doc_batch(rng.sample(list(docs), batch_size), pad, other_weight), steps,
         OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, clip_norm=1.0), WarmupCosine(min(warmup, steps // 5)),
         desc="decoder", eval_fn=eval_fn, eval_every=eval_every)
     return model.eval()
@@ -408,8 +414,30 @@ def load_or_train_decoder(train, retrain: bool = False) -> TransformerLM:
     "The committed frozen decoder (or, with `retrain`, the one `train()` returns, stored and registered)."
     return load_or_train(decoder_file(), train, load=module_loader(lambda e: TransformerLM(LMConfig(**e["config"]))),
                          dump=lambda m: module_blob(m, config=m.cfg.to_dict()), retrain=retrain,
-                         source="trained by nbs/lm/arc_encoder.ipynb on record documents + code_corpus (train)",
-                         licence="PSF-2.0 (trained on PSF-licensed code and generated records)", rebuild=_REBUILD)
+                         source="trained by nbs/lm/arc_encoder.ipynb on generated open-book record documents (train split, 1-4 "
+                         "records, answer-only loss)", licence="PSF-2.0 (generated records; the zoo's PSF-licensed "
+                         "code tokenizer)", rebuild=_REBUILD)
+
+def finetuned_file(reconstruction: float | None, pooling_factor: int) -> str:
+    "The file of an encoder fine-tuned at `pooling_factor` after pretraining with `reconstruction` (None: none)."
+    pre = "nopretrain" if reconstruction is None else f"rec{round(100 * reconstruction):03d}"
+    return f"arc_encoder_{pre}_pf{pooling_factor}.pt"
+
+def load_or_train_finetuned(reconstruction: float | None, pooling_factor: int, train, d_decoder: int,
+                            retrain: bool = False) -> ARCEncoder:
+    """A committed fine-tuned encoder (`reconstruction` share in pretraining, fine-tuned at `pooling_factor`), or with
+    `retrain` the one `train()` returns; its final fine-tuning loss travels with it as `.finetune_loss`."""
+    def build(e):
+        enc = ARCEncoder(LMConfig(**e["config"]), d_decoder, e["pooling_factor"])
+        enc.finetune_loss = float(e["finetune_loss"])
+        return enc
+    dump = lambda m: module_blob(m, config=m.backbone.cfg.to_dict(), pooling_factor=m.pooling_factor,
+                                 finetune_loss=m.finetune_loss)
+    return load_or_train(finetuned_file(reconstruction, pooling_factor), train, load=module_loader(build), dump=dump,
+                         retrain=retrain, source=f"fine-tuned by nbs/lm/arc_encoder.ipynb at PF {pooling_factor} from "
+                         + ("the decoder's lower layers without pretraining" if reconstruction is None else
+                            f"the {reconstruction:.0%}-reconstruction pretrained encoder") + ", in front of the "
+                         "arc_encoder decoder", licence="PSF-2.0", rebuild=_REBUILD)
 
 def load_or_train_encoder(reconstruction: float, train, d_decoder: int, retrain: bool = False) -> ARCEncoder:
     "A committed pretrained encoder for one reconstruction share (or, with `retrain`, the one `train()` returns)."
@@ -428,6 +456,7 @@ class Recipe:
     decoder_steps: int = 1500
     decoder_batch: int = 32
     decoder_lr: float = 3e-3
+    decoder_other_weight: float = 0.0  # loss weight of the non-answer tokens (answers: 1; 0: answers only)
     code_chunks: bool = False  # interleave code chunks with the documents
     pretrain: StageConfig = StageConfig(steps=200, batch_size=32, lr=1e-3, warmup=20)
     pretrain_pf: int = 8
@@ -444,7 +473,8 @@ def frozen_decoder_and_encoders(tok: BPETokenizer, code: torch.Tensor, recipe: R
         if stream is None: stream = text_stream(tok, code if recipe.code_chunks else None, recipe.n_docs, seed=seed)
         return stream
     train_dec = lambda: train_decoder(decoder_docs(tok, recipe.n_docs, recipe.decoder_records, seed), recipe.decoder_steps,
-                                      tok.eos_id, recipe.decoder_batch, recipe.decoder_lr, seed=seed)
+                                      tok.eos_id, recipe.decoder_batch, recipe.decoder_lr, seed=seed,
+                                      other_weight=recipe.decoder_other_weight)
     decoder = load_or_train_decoder(train_dec, retrain) if store else train_dec()
     decoder.requires_grad_(False)
     special = [tok.encode(";")[0], tok.encode("\n")[0]]  # <Rec>, <Cont> start as these tokens' embeddings
