@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from paper_repro.core.lm import LMConfig, TransformerLM, apply_rope, rope_cos_sin
 from paper_repro.core.zoo import load_tokenizer
-from paper_repro.lm.arc_encoder import (CONT, REC, ARCEncoder, CompressedContextLM, answer, compressed_loss,
-                                        exact_match, group_sizes, is_reconstruction, item_ids, make_items, pad_rows,
+from paper_repro.lm.arc_encoder import (CONT, REC, ARCEncoder, CompressedContextLM, RecordItem, answer, answer_loss,
+                                        compressed_loss, decoder_docs, doc_batch, exact_match, group_sizes,
+                                        is_reconstruction, item_ids, make_items, open_book_doc, pad_rows,
                                         pooling_matrix, pretrain_batch, splice, split_of, task_batch)
 
 CFG = LMConfig(64, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=128)
@@ -196,6 +197,45 @@ def test_splits_are_disjoint_and_deterministic():
     assert not (sets["train"] & sets["dev"]) and not (sets["train"] & sets["test"]) and not (sets["dev"] & sets["test"])
     assert all(split_of(r) == s for s, v in sets.items() for r in v)
     assert make_items("test", 5) == make_items("test", 5) and make_items("test", 5, seed=1) != make_items("test", 5)
+
+
+def test_open_book_doc_masks_exactly_the_answers(tok):
+    import random
+    it = make_items("train", 1, n_records=3)[0]
+    ids, mask = open_book_doc(tok, it, random.Random(0))
+    c, _, _ = item_ids(tok, it)
+    assert ids[:len(c)] == c and len(ids) == len(mask) and not any(mask[:len(c)])
+    text = tok.decode(ids[len(c):])
+    asked = [q.split("?")[0] for q in text.split("<eos>") if q]
+    assert sorted(asked) == sorted(k for k, _ in it.records)  # every key asked once
+    answers = [a for a in tok.decode([t for t, m in zip(ids, mask) if m]).split("<eos>") if a]
+    assert answers == [dict(it.records)[k] for k in asked]  # the masked tokens are the values, then <eos>, in order
+    docs = decoder_docs(tok, 5, records=(1, 4))
+    assert len(docs) == 10 and all(len(d) == len(m) for d, m in docs)
+
+
+def test_answer_loss_scores_only_the_masked_tokens(tok):
+    dec = tiny_decoder(torch.float64, vocab=1024)
+    docs = decoder_docs(tok, 2, records=(2, 3))
+    ids, mask = doc_batch(docs, tok.eos_id, other_weight=0.0)
+    assert ids.shape == mask.shape and (ids[mask.bool() == 0] >= 0).all()
+    logits = dec(ids[:, :-1])
+    ref = [F.cross_entropy(logits[b, t - 1], ids[b, t]) for b in range(len(docs)) for t in range(1, ids.shape[1])
+           if mask[b, t]]
+    torch.testing.assert_close(answer_loss(dec, (ids, mask)), torch.stack(ref).mean())
+    last_unscored = mask[:, -1] == 0  # the last column is only ever a target: where unscored, it must not count
+    assert last_unscored.any()
+    other = ids.clone(); other[last_unscored, -1] = 7
+    torch.testing.assert_close(answer_loss(dec, (other, mask)), answer_loss(dec, (ids, mask)))
+    flip = ids.clone(); flip[mask.bool()] = (ids[mask.bool()] + 1) % 1024
+    assert not torch.isclose(answer_loss(dec, (flip, mask)), answer_loss(dec, (ids, mask)))  # targets matter
+    ids_w, w = doc_batch(docs, tok.eos_id, other_weight=0.25)
+    assert torch.equal(ids_w, ids) and (w[mask.bool()] == 1).all()
+    real = torch.tensor([[t < len(d) for t in range(ids.shape[1])] for d, _ in docs])
+    assert (w[real & ~mask.bool()] == 0.25).all() and (w[~real] == 0).all()
+    ce = F.cross_entropy(logits.reshape(-1, 1024), ids[:, 1:].reshape(-1), reduction="none").view(len(docs), -1)
+    torch.testing.assert_close(answer_loss(dec, (ids, w)), (ce * w[:, 1:]).sum() / w[:, 1:].sum())
+    with pytest.raises(ValueError, match="other_weight"): doc_batch(docs, tok.eos_id, other_weight=2.0)
 
 
 def test_reconstruction_schedule_share():

@@ -29,10 +29,11 @@ from ..core.train import (Constant, OptimConfig, WarmupCosine, fit, frozen, load
 
 # %% auto #0
 __all__ = ['CONSONANTS', 'SPLITS', 'DECODER_CONFIG', 'REC', 'CONT', 'METHODS', 'BENCH_PF', 'RecordItem', 'split_of', 'make_items',
-           'item_ids', 'text_stream', 'train_decoder', 'group_sizes', 'pooling_matrix', 'ARCEncoder', 'splice',
-           'CompressedBatch', 'compressed_loss', 'pad_rows', 'is_reconstruction', 'pretrain_batch', 'task_batch',
-           'StageConfig', 'pretrain', 'finetune', 'CompressedContextLM', 'answer', 'exact_match', 'reference_answer',
-           'decoder_file', 'encoder_file', 'load_or_train_decoder', 'load_or_train_encoder', 'Recipe',
+           'item_ids', 'open_book_doc', 'decoder_docs', 'doc_batch', 'answer_loss', 'text_stream', 'train_decoder',
+           'group_sizes', 'pooling_matrix', 'ARCEncoder', 'splice', 'CompressedBatch', 'compressed_loss', 'pad_rows',
+           'is_reconstruction', 'pretrain_batch', 'task_batch', 'StageConfig', 'pretrain', 'finetune',
+           'CompressedContextLM', 'answer', 'exact_match', 'reference_answer', 'decoder_file', 'encoder_file',
+           'load_or_train_decoder', 'finetuned_file', 'load_or_train_finetuned', 'load_or_train_encoder', 'Recipe',
            'frozen_decoder_and_encoders', 'CompressedLM', 'bench_loss', 'bench_generate', 'bench_methods']
 
 # %% ../../nbs/lm/arc_encoder.ipynb #b35f8aa2
@@ -77,38 +78,69 @@ def item_ids(tok: BPETokenizer, item: RecordItem) -> tuple[list[int], list[int],
 # %% ../../nbs/lm/arc_encoder.ipynb #e24f93fa
 DECODER_CONFIG = LMConfig(1024, d_model=64, n_layers=4, n_heads=4, d_ff=176, max_seq_len=512)
 
+def open_book_doc(tok: BPETokenizer, item: RecordItem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """One open-book document: the context, then a question and its answer (ending in `<eos>`) for every key of the
+    context in a shuffled order; and a 0/1 mask marking the answer tokens (the only ones a lookup can predict)."""
+    keys = [k for k, _ in item.records]
+    rng.shuffle(keys)
+    ids = item_ids(tok, item)[0]
+    mask = [0] * len(ids)
+    for k in keys:
+        _, q, a = item_ids(tok, RecordItem(item.records, k))
+        ids, mask = ids + q + a, mask + [0] * len(q) + [1] * len(a)
+    return ids, mask
+
+def decoder_docs(tok: BPETokenizer, n_docs: int, records: Sequence[int] = (1, 2, 3, 4), seed: int = 0
+                 ) -> list[tuple[list[int], list[int]]]:
+    "`n_docs` train-split open-book documents for each number of records in `records` (a curriculum mix)."
+    rng = random.Random(seed)
+    return [open_book_doc(tok, it, rng) for n in records for it in make_items("train", n_docs, n, seed=seed)]
+
+def doc_batch(docs: Sequence[tuple[list[int], list[int]]], pad: int, other_weight: float = 0.25
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole documents as rows, right-padded with `pad`: ids `[B, T]` and per-token loss weights `[B, T]`: 1 on the
+    answer tokens, `other_weight` on every other real token (0: the answers only), 0 on padding."""
+    if not 0.0 <= other_weight <= 1.0: raise ValueError(f"other_weight must lie in [0, 1], got {other_weight!r}")
+    ids, lengths = pad_rows([d for d, _ in docs], pad)
+    answers, _ = pad_rows([m for _, m in docs], 0)
+    real = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    return ids, torch.where(answers.bool(), 1.0, other_weight * real.float())
+
+def answer_loss(model: TransformerLM, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    "Weighted mean next-token cross-entropy of `model` on `batch` = (ids, per-token weights), as `doc_batch` makes."
+    ids, w = batch
+    logits = model(ids[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = w[:, 1:].reshape(-1).to(ce.dtype)
+    return (ce * w).sum() / w.sum()
+
 def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_records: int = 4, seed: int = 0
                 ) -> torch.Tensor:
-    """Train-split open-book documents: a context, then a question and its answer (ending in `<eos>`) for every key
-    of the context in a shuffled order, each document followed by a code chunk of 16–48 tokens from `code` (None:
-    documents only). The token stream the decoder and the encoders' pretraining read."""
+    """Train-split open-book documents (`open_book_doc`) concatenated, each followed by a code chunk of 16–48 tokens
+    from `code` (None: documents only): the token stream the encoders' pretraining reads."""
     g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     parts = []
     for it in make_items("train", n_docs, n_records, seed=seed):
-        keys = [k for k, _ in it.records]
-        rng.shuffle(keys)
-        doc = item_ids(tok, it)[0]
-        for k in keys: doc += sum(item_ids(tok, RecordItem(it.records, k))[1:], [])
-        parts.append(torch.tensor(doc))
+        parts.append(torch.tensor(open_book_doc(tok, it, rng)[0]))
         if code is None: continue
         n = int(torch.randint(16, 48, (1,), generator=g))
         s = int(torch.randint(0, len(code) - n, (1,), generator=g))
         parts.append(code[s:s + n])
     return torch.cat(parts)
 
-def train_decoder(stream: torch.Tensor, steps: int, batch_size: int = 32, seq_len: int = 64, lr: float = 3e-3,
-                  cfg: LMConfig = DECODER_CONFIG, seed: int = 0, stop_at: int | None = None) -> TransformerLM:
-    "A fresh decoder trained by next-token prediction on windows of `stream` (a `steps` schedule, cut at `stop_at`)."
-    from paper_repro.core.train import CancelFit, LambdaCallback
-    from paper_repro.core.zoo import lm_loss, sample_batch
-    def stop(learner):
-        if stop_at is not None and learner.step + 1 >= stop_at: raise CancelFit
+def train_decoder(docs: Sequence[tuple[list[int], list[int]]], steps: int, pad: int, batch_size: int = 32,
+                  lr: float = 3e-3, cfg: LMConfig = DECODER_CONFIG, seed: int = 0, warmup: int = 50,
+                  other_weight: float = 0.25, eval_fn=None, eval_every: int | None = None) -> TransformerLM:
+    """A fresh decoder trained on whole open-book documents (`doc_batch`: answers weighted 1, other tokens
+    `other_weight`) with `answer_loss`, AdamW with clipping and a warmup-cosine schedule; `eval_fn(model)` every
+    `eval_every` steps."""
     torch.manual_seed(seed)
-    model, gen = TransformerLM(cfg), torch.Generator().manual_seed(seed)
-    fit(model, lm_loss, lambda i: sample_batch(stream, batch_size, seq_len, gen), steps,
-        OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1), WarmupCosine(min(50, steps // 5)), desc="decoder",
-        callbacks=[LambdaCallback(after_step=stop)])
+    model, rng = TransformerLM(cfg), random.Random(seed)
+    fit(model, answer_loss, lambda i: doc_batch(rng.sample(list(docs), batch_size), pad, other_weight), steps,
+        OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, clip_norm=1.0), WarmupCosine(min(warmup, steps // 5)),
+        desc="decoder", eval_fn=eval_fn, eval_every=eval_every)
     return model.eval()
+
 
 # %% ../../nbs/lm/arc_encoder.ipynb #4028a339
 def group_sizes(length: int, pooling_factor: int) -> list[int]:
@@ -382,8 +414,30 @@ def load_or_train_decoder(train, retrain: bool = False) -> TransformerLM:
     "The committed frozen decoder (or, with `retrain`, the one `train()` returns, stored and registered)."
     return load_or_train(decoder_file(), train, load=module_loader(lambda e: TransformerLM(LMConfig(**e["config"]))),
                          dump=lambda m: module_blob(m, config=m.cfg.to_dict()), retrain=retrain,
-                         source="trained by nbs/lm/arc_encoder.ipynb on record documents + code_corpus (train)",
-                         licence="PSF-2.0 (trained on PSF-licensed code and generated records)", rebuild=_REBUILD)
+                         source="trained by nbs/lm/arc_encoder.ipynb on generated open-book record documents (train split, 1-4 "
+                         "records, answer-only loss)", licence="PSF-2.0 (generated records; the zoo's PSF-licensed "
+                         "code tokenizer)", rebuild=_REBUILD)
+
+def finetuned_file(reconstruction: float | None, pooling_factor: int) -> str:
+    "The file of an encoder fine-tuned at `pooling_factor` after pretraining with `reconstruction` (None: none)."
+    pre = "nopretrain" if reconstruction is None else f"rec{round(100 * reconstruction):03d}"
+    return f"arc_encoder_{pre}_pf{pooling_factor}.pt"
+
+def load_or_train_finetuned(reconstruction: float | None, pooling_factor: int, train, d_decoder: int,
+                            retrain: bool = False) -> ARCEncoder:
+    """A committed fine-tuned encoder (`reconstruction` share in pretraining, fine-tuned at `pooling_factor`), or with
+    `retrain` the one `train()` returns; its final fine-tuning loss travels with it as `.finetune_loss`."""
+    def build(e):
+        enc = ARCEncoder(LMConfig(**e["config"]), d_decoder, e["pooling_factor"])
+        enc.finetune_loss = float(e["finetune_loss"])
+        return enc
+    dump = lambda m: module_blob(m, config=m.backbone.cfg.to_dict(), pooling_factor=m.pooling_factor,
+                                 finetune_loss=m.finetune_loss)
+    return load_or_train(finetuned_file(reconstruction, pooling_factor), train, load=module_loader(build), dump=dump,
+                         retrain=retrain, source=f"fine-tuned by nbs/lm/arc_encoder.ipynb at PF {pooling_factor} from "
+                         + ("the decoder's lower layers without pretraining" if reconstruction is None else
+                            f"the {reconstruction:.0%}-reconstruction pretrained encoder") + ", in front of the "
+                         "arc_encoder decoder", licence="PSF-2.0", rebuild=_REBUILD)
 
 def load_or_train_encoder(reconstruction: float, train, d_decoder: int, retrain: bool = False) -> ARCEncoder:
     "A committed pretrained encoder for one reconstruction share (or, with `retrain`, the one `train()` returns)."
@@ -397,12 +451,14 @@ def load_or_train_encoder(reconstruction: float, train, d_decoder: int, retrain:
 @dataclass(frozen=True)
 class Recipe:
     "How the frozen decoder and the pretrained encoders (one per reconstruction share) are made."
-    n_docs: int = 6000
-    decoder_steps: int = 3000
-    decoder_stop_at: int | None = None  # cut the decoder's schedule here (None: all its steps)
+    n_docs: int = 6000  # train documents per number of records
+    decoder_records: tuple[int, ...] = (1, 2, 3, 4)  # the decoder's curriculum mix of record counts
+    decoder_steps: int = 1500
     decoder_batch: int = 32
+    decoder_lr: float = 3e-3
+    decoder_other_weight: float = 0.0  # loss weight of the non-answer tokens (answers: 1; 0: answers only)
     code_chunks: bool = False  # interleave code chunks with the documents
-    pretrain: StageConfig = StageConfig(steps=150, batch_size=32, lr=1e-3, warmup=15)
+    pretrain: StageConfig = StageConfig(steps=200, batch_size=32, lr=1e-3, warmup=20)
     pretrain_pf: int = 8
     ratios: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
     ctx_len: int = 48
@@ -416,8 +472,9 @@ def frozen_decoder_and_encoders(tok: BPETokenizer, code: torch.Tensor, recipe: R
         nonlocal stream
         if stream is None: stream = text_stream(tok, code if recipe.code_chunks else None, recipe.n_docs, seed=seed)
         return stream
-    train_dec = lambda: train_decoder(get_stream(), recipe.decoder_steps, recipe.decoder_batch, seed=seed,
-                                      stop_at=recipe.decoder_stop_at)
+    train_dec = lambda: train_decoder(decoder_docs(tok, recipe.n_docs, recipe.decoder_records, seed), recipe.decoder_steps,
+                                      tok.eos_id, recipe.decoder_batch, recipe.decoder_lr, seed=seed,
+                                      other_weight=recipe.decoder_other_weight)
     decoder = load_or_train_decoder(train_dec, retrain) if store else train_dec()
     decoder.requires_grad_(False)
     special = [tok.encode(";")[0], tok.encode("\n")[0]]  # <Rec>, <Cont> start as these tokens' embeddings
