@@ -49,7 +49,7 @@ PAPERS: tuple[Paper, ...] = (
           title="Dens3R: A Foundation Model for 3D Geometry Prediction"),
     Paper(6, "omniparser", "recognition", year=2024, code="AlibabaResearch/AdvancedLiterateMachinery",
           title="OmniParser: Unified Text Spotting, Key Information Extraction and Table Recognition"),
-    Paper(7, "tiue", "generation", year=2025, code="",
+    Paper(7, "tiue", "generation", year=2025, code="sen-mao/Loopfree",
           title="One-Way Ticket: Time-Independent Unified Encoder for Distilling T2I Diffusion"),
     Paper(8, "unipic", "generation", year=2025, code="Skywork/Skywork-UniPic-1.5B (weights)",
           title="Skywork UniPic: Unified Autoregressive Modeling for Visual Understanding and Generation"),
