@@ -167,3 +167,15 @@ def test_cli_bench_rejects_bad_scale_and_suite(capsys):
     assert main(["bench", "decoding", "--scale", "huge"]) == 2
     assert "valid scales" in capsys.readouterr().err
     assert main(["bench", "vision"]) == 2
+
+
+def test_summary_keeps_fed_nan_for_rows_without_it_and_ideal_follows():
+    import numpy as np
+    import pandas as pd
+    from paper_repro.core.bench import _summarise, with_ideal
+    row = dict(repeat=0, task=0, category="c", tokens=[1, 2], new=2, wall_s=1.0, calls=2, lossless=True)
+    rows = pd.DataFrame([dict(row, method="greedy", fed=2), dict(row, method="HF greedy")])
+    s = with_ideal(_summarise(rows), pd.DataFrame(dict(tokens=[1, 8], cost=[1.0, 2.0])))
+    by = s[s.category == "overall"].set_index("method")
+    assert by.loc["greedy", "ideal"] == 1.0 and np.isnan(by.loc["HF greedy", "fed_per_call"])
+    assert np.isnan(by.loc["HF greedy", "ideal"])

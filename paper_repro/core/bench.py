@@ -216,7 +216,8 @@ def _summarise(rows: pd.DataFrame) -> pd.DataFrame:
         greedy = rows[(rows.method == "greedy") & (rows.repeat == rows.repeat.min())].set_index("task")["tokens"]
     rows = rows.assign(identical=[t == greedy[k] for t, k in zip(rows.tokens, rows.task)])
     def agg(df: pd.DataFrame) -> pd.DataFrame:
-        fed = dict(fed=("fed", "sum")) if "fed" in df else {}
+        # the HF rows have no `fed` (NaN): keep their sum NaN instead of 0
+        fed = dict(fed=("fed", lambda s: s.sum(min_count=1))) if "fed" in df else {}
         g = df.groupby("method", sort=False).agg(new=("new", "sum"), wall_s=("wall_s", "sum"), calls=("calls", "sum"),
                                                  identical=("identical", "all"), lossless=("lossless", "all"), **fed)
         g["tokens_per_s"] = g.new / g.wall_s
