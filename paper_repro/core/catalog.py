@@ -87,7 +87,7 @@ PAPERS: tuple[Paper, ...] = (
           title="FoldGPT: Simple and Effective Large Language Model Compression Scheme"),
     Paper(25, "pearl", "decoding", year=2024, code="smart-lty/ParallelSpeculativeDecoding",
           title="Parallel Speculative Decoding with Adaptive Draft Length"),
-    Paper(26, "ddt", "generation", year=2025, code="",
+    Paper(26, "ddt", "generation", year=2025, code="MCG-NJU/DDT",
           title="DDT: Decoupled Diffusion Transformer"),
     Paper(27, "mos", "lm", year=2024, code="",
           title="MoS: Parameter Efficiency of Low-Rank Adaptation with Mixture of Shards"),
