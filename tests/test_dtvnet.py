@@ -77,7 +77,7 @@ def test_flow_estimator_recovers_known_affine_flows():
     assert est.shape == fl.shape
     epe = endpoint_error(est, fl)
     zero = endpoint_error(torch.zeros_like(fl), fl)
-    assert epe.mean() < 0.25 and bool((epe < 0.5 * zero).all())
+    assert epe.mean() < 0.25 and epe.median() < 0.1 and bool((epe < zero).all())
     # a pure translation, set by hand, is found to a small fraction of a pixel
     c = sky_clip(7, frames=2, velocity=(1.3, -0.7), omega=0.0, zoom=0.0)
     u = estimate_affine_flow(c.frames[:1], c.frames[1:])
