@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from ..core.train import (LambdaCallback, OptimConfig, WarmupCosine, fit, fp16_state_dict, load_or_train,
                                     module_blob, module_loader)
@@ -36,6 +37,7 @@ def make_schedule() -> NoiseSchedule:
     "DDPM's linear β schedule over 1000 steps."
     return NoiseSchedule.make("linear", T_STEPS)
 
+# %% ../../nbs/generation/mt_diffusion.ipynb #c85eac08
 class MTDiffusion(nn.Module):
     """Joint image–label diffusion in one diffusion space. Encoders: the image is its own code; a label y is encoded
     as `gamma` × a learned low-frequency map (`code_size`² upsampled to the image size) with unit RMS. The forward
@@ -65,20 +67,24 @@ class MTDiffusion(nn.Module):
         if keep is not None: code = code * keep.to(code.dtype).view(-1, 1, 1, 1)
         return x + code
 
-    def heads(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "One backbone pass at `z` `[B, C, H, W]`, `t` `[B]`: (ε̂ `[B, C, H, W]`, label logits `[B, classes]`)."
-        h, skips = self.backbone.encode(z, t)
-        return self.backbone.decode(h, skips, t), self.label_head(h.mean((2, 3)))
+# %% ../../nbs/generation/mt_diffusion.ipynb #824ae867
+@patch
+def heads(self: MTDiffusion, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "One backbone pass at `z` `[B, C, H, W]`, `t` `[B]`: (ε̂ `[B, C, H, W]`, label logits `[B, classes]`)."
+    h, skips = self.backbone.encode(z, t)
+    return self.backbone.decode(h, skips, t), self.label_head(h.mean((2, 3)))
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        "The image head alone, as a `generation.core` denoiser (`cond` is ignored: the model is unconditional)."
-        return self.heads(z, t)[0]
+@patch
+def forward(self: MTDiffusion, z: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    "The image head alone, as a `generation.core` denoiser (`cond` is ignored: the model is unconditional)."
+    return self.heads(z, t)[0]
 
-    def decode(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Decoder heads at t = 0: the label ŷ from the label head and the image z₀ − E_y(ŷ) clamped to [−1, 1]."
-        t0 = torch.zeros(len(z0), dtype=torch.long, device=z0.device)
-        y = self.heads(z0, t0)[1].argmax(-1)
-        return (z0 - self.encode_label(y)).clamp(-1, 1), y
+@patch
+def decode(self: MTDiffusion, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Decoder heads at t = 0: the label ŷ from the label head and the image z₀ − E_y(ŷ) clamped to [−1, 1]."
+    t0 = torch.zeros(len(z0), dtype=torch.long, device=z0.device)
+    y = self.heads(z0, t0)[1].argmax(-1)
+    return (z0 - self.encode_label(y)).clamp(-1, 1), y
 
 # %% ../../nbs/generation/mt_diffusion.ipynb #a01ac0a4
 def multitask_loss(model: MTDiffusion, x: torch.Tensor, y: torch.Tensor, schedule: NoiseSchedule,
@@ -110,6 +116,7 @@ def _ema(ema: nn.Module, decay: float) -> LambdaCallback:
         for pe, p in zip(ema.parameters(), learner.model.parameters()): pe.lerp_(p.detach(), 1 - decay)
     return LambdaCallback(after_step=after_step)
 
+# %% ../../nbs/generation/mt_diffusion.ipynb #d3cc5303
 MODELS: tuple[str, ...] = ("joint", "image_only")
 
 def train_model(kind: str, steps: int = 800, batch_size: int = 64, seed: int = 0, device: str = "cpu") -> nn.Module:
@@ -131,6 +138,7 @@ def train_model(kind: str, steps: int = 800, batch_size: int = 64, seed: int = 0
         device=device, desc=f"{kind} diffusion")
     return ema.eval()
 
+# %% ../../nbs/generation/mt_diffusion.ipynb #8fd084ab
 def model_file(kind: str) -> str: return f"mt_diffusion_{kind}.pt"
 
 def load_model(kind: str, device: str | torch.device = "cpu", retrain: bool = False) -> nn.Module:

@@ -50,6 +50,7 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()
     return x.roll((dy, dx), dims=(2, 3))
 
+# %% ../../nbs/generation/tiue.ipynb #dbcf233c
 def ema_callback(ema: nn.Module, decay: float) -> LambdaCallback:
     "A `fit` callback keeping `ema` the exponential moving average of the model's weights after every step."
     @torch.no_grad()
@@ -74,6 +75,7 @@ def train_teacher(steps: int = 800, batch_size: int = 64, seed: int = 0, device:
         device=device, desc="DDPM teacher")
     return ema.eval()
 
+# %% ../../nbs/generation/tiue.ipynb #42c72862
 TEACHER_FILE = "tiue_teacher.pt"
 
 def load_teacher(device: str | torch.device = "cpu", retrain: bool = False) -> UNet:
@@ -208,6 +210,7 @@ def distill_loss(method: str, schedule: NoiseSchedule, kl_weight: float = KL_WEI
         return dict(loss=mse + lam * kl, mse=mse.detach(), kl=kl.detach())
     return loss
 
+# %% ../../nbs/generation/tiue.ipynb #5b8628fe
 def train_students(seed: int = 0, steps: int = 200, batch_size: int = 32, lr: float = 2e-3,
                    pairs: dict | None = None, device: str = "cpu",
                    methods: Sequence[str] = METHODS) -> dict[str, UNet]:
@@ -228,6 +231,7 @@ def train_students(seed: int = 0, steps: int = 200, batch_size: int = 32, lr: fl
         students[method] = net.cpu().eval()
     return students
 
+# %% ../../nbs/generation/tiue.ipynb #48413989
 def students_file(seed: int) -> str: return f"tiue_students_s{seed}.pt"
 
 def load_students(seed: int, device: str | torch.device = "cpu", retrain: bool = False) -> dict[str, UNet]:

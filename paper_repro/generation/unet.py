@@ -134,7 +134,9 @@ def _encode(self: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
     h = self.mid2(self.mid_attn(self.mid1(h, e)), e)
     return h, skips
 
+UNet._check_inputs, UNet.encode = _check_inputs, _encode
 
+# %% ../../nbs/generation/unet.ipynb #77027379
 def _decode(self: UNet, h: torch.Tensor, skips: Sequence[torch.Tensor], t: torch.Tensor,
             y: torch.Tensor | None = None) -> torch.Tensor:
     """The up path at timesteps `t` `[B]` from the encoder's `h` and `skips` (each with batch B; the skips are read,
@@ -154,4 +156,4 @@ def _forward(self: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | Non
     "The prediction at `x` `[B, C, H, W]`, timesteps `t` `[B]`, labels `y` `[B]` (None: the null class)."
     return self.decode(*self.encode(x, t, y), t, y)
 
-UNet._check_inputs, UNet.encode, UNet.decode, UNet.forward = _check_inputs, _encode, _decode, _forward
+UNet.decode, UNet.forward = _decode, _forward

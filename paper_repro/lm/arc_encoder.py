@@ -96,6 +96,7 @@ def decoder_docs(tok: BPETokenizer, n_docs: int, records: Sequence[int] = (1, 2,
     rng = random.Random(seed)
     return [open_book_doc(tok, it, rng) for n in records for it in make_items("train", n_docs, n, seed=seed)]
 
+# %% ../../nbs/lm/arc_encoder.ipynb #52c1c1f7
 def doc_batch(docs: Sequence[tuple[list[int], list[int]]], pad: int, other_weight: float = 0.25
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole documents as rows, right-padded with `pad`: ids `[B, T]` and per-token loss weights `[B, T]`: 1 on the
@@ -114,6 +115,7 @@ def answer_loss(model: TransformerLM, batch: tuple[torch.Tensor, torch.Tensor]) 
     w = w[:, 1:].reshape(-1).to(ce.dtype)
     return (ce * w).sum() / w.sum()
 
+# %% ../../nbs/lm/arc_encoder.ipynb #fedff304
 def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_records: int = 4, seed: int = 0
                 ) -> torch.Tensor:
     """Train-split open-book documents (`open_book_doc`) concatenated, each followed by a code chunk of 16–48 tokens
@@ -128,6 +130,7 @@ def text_stream(tok: BPETokenizer, code: torch.Tensor | None, n_docs: int, n_rec
         parts.append(code[s:s + n])
     return torch.cat(parts)
 
+# %% ../../nbs/lm/arc_encoder.ipynb #d9ba2c5f
 def train_decoder(docs: Sequence[tuple[list[int], list[int]]], steps: int, pad: int, batch_size: int = 32,
                   lr: float = 3e-3, cfg: LMConfig = DECODER_CONFIG, seed: int = 0, warmup: int = 50,
                   other_weight: float = 0.25, eval_fn=None, eval_every: int | None = None) -> TransformerLM:
@@ -140,7 +143,6 @@ def train_decoder(docs: Sequence[tuple[list[int], list[int]]], steps: int, pad: 
         OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, clip_norm=1.0), WarmupCosine(min(warmup, steps // 5)),
         desc="decoder", eval_fn=eval_fn, eval_every=eval_every)
     return model.eval()
-
 
 # %% ../../nbs/lm/arc_encoder.ipynb #4028a339
 def group_sizes(length: int, pooling_factor: int) -> list[int]:
@@ -418,6 +420,7 @@ def load_or_train_decoder(train, retrain: bool = False) -> TransformerLM:
                          "records, answer-only loss)", licence="PSF-2.0 (generated records; the zoo's PSF-licensed "
                          "code tokenizer)", rebuild=_REBUILD)
 
+# %% ../../nbs/lm/arc_encoder.ipynb #b4381008
 def finetuned_file(reconstruction: float | None, pooling_factor: int) -> str:
     "The file of an encoder fine-tuned at `pooling_factor` after pretraining with `reconstruction` (None: none)."
     pre = "nopretrain" if reconstruction is None else f"rec{round(100 * reconstruction):03d}"
@@ -439,6 +442,7 @@ def load_or_train_finetuned(reconstruction: float | None, pooling_factor: int, t
                             f"the {reconstruction:.0%}-reconstruction pretrained encoder") + ", in front of the "
                          "arc_encoder decoder", licence="PSF-2.0", rebuild=_REBUILD)
 
+# %% ../../nbs/lm/arc_encoder.ipynb #b5a8ca68
 def load_or_train_encoder(reconstruction: float, train, d_decoder: int, retrain: bool = False) -> ARCEncoder:
     "A committed pretrained encoder for one reconstruction share (or, with `retrain`, the one `train()` returns)."
     build = lambda e: ARCEncoder(LMConfig(**e["config"]), d_decoder, e["pooling_factor"])
