@@ -327,3 +327,30 @@ def test_alternating_step_matches_a_hand_written_bilevel_loop():
     assert torch.equal(w.weight, w2.weight) and torch.equal(a, a2)
     assert alt.history.loss == losses and alt.main_steps == list(range(5)) and len(alt.history.parts["a"]) == 5
     assert w.weight.grad is None  # the alternating batch left nothing on the main model
+
+
+def test_ema_callback_averages_weights_after_each_step():
+    import copy
+    from paper_repro.core.train import EMACallback, OptimConfig, fit
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    start = ema.weight.clone()
+    x = torch.randn(16, 3)
+    seen = []
+    class Spy:
+        order = 20  # after the EMA update
+        def after_step(self, learner): seen.append(learner.model.weight.detach().clone())
+    fit(net, lambda m, b: m(b).pow(2).mean(), lambda i: x, 3, OptimConfig(lr=0.1), callbacks=[EMACallback(ema, 0.5), Spy()],
+        progress=False)
+    expect = start
+    for w in seen: expect = 0.5 * expect + 0.5 * w
+    torch.testing.assert_close(ema.weight, expect)
+    with pytest.raises(ValueError, match="decay must be in"): EMACallback(ema, 1.0)
+
+
+def test_digits_pm1_range():
+    from paper_repro.vision.data import digits_pm1, load_digits_images
+    x, y = digits_pm1("val")
+    x01, y01 = load_digits_images("val", 16)
+    assert torch.equal(y, y01) and torch.allclose(x, x01 * 2 - 1) and x.min() >= -1 and x.max() <= 1

@@ -24,9 +24,9 @@ from .repro import atomic_write, resolve_device, seed_everything
 
 # %% auto #0
 __all__ = ['ScheduleFn', 'EVENTS', 'LossOutput', 'PRECISIONS', 'T', 'warmup_cosine', 'WarmupCosine', 'Constant', 'LinearDecay',
-           'OptimConfig', 'param_groups', 'History', 'CancelFit', 'Callback', 'LambdaCallback', 'split_loss',
-           'to_device', 'Learner', 'fit', 'AlternatingStep', 'frozen', 'fp16_state_dict', 'round_fp16', 'load_or_train',
-           'module_blob', 'module_loader']
+           'OptimConfig', 'param_groups', 'History', 'CancelFit', 'Callback', 'LambdaCallback', 'EMACallback',
+           'split_loss', 'to_device', 'Learner', 'fit', 'AlternatingStep', 'frozen', 'fp16_state_dict', 'round_fp16',
+           'load_or_train', 'module_blob', 'module_loader']
 
 # %% ../../nbs/core/train.ipynb #84f00f44
 def warmup_cosine(step: int, steps: int, warmup: int = 0, peak: float = 1.0, floor: float = 0.0,
@@ -151,6 +151,18 @@ class LambdaCallback(Callback):
         for name, fn in events.items(): setattr(self, name, fn)
 
 EVENTS = ("before_fit", "before_step", "after_loss", "after_backward", "after_step", "after_fit")
+
+# %% ../../nbs/core/train.ipynb #f1b7dcfb
+class EMACallback(Callback):
+    "After every step, move `ema`'s parameters toward the model's: `ema ← decay·ema + (1 − decay)·θ`."
+    order = 10  # after any callback that changes the weights in its own after_step
+    def __init__(self, ema: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0: raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.ema, self.decay = ema, decay
+
+    @torch.no_grad()
+    def after_step(self, learner) -> None:
+        for pe, p in zip(self.ema.parameters(), learner.model.parameters()): pe.lerp_(p.detach(), 1 - self.decay)
 
 # %% ../../nbs/core/train.ipynb #a864d04f
 LossOutput = torch.Tensor | Mapping[str, Any]

@@ -17,17 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from ..core.train import (LambdaCallback, OptimConfig, WarmupCosine, fit, fp16_state_dict, load_or_train,
+from ..core.train import (EMACallback, OptimConfig, WarmupCosine, fit, fp16_state_dict, load_or_train,
                                     module_blob, module_loader)
 from .core import NoiseSchedule, ddim_sample, diffusion_loss
 from .unet import UNet, UNetConfig
-from ..vision.data import load_digits_images
+from ..vision.data import digits_pm1, load_digits_images
 from ..vision.fd import DigitsClassifier, train_digits_classifier
 
 # %% auto #0
 __all__ = ['NUM_CLASSES', 'T_STEPS', 'BACKBONE_CONFIG', 'MODELS', 'CLASSIFIER_FILE', 'make_schedule', 'MTDiffusion',
-           'multitask_loss', 'digits_pm1', 'train_model', 'model_file', 'load_model', 'load_baseline_classifier',
-           'sample_joint', 'sample_images', 'classify']
+           'multitask_loss', 'train_model', 'model_file', 'load_model', 'load_baseline_classifier', 'sample_joint',
+           'sample_images', 'classify']
 
 # %% ../../nbs/generation/mt_diffusion.ipynb #830a7b25
 NUM_CLASSES, T_STEPS = 10, 1000
@@ -104,18 +104,6 @@ def multitask_loss(model: MTDiffusion, x: torch.Tensor, y: torch.Tensor, schedul
     label = (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
     return dict(loss=image + label_weight * label, image=image.detach(), label=label.detach())
 
-# %% ../../nbs/generation/mt_diffusion.ipynb #d7319665
-def digits_pm1(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    "Digits 16² in [−1, 1] and their labels."
-    x, y = load_digits_images(split, 16)
-    return x * 2 - 1, y
-
-def _ema(ema: nn.Module, decay: float) -> LambdaCallback:
-    @torch.no_grad()
-    def after_step(learner):
-        for pe, p in zip(ema.parameters(), learner.model.parameters()): pe.lerp_(p.detach(), 1 - decay)
-    return LambdaCallback(after_step=after_step)
-
 # %% ../../nbs/generation/mt_diffusion.ipynb #d3cc5303
 MODELS: tuple[str, ...] = ("joint", "image_only")
 
@@ -134,7 +122,7 @@ def train_model(kind: str, steps: int = 800, batch_size: int = 64, seed: int = 0
         return x[idx].roll((dy, dx), dims=(2, 3)), y[idx]
     if kind == "joint": loss = lambda m, b: multitask_loss(m, b[0], b[1], sched, gen=gen)
     else: loss = lambda m, b: diffusion_loss(m, b[0], sched, gen=gen)
-    fit(net, loss, batch, steps, OptimConfig(lr=2e-3), WarmupCosine(50, floor=0.05), callbacks=[_ema(ema, 0.995)],
+    fit(net, loss, batch, steps, OptimConfig(lr=2e-3), WarmupCosine(50, floor=0.05), callbacks=[EMACallback(ema, 0.995)],
         device=device, desc=f"{kind} diffusion")
     return ema.eval()
 

@@ -19,18 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.train import (LambdaCallback, OptimConfig, WarmupCosine, fit, fp16_state_dict, load_or_train,
+from ..core.train import (EMACallback, OptimConfig, WarmupCosine, fit, fp16_state_dict, load_or_train,
                                     module_blob, module_loader)
 from .core import NoiseSchedule, ddim_sample, ddim_timesteps, diffusion_loss, drop_condition, guided
 from .unet import UNet, UNetConfig
-from ..vision.data import load_digits_images
+from ..vision.data import digits_pm1, load_digits_images
 
 # %% auto #0
 __all__ = ['T_STEPS', 'NULL_CLASS', 'TEACHER_CONFIG', 'TEACHER_FILE', 'STUDENT_CONFIG', 'STUDENT_TIMESTEPS', 'METHODS',
-           'PAIRS_FILE', 'KL_WEIGHT', 'make_schedule', 'digits_pm1', 'ema_callback', 'train_teacher', 'load_teacher',
-           'chain_coefficients', 'student_forward', 'implied_noise', 'kl_to_standard_normal', 'teacher_sample',
-           'make_pairs', 'load_pairs', 'distill_loss', 'train_students', 'students_file', 'load_students', 'generate',
-           'ms_per_image', 'within_class_diversity', 'feature_similarity']
+           'PAIRS_FILE', 'KL_WEIGHT', 'make_schedule', 'train_teacher', 'load_teacher', 'chain_coefficients',
+           'student_forward', 'implied_noise', 'kl_to_standard_normal', 'teacher_sample', 'make_pairs', 'load_pairs',
+           'distill_loss', 'train_students', 'students_file', 'load_students', 'generate', 'ms_per_image',
+           'within_class_diversity', 'feature_similarity']
 
 # %% ../../nbs/generation/tiue.ipynb #794218c8
 T_STEPS, NULL_CLASS = 1000, 10
@@ -40,24 +40,12 @@ def make_schedule() -> NoiseSchedule:
     "DDPM's linear β schedule over 1000 steps (the teacher's and the students')."
     return NoiseSchedule.make("linear", T_STEPS)
 
-def digits_pm1(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    "Digits 16² scaled to [−1, 1] `[N, 1, 16, 16]` and their labels."
-    x, y = load_digits_images(split, 16)
-    return x * 2 - 1, y
-
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     "The batch rolled by up to one pixel in each direction (augmentation: 1,297 training digits are few)."
     dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()
     return x.roll((dy, dx), dims=(2, 3))
 
 # %% ../../nbs/generation/tiue.ipynb #dbcf233c
-def ema_callback(ema: nn.Module, decay: float) -> LambdaCallback:
-    "A `fit` callback keeping `ema` the exponential moving average of the model's weights after every step."
-    @torch.no_grad()
-    def after_step(learner):
-        for pe, p in zip(ema.parameters(), learner.model.parameters()): pe.lerp_(p.detach(), 1 - decay)
-    return LambdaCallback(after_step=after_step)
-
 def train_teacher(steps: int = 800, batch_size: int = 64, seed: int = 0, device: str = "cpu",
                   p_uncond: float = 0.1) -> UNet:
     """The class-conditional DDPM teacher: ε-prediction under `diffusion_loss`, labels dropped to the null class with
@@ -71,7 +59,7 @@ def train_teacher(steps: int = 800, batch_size: int = 64, seed: int = 0, device:
         idx = torch.randint(0, len(y), (batch_size,), generator=gen)
         return _shift(x[idx], gen), y[idx]
     loss = lambda m, b: diffusion_loss(m, b[0], sched, drop_condition(b[1], NULL_CLASS, p_uncond, gen), gen=gen)
-    fit(net, loss, batch, steps, OptimConfig(lr=2e-3), WarmupCosine(50, floor=0.05), callbacks=[ema_callback(ema, 0.995)],
+    fit(net, loss, batch, steps, OptimConfig(lr=2e-3), WarmupCosine(50, floor=0.05), callbacks=[EMACallback(ema, 0.995)],
         device=device, desc="DDPM teacher")
     return ema.eval()
 

@@ -21,9 +21,9 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
 # %% auto #0
-__all__ = ['DIGIT_SPLITS', 'DIGIT_SIZES', 'SAMPLE_IMAGES', 'SHAPES', 'COLORS', 'load_digits_images', 'DigitsDataset',
-           'sample_image', 'shape_mask', 'Canvas', 'caption_for', 'shapes_canvas', 'digits_canvas', 'CanvasDataset',
-           'collate_canvases']
+__all__ = ['DIGIT_SPLITS', 'DIGIT_SIZES', 'SAMPLE_IMAGES', 'SHAPES', 'COLORS', 'load_digits_images', 'digits_pm1',
+           'DigitsDataset', 'sample_image', 'shape_mask', 'Canvas', 'caption_for', 'shapes_canvas', 'digits_canvas',
+           'CanvasDataset', 'collate_canvases']
 
 # %% ../../nbs/vision/data.ipynb #c71b54fb
 DIGIT_SPLITS: dict[str, slice] = {"train": slice(0, 1297), "val": slice(1297, 1497), "test": slice(1497, 1797)}
@@ -42,6 +42,12 @@ def load_digits_images(split: str = "train", size: int = 16) -> tuple[torch.Tens
     x = torch.from_numpy(d.images[order] / 16.0).float()[:, None]
     if size != 8: x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return x, torch.from_numpy(d.target[order]).long()
+
+# %% ../../nbs/vision/data.ipynb #55a942b1
+def digits_pm1(split: str = "train", size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    "`load_digits_images` scaled to [−1, 1] (the range the diffusion models of the generation family train in)."
+    x, y = load_digits_images(split, size)
+    return x * 2 - 1, y
 
 # %% ../../nbs/vision/data.ipynb #bc2003f9
 class DigitsDataset(Dataset):
