@@ -213,10 +213,16 @@ def test_storage_matches_the_paper():
     assert d.propose([3], 1).tokens == [0, 5]
 
 
-def test_bench_factories_cold_fresh_hot_shared(target):
+def test_bench_factories_cold_fresh_hot_shared(target, monkeypatch):
+    import paper_repro.decoding.token_recycling as tr
+    # the dev prompts come from the training split through the tokenizer; the toy target gets toy prompts
+    monkeypatch.setattr(tr, "function_prompts", lambda tok, n, k, split: [dict(ids=[1, 2, 3, 1, 2]), dict(ids=[5, 6])][:n])
     class Models: pass
-    models = Models(); models.target = target
+    models = Models(); models.target = target; models.tokenizer = None
     f = {e.name: e.method.make for e in bench_methods(models)}
     cold, hot = f["Token Recycling (cold)"], f["Token Recycling (hot)"]
     assert cold() is not cold() and hot() is hot() and hot().vocab_size == 40
     assert generate(target, [1, 2, 3], 10, drafter=hot()).tokens == reference_decode(target, [1, 2, 3], 10)
+    sized = [m for name, m in f.items() if "sized for the device" in name]
+    assert len(sized) == 1 and sized[0]() is sized[0]() and len(sized[0]().template) in tr.TREE_SIZES
+    assert generate(target, [1, 2, 3], 10, drafter=sized[0]()).tokens == reference_decode(target, [1, 2, 3], 10)

@@ -116,10 +116,11 @@ class BenchTask:
     category: str
     prompt: list[int]
 
-def function_prompts(tok: BPETokenizer, n: int, prompt_tokens: int) -> list[dict]:
-    "The first function of each held-out module: `{module, name, ids}` with its first `prompt_tokens` tokens."
+def function_prompts(tok: BPETokenizer, n: int, prompt_tokens: int, split: str = "val") -> list[dict]:
+    """The first function of each module of `split` (the benchmark's: held-out `val`; `train` for dev prompts a
+    method may tune on): `{module, name, ids}` with its first `prompt_tokens` tokens."""
     out = []
-    for rec in load_code_corpus("val"):
+    for rec in load_code_corpus(split):
         m = re.search(r"^def ([A-Za-z_]\w*)\(", rec["text"], flags=re.M)
         if m is None: continue
         out.append(dict(module=rec["path"], name=m.group(1), ids=tok.encode(rec["text"][m.start():m.start() + 4000])[:prompt_tokens]))
@@ -132,6 +133,7 @@ def redundant_turn(tok: BPETokenizer, first_prompt: list[int], name: str, turn: 
     request = f"\n\n# Turn {turn}: the same function again, renamed to {new_name}.\n"
     return tok.encode(request + tok.decode(first_prompt).replace(name, new_name))
 
+# %% ../../nbs/core/bench.ipynb #6c891537
 def make_tasks(target, tok: BPETokenizer, n: int, prompt_tokens: int, first_turn_tokens: int) -> list[BenchTask]:
     "`n` tasks per category (see the table above)."
     tasks = []

@@ -18,14 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .claims import over_repeats
-from .decoding import batch_greedy_decode, greedy_decode, sync_device
+from .decoding import batch_greedy_decode, generate, greedy_decode, sync_device
 from .fused import StaticGreedy, fused_view
 from .lm import LMConfig, TransformerLM, causal_mask, count_parameters, to_hf_llama
 from .repro import project_root, start_run
 
 # %% auto #0
 __all__ = ['LLAMA_SHAPES', 'CORE_BENCH_CONFIGS', 'GREEDY_METHODS', 'bench_model', 'memory_bandwidth', 'step_bytes', 'time_greedy',
-           'verify_cost', 'cost_at', 'run_core_bench']
+           'verify_cost', 'cost_at', 'size_draft_for_device', 'run_core_bench']
 
 # %% ../../nbs/core/bench_core.ipynb #e51afe2d
 LLAMA_SHAPES: dict[str, LMConfig] = {
@@ -160,6 +160,28 @@ def verify_cost(model, sizes: list[int], context: int, reps: int, fused: bool = 
 def cost_at(curve: pd.DataFrame, n: float) -> float:
     "The verify cost of feeding `n` tokens, interpolated linearly in the measured curve (clamped at its ends)."
     return float(np.interp(n, curve.tokens, curve.cost))
+
+# %% ../../nbs/core/bench_core.ipynb #e24617a0
+def size_draft_for_device(target, make_drafter, sizes, prompts, new_tokens: int, curve: pd.DataFrame | None = None,
+                          reps: int = 5) -> tuple[int, pd.DataFrame]:
+    """The draft size in `sizes` with the highest ideal speed-up on this device: `MAT(n) / cost(tokens fed per call)`,
+    MAT from decoding the dev `prompts` with `make_drafter(n)` (deterministic: no clock), the cost from the device's
+    verify-cost `curve` (measured here if not given). Returns the size and the per-size table."""
+    if not sizes or not prompts: raise ValueError(f"need sizes and dev prompts, got {len(sizes)} sizes, {len(prompts)} prompts")
+    rows = []
+    for n in sizes:
+        drafter = make_drafter(n)  # one per size, shared by the prompts: a hot table stays hot, as in the bench
+        results = [generate(target, list(p), new_tokens, drafter) for p in prompts]
+        steps = sum(len(r.steps) for r in results)
+        fed = sum(1 + s.tree_size for r in results for s in r.steps)
+        rows.append(dict(tokens_per_draft=n, MAT=sum(r.new_tokens for r in results) / steps, fed_per_call=fed / steps))
+    table = pd.DataFrame(rows)
+    if curve is None:
+        widths = sorted({1, *(int(np.ceil(f)) for f in table.fed_per_call)})
+        curve = verify_cost(target, widths, context=max(len(p) for p in prompts), reps=reps)
+    table["cost"] = [cost_at(curve, f) for f in table.fed_per_call]
+    table["ideal"] = table.MAT / table.cost
+    return int(table.tokens_per_draft[table.ideal.idxmax()]), table
 
 # %% ../../nbs/core/bench_core.ipynb #0874d0b0
 def _claims(run, speed: pd.DataFrame, setting: str) -> None:

@@ -21,7 +21,8 @@ from ..core.decoding import Draft
 from ..core.trees import prefix_tree
 
 # %% auto #0
-__all__ = ['TEMPLATE_2_2_2', 'BENCH_HEADLINE', 'TreeTemplate', 'default_template', 'TokenRecyclingDrafter', 'bench_methods']
+__all__ = ['TEMPLATE_2_2_2', 'BENCH_HEADLINE', 'TREE_SIZES', 'TreeTemplate', 'default_template', 'TokenRecyclingDrafter',
+           'device_sized_template', 'bench_methods']
 
 # %% ../../nbs/decoding/token_recycling.ipynb #a75e41b6
 # Children per node, level by level, in breadth-first order: the official "2.2.2" template (80 nodes, 6 levels).
@@ -186,16 +187,33 @@ def observe(self: TokenRecyclingDrafter, context: list[int], draft: Draft, accep
     self._root = None
 
 # %% ../../nbs/decoding/token_recycling.ipynb #b42b1f82
-from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline
+from ..core.bench import BenchEntry, BenchModels, DrafterMethod, Headline, function_prompts
+from ..core.bench_core import size_draft_for_device
 
 BENCH_HEADLINE = Headline(2.03, "Token Recycling speeds up greedy decoding (Spec-Bench, 7B: 2.03×)",
                           source="official README (Luowaterbi/TokenRecycling), results table images/results.png: "
                                  "Spec-Bench, 7B, TR 'Speed' 2.03× (MAT 2.70); abstract: about 2×", checked=True)
 
+TREE_SIZES: tuple[int, ...] = (8, 16, 32, 80)  # subtrees of the official template tried for the device-sized row
+
+def device_sized_template(target, tokenizer, sizes: tuple[int, ...] = TREE_SIZES, n_prompts: int = 3,
+                          new_tokens: int = 32) -> TreeTemplate:
+    """The subtree of the official template with the best ideal speed-up on `target`'s device
+    (`core.bench_core.size_draft_for_device`), judged on training-split prompts with a hot table."""
+    dev = [f["ids"] for f in function_prompts(tokenizer, n_prompts, 48, split="train")]
+    make = lambda n: TokenRecyclingDrafter(target.vocab_size, template=default_template(n))
+    return default_template(size_draft_for_device(target, make, sizes, dev, new_tokens)[0])
+
 def bench_methods(models: BenchModels) -> list[BenchEntry]:
-    "Token Recycling for `paper_repro.core.bench`: cold start (a fresh table per prompt) and hot start (one shared table)."
+    """Token Recycling for `paper_repro.core.bench`: cold start (a fresh table per prompt), hot start (one shared
+    table), and hot start with the tree sized for the device on dev prompts (sized at its first use)."""
     vocab = models.target.vocab_size
-    shared = TokenRecyclingDrafter(vocab)
+    shared, sized = TokenRecyclingDrafter(vocab), []
+    def hot_sized() -> TokenRecyclingDrafter:
+        if not sized: sized.append(TokenRecyclingDrafter(vocab, template=device_sized_template(models.target, models.tokenizer)))
+        return sized[0]
     return [BenchEntry("Token Recycling (cold)", DrafterMethod(models.target, lambda: TokenRecyclingDrafter(vocab)),
                        BENCH_HEADLINE),
-            BenchEntry("Token Recycling (hot)", DrafterMethod(models.target, lambda: shared), BENCH_HEADLINE)]
+            BenchEntry("Token Recycling (hot)", DrafterMethod(models.target, lambda: shared), BENCH_HEADLINE),
+            BenchEntry("Token Recycling (hot, tree sized for the device)", DrafterMethod(models.target, hot_sized),
+                       BENCH_HEADLINE)]
