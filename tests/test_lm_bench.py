@@ -74,7 +74,7 @@ def test_a_decoder_of_the_wrong_shape_is_named(tiny, tmp_path):
 
 def test_an_unknown_headline_category_is_refused(tiny, tmp_path):
     entry = BenchEntry("half", lb.LMBenchMethod(_half), Headline(2.0, "x", "toy", category="overall"))
-    with pytest.raises(ValueError, match="headline category 'overall' is not an lm bench measurement; valid: decode_speedup"):
+    with pytest.raises(ValueError, match="headline category 'overall' is not a measurement of the lm bench; valid: decode_speedup"):
         lb.run_lm_bench("ci", "cpu", tmp_path, progress=False, modules=[_module(entry)])
 
 

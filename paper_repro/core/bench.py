@@ -12,7 +12,7 @@ import importlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -32,10 +32,10 @@ from .lm import count_parameters, to_hf_llama
 from .repro import project_root, start_run
 
 # %% auto #0
-__all__ = ['M', 'Decode', 'DECODING_BENCH_CONFIGS', 'Headline', 'BenchEntry', 'paper_entries', 'check_unique', 'BenchTask',
-           'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels', 'DrafterMethod',
-           'decoding_entries', 'repeat_speedups', 'with_intervals', 'with_ideal', 'paired_ratio', 'run_decoding_bench',
-           'record_bench_claims']
+__all__ = ['M', 'Decode', 'DECODING_BENCH_CONFIGS', 'Headline', 'BenchEntry', 'paper_entries', 'check_unique', 'headline_rows',
+           'entry_slug', 'BenchTask', 'function_prompts', 'redundant_turn', 'make_tasks', 'hf_generate', 'BenchModels',
+           'DrafterMethod', 'decoding_entries', 'repeat_speedups', 'with_intervals', 'with_ideal', 'paired_ratio',
+           'run_decoding_bench', 'record_bench_claims']
 
 # %% ../../nbs/core/bench.ipynb #9d4f2e7b
 M = TypeVar("M")
@@ -108,6 +108,25 @@ def check_unique(entries: Sequence[BenchEntry]) -> None:
             raise ValueError(f"two benchmark entries are named {e.name!r} (from {seen[e.name] or 'the suite'} and "
                              f"{e.paper or 'the suite'}): rename one")
         seen[e.name] = e.paper
+
+# %% ../../nbs/core/bench.ipynb #77b7dec0
+def headline_rows(entries: Sequence[BenchEntry], categories: Mapping[str, str], suite: str
+                  ) -> list[tuple[int, BenchEntry, Headline]]:
+    """`(index, entry, headline)` of every paper entry that carries a headline, in order; a headline whose category
+    is not one of the suite's `categories` is refused by name."""
+    out = []
+    for i, e in enumerate(entries):
+        h = e.paper_headline
+        if e.paper is None or h is None: continue
+        if h.category not in categories:
+            raise ValueError(f"{e.paper}: headline category {h.category!r} is not a measurement of the {suite} bench; "
+                             f"valid: {', '.join(categories)}")
+        out.append((i, e, h))
+    return out
+
+def entry_slug(name: str) -> str:
+    "A row name as a claim-id fragment: lower case, runs of other characters as one underscore."
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
 
 # %% ../../nbs/core/bench.ipynb #49891d9e
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.bench import BenchEntry, Headline, check_unique, paper_entries
+from ..core.bench import BenchEntry, Headline, check_unique, entry_slug, headline_rows, paper_entries
 from ..core.claims import over_repeats
 from ..core.decoding import time_calls
 from ..core.repro import check_scale, project_root, start_run
@@ -235,17 +235,12 @@ def record_generation_claims(run, table: pd.DataFrame, entries: Sequence[BenchEn
                              setting: str) -> None:
     "One headline claim per paper row with a headline, as the categories above say."
     run.claims_file = "generation.claims.json"
-    for i, e in enumerate(entries):
-        h = e.paper_headline
-        if e.paper is None or h is None: continue
-        if h.category not in HEADLINE_CATEGORIES:
-            raise ValueError(f"{e.paper}: headline category {h.category!r}; valid: {', '.join(HEADLINE_CATEGORIES)}")
+    for i, e, h in headline_rows(entries, HEADLINE_CATEGORIES, "generation"):
         r = _ratios(entries, stats, i)
         if not r: raise ValueError(f"{e.name}: a headline row needs a reference row to compare with")
         vals = r if h.category == "speedup" else [1 / v for v in r]
         ref = table.set_index("method").loc[e.method.reference]
-        slug = "_".join("".join(ch if ch.isalnum() else " " for ch in e.name.lower()).split())
-        run.record_claim(id=f"{e.paper}_{slug}_{h.category}", kind="headline",
+        run.record_claim(id=f"{e.paper}_{entry_slug(e.name)}_{h.category}", kind="headline",
                          statement=f"{e.name} vs {e.method.reference}: {h.statement}",
                          metric=HEADLINE_CATEGORIES[h.category], unit=h.unit, paper_value=h.value, source=h.source,
                          source_checked=h.checked, our_value=over_repeats(vals) if len(vals) > 1 else vals[0],

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from ..core.bench import BenchEntry, check_unique, paper_entries
+from ..core.bench import BenchEntry, check_unique, entry_slug, headline_rows, paper_entries
 from ..core.claims import over_repeats, paired_bootstrap
 from ..core.data import BPETokenizer
 from ..core.decoding import batch_greedy_decode, sync_device, time_calls
@@ -289,17 +289,11 @@ def record_lm_claims(run, table: pd.DataFrame, entries: Sequence[BenchEntry], st
                      seed: int = 0) -> None:
     "One headline claim per paper entry with a headline: its category's ratio to the plain transformer, vs 1."
     run.claims_file = "lm.claims.json"
-    for i, e in enumerate(entries):
-        h = e.paper_headline
-        if e.paper is None or h is None: continue
-        if h.category not in HEADLINE_CATEGORIES:
-            raise ValueError(f"{e.paper}: headline category {h.category!r} is not an lm bench measurement; valid: "
-                             f"{', '.join(HEADLINE_CATEGORIES)}")
+    for i, e, h in headline_rows(entries, HEADLINE_CATEGORIES, "lm"):
         value = _ratio_estimate(h.category, i, stats, seed)
         if isinstance(value, float) and not math.isfinite(value): value = 1e9  # a method with no growing cache
         row = table.iloc[i]
-        slug = "_".join("".join(ch if ch.isalnum() else " " for ch in e.name.lower()).split())
-        run.record_claim(id=f"{e.paper}_{slug}_{h.category}", kind="headline",
+        run.record_claim(id=f"{e.paper}_{entry_slug(e.name)}_{h.category}", kind="headline",
                          statement=f"{e.name}: {HEADLINE_CATEGORIES[h.category]} exceeds 1 (paper: {h.statement})",
                          metric=HEADLINE_CATEGORIES[h.category], unit=h.unit, paper_value=h.value, source=h.source,
                          source_checked=h.checked, our_value=value, threshold=1.0, higher_is_better=True,
