@@ -142,3 +142,14 @@ def test_loss_trains_through_fit_and_evaluation_reports_both_views():
     assert set(r) == {f"{t}_v{v}" for t in TASKS for v in (1, 2)} and 0 <= r["normals_v1"] <= 180
     solo = Dens3R(Dens3RConfig(**TINY, train_size=16, tasks=("depth",)))
     assert set(pair_loss(solo, data)) == {"loss", "loss_depth"} and set(evaluate_pair(solo, data)) == {"depth_v1", "depth_v2"}
+
+
+def test_committed_models_load_with_their_configs():
+    from paper_repro.vision.dens3r import VARIANTS, load_variants
+    ms = load_variants(Dens3RConfig(), seed=0)
+    assert set(ms) == set(VARIANTS) and all(m.cfg.tasks == VARIANTS[v] for v, m in ms.items())
+    d = render_pairs(2, seed=2_000_000, size=32)
+    with torch.no_grad():
+        p1, p2 = ms["joint"](d)
+    assert p1["normals"].shape == (2, 3, 32, 32) and torch.isfinite(p2["pointmap"]).all()
+    assert len(ms["joint"].losses) == 500 and ms["joint"].losses[-1] < ms["joint"].losses[0]
