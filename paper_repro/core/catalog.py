@@ -45,7 +45,7 @@ PAPERS: tuple[Paper, ...] = (
           title="SpeechT5: Unified-Modal Encoder-Decoder Pre-Training for Spoken Language Processing"),
     Paper(4, "see_through_minds", "multimodal", year=2024, code="YulongBonjour/See_Through_Their_Minds",
           title="See Through Their Minds: Transferable Neural Representation from Cross-Subject fMRI"),
-    Paper(5, "dens3r", "vision", year=2025, code="none released",
+    Paper(5, "dens3r", "vision", year=2025, code="G-1nOnly/Dens3R",
           title="Dens3R: A Foundation Model for 3D Geometry Prediction"),
     Paper(6, "omniparser", "recognition", year=2024, code="AlibabaResearch/AdvancedLiterateMachinery",
           title="OmniParser: Unified Text Spotting, Key Information Extraction and Table Recognition"),
