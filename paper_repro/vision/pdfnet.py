@@ -109,11 +109,12 @@ def thin_scene(seed: int, size: int = 32, depth_blur: float = 0.8, depth_noise: 
     chaos = gaussian_blur(torch.from_numpy(rng.normal(0, 1, (1, size, size))).float(), [7, 7], [1.5, 1.5])[0]
     bg_d = 0.25 + 0.12 * (g[0] * xx + g[1] * yy) + 0.06 * chaos / chaos.std().clamp_min(1e-6)
     fg_d = 0.75 + 0.05 * (g[1] * xx - g[0] * yy)
-    depth = (cov * fg_d + (1 - cov) * bg_d).clamp(0, 1)
+    mask = (cov >= 0.5).float()
+    depth = (mask * fg_d + (1 - mask) * bg_d).clamp(0, 1)   # a z-buffer: each pixel takes its nearest surface
     pseudo = gaussian_blur(depth[None], [5, 5], [depth_blur, depth_blur])[0]
     pseudo = pseudo + torch.from_numpy(rng.normal(0, depth_noise, (size, size))).float()
     pseudo = (pseudo + 0.05 * float(rng.normal()) * yy).clamp(0, 1)
-    return ThinScene(image, (cov >= 0.5).float(), depth, pseudo, kind)
+    return ThinScene(image, mask, depth, pseudo, kind)
 
 def scene_batch(seeds, size: int = 32, **kw) -> dict[str, torch.Tensor]:
     "Stacked `image [B, 3, S, S]`, `mask [B, 1, S, S]` and pseudo-`depth [B, 1, S, S]` of the scenes `seeds`."
