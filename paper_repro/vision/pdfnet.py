@@ -92,7 +92,7 @@ class ThinScene:
     kind: str
 
 def thin_scene(seed: int, size: int = 32, depth_blur: float = 0.8, depth_noise: float = 0.04) -> ThinScene:
-    "A thin-structure scene, deterministic in `seed` (see the text above for what is drawn)."
+    "A thin-structure scene over a texture crop (half camouflaged), its z-buffer depth and blurred, noisy pseudo-depth; deterministic in `seed`."
     if size % 8: raise ValueError(f"size must be a multiple of 8 (the patch grid and the encoder), got {size}")
     rng = np.random.default_rng(seed)
     kind = KINDS[rng.integers(len(KINDS))]
