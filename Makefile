@@ -19,6 +19,7 @@ repro: $(STAMP)
 	$(BIN)/paper-repro bench decoding --scale cpu
 	$(BIN)/paper-repro bench dllm --scale cpu
 	$(BIN)/paper-repro bench lm --scale cpu
+	$(BIN)/paper-repro bench generation --scale cpu
 	$(BIN)/paper-repro report --scale cpu
 	$(BIN)/paper-repro readme
 

@@ -60,6 +60,9 @@ step "diffusion-LM decoding benchmark at ci scale"
 step "language-model architecture benchmark at ci scale"
 "$BIN/paper-repro" bench lm --scale ci
 
+step "visual generation benchmark at ci scale"
+"$BIN/paper-repro" bench generation --scale ci
+
 step "report builds"
 "$BIN/paper-repro" report --scale ci --out results/ci/REPORT.md
 "$BIN/paper-repro" report --scale cpu --out results/ci/REPORT-cpu.md

@@ -520,7 +520,8 @@ def report_path(scale: str, root: str | Path | None = None) -> Path:
 
 # %% ../nbs/core/cli.ipynb #624540ba
 _BENCH_SUITES = (("core", "Decoding baseline against the hardware"), ("decoding", "Decoding benchmark"),
-                 ("dllm", "Diffusion-LM decoding benchmark"), ("lm", "Language-model architecture benchmark"))
+                 ("dllm", "Diffusion-LM decoding benchmark"), ("lm", "Language-model architecture benchmark"),
+                 ("generation", "Visual generation benchmark"))
 
 def _paper_section(paper: Paper, claims: list[dict], status: str, res: Path, base: Path) -> list[str]:
     "The report section of one paper with results: title, status, figure link, claims table."
@@ -637,7 +638,7 @@ def update_readme(root: str | Path | None = None, check: bool = False) -> bool:
     if not readme.is_file(): raise ValueError(f"no README.md at {readme}")
     text = readme.read_text()
     new = replace_catalog_section(text, catalog_markdown(root))
-    for suite in ("core", "decoding", "lm"):
+    for suite in ("core", "decoding", "lm", "generation"):
         start, end = bench_markers(suite)
         if start in new: new = replace_section(new, bench_markdown(root, suite), start, end)
     if HF_START in new: new = replace_section(new, hf_support_markdown(), HF_START, HF_END)
@@ -776,13 +777,13 @@ def _cmd_readme(args: argparse.Namespace) -> int:
 
 # %% ../nbs/core/cli.ipynb #89d79caf
 def _cmd_bench(args: argparse.Namespace) -> int:
-    "`paper-repro bench core|decoding|dllm|lm`: run the benchmark and print its summary rows."
+    "`paper-repro bench core|decoding|dllm|lm|generation`: run the benchmark and print its summary rows."
     check_scale(args.scale); resolve_device(args.device); check_seed(args.seed)
     out = Path(args.out_root) / args.scale / "bench" if args.out_root else Path(args.root) / "results" / args.scale / "bench"
     executor = make_executor(args.executor, 1, args.ray_address, args.cpus_per_task)
     try:
         table = executor.bench(args.suite, args.scale, args.device, out, args.seed, hf=not args.no_hf)
-        if args.suite in ("core", "dllm", "lm"):
+        if args.suite in ("core", "dllm", "lm", "generation"):
             print(table.to_string(index=False))
             print(f"wrote {out / (args.suite + '.csv')}, {args.suite}.md, {args.suite}.png")
             return 0
@@ -892,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "Every method of the suite on the same task, model, device and budget, the baseline measured in the "
                  "same run; writes the table, figure and claims ledger of the suite. Exit 1 if a claim that must hold "
                  "(losslessness) does not; the previous results are then kept.", _cmd_bench)
-    p.add_argument("suite", choices=("core", "decoding", "dllm", "lm"),
+    p.add_argument("suite", choices=("core", "decoding", "dllm", "lm", "generation"),
                    help="which benchmark: core (our greedy step vs Hugging Face and the memory roofline), decoding "
                         "(speculative decoding), dllm (masked-diffusion parallel decoding) or lm (architecture and "
                         "compression methods vs the plain transformer)")

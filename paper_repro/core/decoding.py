@@ -27,7 +27,8 @@ from .lm import CausalLM, LMOutput
 __all__ = ['CLOCKS', 'Draft', 'Drafter', 'NoDrafter', 'Sampler', 'verify_tree', 'verify_speculative', 'StepStats', 'DecodeResult',
            'check_count', 'context_length', 'check_max_new_tokens', 'check_prompt', 'check_eos', 'check_same_vocab',
            'sync_device', 'StepOutput', 'DecodeStep', 'decode_loop', 'returns_hidden', 'generate', 'greedy_decode',
-           'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter', 'time_calls']
+           'reference_decode', 'BatchDecodeResult', 'batch_greedy_decode', 'DraftModelDrafter', 'time_calls',
+           'greedy_continue']
 
 # %% ../../nbs/core/decoding.ipynb #48f0b323
 @dataclass
@@ -698,3 +699,19 @@ def time_calls(calls: Mapping[Hashable, Callable[[], object]], device: torch.dev
             if round_ >= warmup: times[key].append(now() - t0)
             if reset is not None: reset()
     return times
+
+# %% ../../nbs/core/decoding.ipynb #80a7b4a2
+@torch.no_grad()
+def greedy_continue(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy new tokens `[batch, max_new_tokens]` after equal-length `prompts` `[batch, P]`, for any model with
+    `new_cache(batch, capacity=)` and `model(tokens, cache=)` (recurrent or hybrid states included); no host sync."""
+    if prompts.dim() != 2 or prompts.shape[1] == 0: raise ValueError(f"prompts must be [batch, P>0], got {tuple(prompts.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    cache = model.new_cache(prompts.shape[0], capacity=prompts.shape[1] + max_new_tokens)
+    nxt = model(prompts, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    out = [nxt]
+    for _ in range(max_new_tokens - 1):
+        nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+    return torch.cat(out, dim=1)

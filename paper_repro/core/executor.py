@@ -41,7 +41,7 @@ __all__ = ['EXECUTORS', 'BENCH_SUITES', 'RAY_ADDRESS_ENV', 'PaperTask', 'Executo
 
 # %% ../../nbs/core/executor.ipynb #51619f26
 EXECUTORS: tuple[str, ...] = ("local", "ray")
-BENCH_SUITES: tuple[str, ...] = ("core", "decoding", "dllm", "lm")
+BENCH_SUITES: tuple[str, ...] = ("core", "decoding", "dllm", "lm", "generation")
 
 @dataclass(frozen=True)
 class PaperTask:
@@ -99,7 +99,7 @@ class Executor(Protocol):
 
 # %% ../../nbs/core/executor.ipynb #4fbed1e8
 def run_bench(suite: str, scale: str, device: str, out: str | Path, seed: int = 0, hf: bool = True) -> pd.DataFrame:
-    "Run one benchmark suite in this process (`core.bench.run_decoding_bench`, `dllm.bench.run_dllm_bench` or `lm.bench.run_lm_bench`)."
+    "Run one benchmark suite in this process (`core.bench.run_decoding_bench`, `dllm.bench.run_dllm_bench`, `lm.bench.run_lm_bench` or `generation.bench.run_generation_bench`)."
     if suite == "decoding":
         from paper_repro.core.bench import run_decoding_bench
         return run_decoding_bench(scale, device, out, seed, hf=hf)
@@ -109,6 +109,9 @@ def run_bench(suite: str, scale: str, device: str, out: str | Path, seed: int = 
     if suite == "lm":
         from paper_repro.lm.bench import run_lm_bench
         return run_lm_bench(scale, device, out, seed)
+    if suite == "generation":
+        from paper_repro.generation.bench import run_generation_bench
+        return run_generation_bench(scale, device, out, seed)
     if suite == "core":
         from paper_repro.core.bench_core import run_core_bench
         return run_core_bench(scale, device, out, seed, hf=hf)

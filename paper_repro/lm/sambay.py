@@ -23,9 +23,9 @@ from ..core.train import OptimConfig, WarmupCosine, fit, load_or_train, module_b
 from ..core.zoo import sample_batch
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'LAYER_KINDS', 'BENCH_HEADLINE', 'selective_scan_reference', 'linear_scan', 'selective_scan',
-           'selective_step', 'Mamba', 'GMU', 'SharedKVAttention', 'HybridConfig', 'layer_kinds', 'HybridBlock',
-           'HybridCache', 'window_mask', 'HybridLM', 'greedy_generate', 'cache_nbytes', 'filled_cache', 'PhonebookSpec',
+__all__ = ['LAYOUTS', 'LAYER_KINDS', 'greedy_generate', 'BENCH_HEADLINE', 'selective_scan_reference', 'linear_scan',
+           'selective_scan', 'selective_step', 'Mamba', 'GMU', 'SharedKVAttention', 'HybridConfig', 'layer_kinds',
+           'HybridBlock', 'HybridCache', 'window_mask', 'HybridLM', 'cache_nbytes', 'filled_cache', 'PhonebookSpec',
            'phonebook_spec', 'phonebook_batch', 'retrieval_correct', 'lm_loss', 'mixed_batch', 'build_layout',
            'train_layout', 'load_or_train_layout', 'bench_shape', 'hybrid_kv_bytes_per_token', 'bench_methods']
 
@@ -337,19 +337,9 @@ def forward(self: HybridLM, tokens: torch.Tensor, positions: torch.Tensor | None
     return self.lm_head(self.norm(x))
 
 # %% ../../nbs/lm/sambay.ipynb #cc19bdbc
-@torch.no_grad()
-def greedy_generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    "Greedy new tokens `[batch, max_new_tokens]` after equal-length `prompts` `[batch, P]`, with `model`'s cache."
-    if prompts.dim() != 2 or prompts.shape[1] == 0: raise ValueError(f"prompts must be [batch, P>0], got {tuple(prompts.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    cache = model.new_cache(prompts.shape[0], capacity=prompts.shape[1] + max_new_tokens)
-    nxt = model(prompts, cache=cache)[:, -1].argmax(-1, keepdim=True)
-    out = [nxt]
-    for _ in range(max_new_tokens - 1):
-        nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
-        out.append(nxt)
-    return torch.cat(out, dim=1)
+from ..core.decoding import greedy_continue
+
+greedy_generate = greedy_continue  # the name this notebook and the lm bench use
 
 # %% ../../nbs/lm/sambay.ipynb #28975877
 def cache_nbytes(cache) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchmetrics.functional.segmentation import mean_iou
+from torchmetrics.functional.classification import multiclass_jaccard_index
 
 # %% auto #0
 __all__ = ['depth_metrics', 'normal_metrics', 'pointmap_error', 'f_beta_curve', 'max_f_beta', 'mae', 'structure_measure', 'miou',
@@ -125,11 +125,12 @@ def structure_measure(pred: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5
 
 # %% ../../nbs/vision/metrics.ipynb #23344ada
 def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    "Mean IoU over classes present in `pred` or `target` (label maps `[B, H, W]` of class ids), via torchmetrics."
+    """Dataset-level mean IoU of label maps `[B, H, W]` (intersections and unions summed over all images, as PASCAL
+    and Cityscapes report it), averaged over the classes present in `pred` or `target`; via torchmetrics."""
     if pred.shape != target.shape: raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    per_class = mean_iou(pred.long(), target.long(), num_classes=num_classes, input_format="index", per_class=True)
+    per_class = multiclass_jaccard_index(pred.long(), target.long(), num_classes=num_classes, average=None)
     present = torch.stack([(pred == c).any() | (target == c).any() for c in range(num_classes)])
-    return per_class.mean(0)[present].mean().item() if per_class.dim() > 1 else per_class[present].mean().item()
+    return per_class[present].mean().item()
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     "PSNR (dB) of images in [0, 1]."
