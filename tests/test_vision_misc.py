@@ -114,3 +114,70 @@ def test_psnr_ssim_conventions():
     assert vm.psnr(x, x) > 80 and math.isclose(vm.ssim(x, x), 1.0, rel_tol=1e-5)
     noisy = (x + 0.1).clamp(0, 1)
     assert 15 < vm.psnr(noisy, x) < 25
+
+
+def _s_measure_reference(p: np.ndarray, g: np.ndarray, alpha: float = 0.5) -> float:
+    "Fan et al. 2017 structure measure, written loop by loop in numpy (the reference for vision.metrics)."
+    y = g.mean()
+    if y == 0: return 1 - p.mean()
+    if y == 1: return p.mean()
+    def obj(vals):
+        x = vals.mean(); s = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        return 2 * x / (x * x + 1 + s + 1e-12)
+    fg, bg = [], []
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            (fg if g[i, j] else bg).append(p[i, j] if g[i, j] else 1 - p[i, j])
+    s_o = y * obj(np.array(fg)) + (1 - y) * obj(np.array(bg))
+    ys, xs = np.nonzero(g)
+    cy, cx = int(np.round(ys.mean())) + 1, int(np.round(xs.mean())) + 1
+    H, W = g.shape
+    s_r = 0.0
+    for r0, r1, c0, c1 in ((0, cy, 0, cx), (0, cy, cx, W), (cy, H, 0, cx), (cy, H, cx, W)):
+        pb, gb = p[r0:r1, c0:c1].ravel(), g[r0:r1, c0:c1].ravel().astype(float)
+        n = pb.size
+        if n == 0: continue
+        mx, my = pb.mean(), gb.mean()
+        d = max(n - 1, 1)
+        sx = sum((v - mx) ** 2 for v in pb) / d; sy = sum((v - my) ** 2 for v in gb) / d
+        sxy = sum((a - mx) * (b - my) for a, b in zip(pb, gb)) / d
+        a, b = 4 * mx * my * sxy, (mx ** 2 + my ** 2) * (sx + sy)
+        q = a / (b + 1e-12) if a != 0 else (1.0 if b == 0 else 0.0)
+        s_r += n / (H * W) * q
+    return max(0.0, alpha * s_o + (1 - alpha) * s_r)
+
+
+def test_structure_measure_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        H, W = rng.integers(3, 9, 2)
+        g = rng.random((H, W)) > rng.uniform(0.2, 0.8)
+        p = np.clip(g * rng.uniform(0.3, 1.0) + rng.normal(0, 0.3, (H, W)), 0, 1)
+        ours = vm.structure_measure(torch.tensor(p)[None], torch.tensor(g, dtype=torch.float64)[None]).item()
+        assert ours == pytest.approx(_s_measure_reference(p, g), abs=1e-9)
+    g = np.zeros((5, 5), bool); p = rng.random((5, 5))
+    assert vm.structure_measure(torch.tensor(p)[None], torch.tensor(g)[None].double()).item() == pytest.approx(1 - p.mean())
+    m = torch.zeros(1, 6, 6); m[0, 2:4, 1:5] = 1
+    assert vm.structure_measure(m, m).item() == pytest.approx(1.0, abs=1e-6)
+    assert vm.structure_measure(1 - m, m).item() < 0.1
+    with pytest.raises(ValueError, match=r"\[0, 1\]"): vm.structure_measure(m * 2, m)
+    with pytest.raises(ValueError, match="alpha"): vm.structure_measure(m, m, alpha=2)
+
+
+def test_max_f_beta_and_mae_against_brute_force():
+    rng = np.random.default_rng(1)
+    p = rng.random((4, 6, 6)); g = rng.random((4, 6, 6)) > 0.6
+    g[:, 0, 0] = True
+    best = 0.0
+    for t in np.linspace(0, 1, 256):
+        fs = []
+        for pi, gi in zip(p, g):
+            b = pi >= t
+            tp = (b & gi).sum(); prec = tp / b.sum() if b.sum() else 0.0; rec = tp / gi.sum()
+            fs.append(1.3 * prec * rec / (0.3 * prec + rec) if prec + rec > 0 else 0.0)
+        best = max(best, float(np.mean(fs)))
+    pt, gt = torch.tensor(p), torch.tensor(g, dtype=torch.float64)
+    assert vm.max_f_beta(pt, gt) == pytest.approx(best, abs=1e-6)
+    assert vm.f_beta_curve(pt, gt).shape == (4, 256)
+    assert torch.allclose(vm.mae(pt, gt), torch.tensor(np.abs(p - g).mean((1, 2))))
+    with pytest.raises(ValueError, match="foreground"): vm.max_f_beta(pt, gt * 0)

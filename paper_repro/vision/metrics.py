@@ -14,7 +14,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
 # %% auto #0
-__all__ = ['depth_metrics', 'normal_metrics', 'pointmap_error', 'miou', 'psnr', 'ssim']
+__all__ = ['depth_metrics', 'normal_metrics', 'pointmap_error', 'f_beta_curve', 'max_f_beta', 'mae', 'structure_measure', 'miou',
+           'psnr', 'ssim']
 
 # %% ../../nbs/vision/metrics.ipynb #c6465269
 def _valid(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -52,6 +53,75 @@ def pointmap_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     m = mask.bool()
     if not m.any(): raise ValueError("the mask selects no pixel")
     return (pred.double() - target.double()).norm(dim=-3)[m].mean().item()
+
+# %% ../../nbs/vision/metrics.ipynb #b1239477
+from torchmetrics.functional.classification import binary_precision_recall_curve
+
+def _check_maps(pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != mask.shape or pred.dim() != 3:
+        raise ValueError(f"pred and mask must be equal [B, H, W], got {tuple(pred.shape)} and {tuple(mask.shape)}")
+    if pred.min() < 0 or pred.max() > 1: raise ValueError("pred must lie in [0, 1] (a probability map)")
+    return pred.double(), (mask > 0.5).double()
+
+def f_beta_curve(pred: torch.Tensor, mask: torch.Tensor, beta2: float = 0.3, thresholds: int = 256) -> torch.Tensor:
+    "Per image and threshold Fβ `[B, thresholds]` of maps `pred` `[B, H, W]` in [0, 1] against binary `mask`s."
+    p, m = _check_maps(pred, mask)
+    if (m.sum((1, 2)) == 0).any(): raise ValueError("every mask needs a foreground pixel for precision/recall")
+    ts = torch.linspace(0, 1, thresholds, dtype=torch.float64)
+    rows = []
+    for pi, mi in zip(p, m):
+        prec, rec, _ = binary_precision_recall_curve(pi.flatten(), mi.flatten().long(), thresholds=ts)
+        prec, rec = prec[:-1].nan_to_num(0.0), rec[:-1]  # drop torchmetrics' end point; no prediction: precision 0
+        rows.append((1 + beta2) * prec * rec / (beta2 * prec + rec).clamp_min(1e-12))
+    return torch.stack(rows)
+
+def max_f_beta(pred: torch.Tensor, mask: torch.Tensor, beta2: float = 0.3) -> float:
+    "maxFβ: the best threshold's Fβ averaged over images (the DIS / salient-object convention)."
+    return f_beta_curve(pred, mask, beta2).mean(0).max().item()
+
+def mae(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Per-image mean absolute error `[B]` of maps in [0, 1] against binary masks."
+    p, m = _check_maps(pred, mask)
+    return (p - m).abs().mean((1, 2))
+
+# %% ../../nbs/vision/metrics.ipynb #65aab69d
+def _object_score(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0: return x.new_zeros(())
+    mean = x.mean()
+    std = x.std(unbiased=True) if x.numel() > 1 else x.new_zeros(())
+    return 2 * mean / (mean ** 2 + 1 + std + 1e-12)
+
+def _block_ssim(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = p.numel()
+    if n == 0: return p.new_zeros(())
+    x, y = p.mean(), m.mean()
+    d = max(n - 1, 1)
+    sx, sy, sxy = ((p - x) ** 2).sum() / d, ((m - y) ** 2).sum() / d, ((p - x) * (m - y)).sum() / d
+    a, b = 4 * x * y * sxy, (x ** 2 + y ** 2) * (sx + sy)
+    if a != 0: return a / (b + 1e-12)
+    return p.new_ones(()) if b == 0 else p.new_zeros(())
+
+def _s_alpha(p: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
+    y = m.mean()
+    if y == 0: return 1 - p.mean()
+    if y == 1: return p.mean()
+    fg = m.bool()
+    s_o = y * _object_score(p[fg]) + (1 - y) * _object_score(1 - p[~fg])
+    H, W = m.shape
+    rows, cols = torch.nonzero(fg, as_tuple=True)
+    cy, cx = int(torch.round(rows.double().mean())) + 1, int(torch.round(cols.double().mean())) + 1
+    s_r = p.new_zeros(())
+    for ys, xs in ((slice(0, cy), slice(0, cx)), (slice(0, cy), slice(cx, W)),
+                   (slice(cy, H), slice(0, cx)), (slice(cy, H), slice(cx, W))):
+        pb, mb = p[ys, xs], m[ys, xs]
+        s_r = s_r + pb.numel() / (H * W) * _block_ssim(pb, mb)
+    return (alpha * s_o + (1 - alpha) * s_r).clamp_min(0)
+
+def structure_measure(pred: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    "Per-image structure measure Sα `[B]` (Fan et al. 2017) of maps `pred` `[B, H, W]` in [0, 1] against binary masks."
+    if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    p, m = _check_maps(pred, mask)
+    return torch.stack([_s_alpha(pi, mi, alpha) for pi, mi in zip(p, m)])
 
 # %% ../../nbs/vision/metrics.ipynb #23344ada
 def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
