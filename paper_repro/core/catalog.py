@@ -37,7 +37,7 @@ class Paper:
 
 # %% ../../nbs/core/catalog.ipynb #187abded
 PAPERS: tuple[Paper, ...] = (
-    Paper(1, "m3net", "vision", year=2025, code="none released",
+    Paper(1, "m3net", "vision", year=2025, code="Cedarch/M3Net",
           title="M3Net: Multimodal Multi-task Learning for 3D Detection, Segmentation, and Occupancy Prediction"),
     Paper(2, "cronusvla", "multimodal", year=2025, code="InternRobotics/CronusVLA",
           title="CronusVLA: Transferring Latent Motion Across Time for Multi-Frame Prediction in Manipulation"),
