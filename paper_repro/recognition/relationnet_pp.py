@@ -169,10 +169,11 @@ def select_keys(heat: torch.Tensor, offset: torch.Tensor, feats: torch.Tensor, k
     kf = f.gather(1, idx.reshape(B, T * k, 1).expand(-1, -1, f.shape[-1])).view(B, T, k, -1)
     return pos.detach(), kf, score
 
-# %% ../../nbs/recognition/relationnet_pp.ipynb #edd44148
+# %% ../../nbs/recognition/relationnet_pp.ipynb #30fcae8b
 def _conv_gn(i: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(min(8, o), o), nn.ReLU())
 
+# %% ../../nbs/recognition/relationnet_pp.ipynb #924ec7cd
 class Detector(nn.Module):
     """An FCOS-style one-level detector (timm ResNet stride-4/8 features merged at stride 4; class, box and
     centre-ness heads), optionally with BVR: auxiliary corner/centre heatmaps give key instances that enhance the
@@ -227,11 +228,12 @@ class Detector(nn.Module):
         out["points"] = grid_points(h, w, self.stride, x.device)
         return out
 
+# %% ../../nbs/recognition/relationnet_pp.ipynb #8f436cc6
 def decode_boxes(points: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
     "Boxes XYXY `[..., P, 4]` from points `[P, 2]` and distances to the left, top, right and bottom sides."
     return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], -1)
 
-# %% ../../nbs/recognition/relationnet_pp.ipynb #64912177
+# %% ../../nbs/recognition/relationnet_pp.ipynb #6945922a
 def prepare(data: dict, stride: int = 4, radius: float = 1.5) -> dict:
     "Add the FCOS and keypoint targets of every image (computed once) to a `canvas_set`."
     S = data["images"].shape[-1]
@@ -254,6 +256,7 @@ def batches(data: dict, batch_size: int, seed: int = 0):
         return {k: data[k][idx] for k in TARGET_KEYS}
     return draw
 
+# %% ../../nbs/recognition/relationnet_pp.ipynb #d5d73579
 def centreness(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     "FCOS centre-ness `sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b))` of points `[P, 2]` in boxes `[..., P, 4]`."
     l, t = points[..., 0] - boxes[..., 0], points[..., 1] - boxes[..., 1]
