@@ -230,3 +230,6 @@ def test_shown_tables_and_values():
     assert not _rows_match(rows, [[str(i)] for i in range(1, 101)], ".3g")
     assert same_value("0.523457", "0.523") and same_value("1234.5", "1.23e+03") and same_value("NaN", "nan")
     assert not same_value("0.53", "0.523") and not same_value("x", "y") and not same_value("True", "False", sig=None)
+    # pandas cuts long text cells to their start plus "..." (display.max_colwidth): a prefix of the stored text
+    assert same_value("naive multi-task (conv fusion, learned queries...", "naive multi-task (conv fusion, learned queries, no TCS)")
+    assert not same_value("naive multi-task (conv fusion, other...", "naive multi-task (conv fusion, learned queries, no TCS)")

@@ -256,9 +256,11 @@ def _number(text: str) -> float | None:
 
 def same_value(shown: str, stored: str, sig: str | None = ".3g") -> bool:
     """Whether a table cell shown by pandas and one stored (in `table.md`, 3 significant digits; or exactly, `sig=None`)
-    are the same value: equal text, or numbers equal up to the two roundings."""
+    are the same value: equal text, a long text pandas cut to its start and `...` (`display.max_colwidth`), or numbers
+    equal up to the two roundings."""
     shown, stored = " ".join(str(shown).split()), " ".join(str(stored).split())
     if shown == stored: return True
+    if shown.endswith("...") and len(shown) > 3 and _number(stored) is None: return stored.startswith(shown[:-3])
     a, b = _number(shown), _number(stored)
     if a is None or b is None: return False
     if math.isnan(a) or math.isnan(b): return math.isnan(a) and math.isnan(b)
