@@ -256,8 +256,7 @@ def _number(text: str) -> float | None:
 
 def same_value(shown: str, stored: str, sig: str | None = ".3g") -> bool:
     """Whether a table cell shown by pandas and one stored (in `table.md`, 3 significant digits; or exactly, `sig=None`)
-    are the same value: equal text, a long text pandas cut to its start and `...` (`display.max_colwidth`), or numbers
-    equal up to the two roundings."""
+    are the same value: equal text, text pandas cut to `start...`, or numbers equal up to the two roundings."""
     shown, stored = " ".join(str(shown).split()), " ".join(str(stored).split())
     if shown == stored: return True
     if shown.endswith("...") and len(shown) > 3 and _number(stored) is None: return stored.startswith(shown[:-3])
