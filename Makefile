@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: repro test zoo docs venv clean-results
+.PHONY: repro test zoo docs wheels venv clean-results
 
 $(STAMP): pyproject.toml ci/bootstrap.sh ci/debian-packages.txt
 	bash ci/bootstrap.sh $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 ## Retrain the tokenizer and the zoo LMs (about 10 minutes on 2 cores) and update data/MANIFEST.json
 zoo: $(STAMP)
 	cd nbs/core && ../../$(BIN)/papermill zoo.ipynb /tmp/zoo_executed.ipynb -p retrain True --cwd .
+
+## Build the wheels into dist/: the package (code, substrate data, manifest) and one data wheel per paper family
+wheels: $(STAMP)
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
+	$(BIN)/python ci/build_data_wheels.py dist
 
 ## Build the documentation site into _docs/ (offline; notebooks with their stored outputs, README, report, API)
 docs: $(STAMP)

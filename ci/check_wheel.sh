@@ -37,14 +37,17 @@ mkdir "$WORK/src" && tar -xzf "$WORK/sdist/$SDIST" -C "$WORK/src"
 SRC=$(echo "$WORK"/src/*/)
 WHEEL=$(cd "$SRC" && hook build_wheel "$WORK/dist")
 echo "check_wheel: built $SDIST and $WHEEL ($(du -h "$WORK/dist/$WHEEL" | cut -f1)) in ${SECONDS}s"
+mkdir "$WORK/data_dist"
+(cd "$SRC" && "$PY" ci/build_data_wheels.py "$WORK/data_dist") || fail "the companion data wheels did not build"
 
 # what they must hold: git's view of the checkout (tracked files), not whatever lies around in it
 git ls-files -- 'paper_repro/*.py' > "$WORK/tracked_py.txt"
 git ls-files -- data | awk -F/ 'NF == 2 { print $2 }' > "$WORK/tracked_data.txt"
-"$PY" - "$WORK/sdist/$SDIST" "$WORK/dist/$WHEEL" "$WORK/tracked_py.txt" "$WORK/tracked_data.txt" <<'PY'
-import hashlib, json, sys, tarfile, zipfile
+"$PY" - "$WORK/sdist/$SDIST" "$WORK/dist/$WHEEL" "$WORK/tracked_py.txt" "$WORK/tracked_data.txt" "$WORK/data_dist" <<'PY'
+import hashlib, importlib.util, json, re, sys, tarfile, zipfile
 from email.parser import Parser
-sdist, wheel, tracked_py, tracked_data = sys.argv[1:]
+from pathlib import Path
+sdist, wheel, tracked_py, tracked_data, data_dist = sys.argv[1:]
 tracked_py = set(open(tracked_py).read().split())
 tracked_data = set(open(tracked_data).read().split())
 errors = []
@@ -64,20 +67,36 @@ if "paper-repro = paper_repro.cli:main" not in z.read(f"{info}/entry_points.txt"
 py = {n for n in files if n.endswith(".py")}
 if py != tracked_py:
     errors.append(f"wheel's modules differ from git's: missing {sorted(tracked_py - py)[:5]}, extra {sorted(py - tracked_py)[:5]}")
-shipped = {n.removeprefix("paper_repro/_data/") for n in files if n.startswith("paper_repro/_data/")}
-if shipped != tracked_data:
-    errors.append(f"paper_repro/_data differs from git's data/: missing {sorted(tracked_data - shipped)}, "
-                  f"extra {sorted(shipped - tracked_data)}")
-manifest = json.loads(z.read("paper_repro/_data/MANIFEST.json")) if "MANIFEST.json" in shipped else {}
+# the data: the main wheel ships the manifest and the core files, each companion paper_repro_data_<family> the rest
+wheels = {"paper_repro": z} | {re.match(r"(paper_repro_data_[a-z0-9_]+)-", p.name).group(1): zipfile.ZipFile(p)
+                               for p in sorted(Path(data_dist).glob("*.whl"))}
+shipped = {}  # file name -> the package whose _data holds it
+for package, wz in wheels.items():
+    for n in wz.namelist():
+        if not n.startswith(f"{package}/_data/"): continue
+        name = n.removeprefix(f"{package}/_data/")
+        if name in shipped: errors.append(f"{name} ships in both {shipped[name]} and {package}")
+        shipped[name] = package
+if set(shipped) != tracked_data:
+    errors.append(f"the wheels' _data differ from git's data/: missing {sorted(tracked_data - set(shipped))}, "
+                  f"extra {sorted(set(shipped) - tracked_data)}")
+manifest = json.loads(z.read("paper_repro/_data/MANIFEST.json")) if shipped.get("MANIFEST.json") == "paper_repro" else {}
+if not manifest: errors.append("the main wheel has no paper_repro/_data/MANIFEST.json")
+spec = importlib.util.spec_from_file_location("paper_repro_setup", "setup.py")  # its data_family rule
+helpers = importlib.util.module_from_spec(spec); spec.loader.exec_module(helpers)
 for name, entry in manifest.items():
-    got = hashlib.sha256(z.read(f"paper_repro/_data/{name}")).hexdigest() if name in shipped else None
-    if got != entry["sha256"]: errors.append(f"paper_repro/_data/{name}: sha256 {got} != manifest {entry['sha256']}")
-size = sum(i.compress_size for i in z.infolist())
-if size > 95 * 2**20:  # the public index refuses files over 100 MB unless asked: then ship data/ as a companion wheel
-    errors.append(f"the wheel is {size / 2**20:.0f} MiB, over 95 MiB")
+    family = helpers.data_family(entry)
+    want = "paper_repro" if family == "core" else f"paper_repro_data_{family}"
+    if shipped.get(name) != want: errors.append(f"{name} (family {family}) ships in {shipped.get(name)}, not {want}")
+    got = hashlib.sha256(wheels[want].read(f"{want}/_data/{name}")).hexdigest() if shipped.get(name) == want else None
+    if got != entry["sha256"]: errors.append(f"{want}/_data/{name}: sha256 {got} != manifest {entry['sha256']}")
+for package, wz in wheels.items():
+    size = sum(i.compress_size for i in wz.infolist())
+    if size > 95 * 2**20:  # the public index refuses files over 100 MB unless asked: split the family's data further
+        errors.append(f"the wheel of {package} is {size / 2**20:.0f} MiB, over 95 MiB")
 if errors: sys.exit("check_wheel: FAILED:\n  " + "\n  ".join(errors))
-print(f"check_wheel: contents ok: {len(py)} modules, {len(shipped)} data files ({len(manifest)} in the manifest, "
-      f"checksums match), LICENSE, CITATION.cff in the sdist")
+print(f"check_wheel: contents ok: {len(py)} modules, {len(shipped)} data files in {len(wheels)} wheels "
+      f"({len(manifest)} in the manifest, checksums match), LICENSE, CITATION.cff in the sdist")
 PY
 
 echo "check_wheel: [${SECONDS}s] a fresh venv outside the checkout, the wheel installed with --no-deps"
@@ -97,6 +116,16 @@ echo "$WORK/deps" > "$OWN/_existing_dependencies.pth"
 NEW="$WORK/venv/bin"
 mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"
 
+echo "check_wheel: [${SECONDS}s] without its companion wheel, a paper family's file is a one-line error naming it"
+"$NEW/python" - <<'PY'
+from paper_repro.core.data import DataError, data_family, data_path, read_manifest
+name = next(n for n, e in sorted(read_manifest().items()) if data_family(e) == "speech")
+try: data_path(name)
+except DataError as e: assert "paper-repro-data-speech, which is not installed" in str(e), e
+else: raise AssertionError(f"{name} was found without its companion wheel")
+PY
+"$WORK/venv/bin/python" -m pip install -q --no-deps --no-index "$WORK"/data_dist/*.whl
+
 echo "check_wheel: [${SECONDS}s] the package, its data and its licence come from the wheel"
 "$NEW/python" - "$OWN" <<'PY'
 import sys
@@ -111,7 +140,7 @@ assert where.is_relative_to(own), f"paper_repro imported from {where}, not from 
 assert checkout_root() is None, checkout_root()
 folder, source = data_source()
 assert source == "package" and folder.resolve() == own / "paper_repro" / "_data", (folder, source)
-for name in read_manifest(): data_path(name)  # every shipped file against its checksum
+for name in read_manifest(): data_path(name)  # every shipped file, companions included, against its checksum
 dist = distribution("paper-repro-notebooks")
 assert any(f.name == "LICENSE" for f in dist.files), "LICENSE not installed"
 print(f"check_wheel: paper_repro {paper_repro.__version__} from {where.parent}, {len(read_manifest())} data files verified")

@@ -201,6 +201,26 @@ def test_retraining_outside_a_checkout_fails_before_it_trains(installed, tmp_pat
     assert load_or_train("w.pt", lambda: 1 / 0, **kw) == 3 and (tmp_path / "mine" / "w.pt").is_file()
 
 
+def test_installed_a_paper_familys_file_comes_from_its_companion_wheel(installed, tmp_path, monkeypatch):
+    payload = b"weights"
+    entry = dict(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload), rebuild="r",
+                 source="trained by nbs/speech/x.ipynb", licence="l")
+    manifest = json.loads((installed / "MANIFEST.json").read_text()) | {"w.pt": entry}
+    (installed / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"'w.pt' ships in the companion wheel paper-repro-data-speech, which is not "
+                                        r"installed: build it .*make wheels"):
+        data_path("w.pt")
+    assert copy_data(tmp_path / "partial") and not (tmp_path / "partial" / "w.pt").exists()  # what is installed
+    companion = tmp_path / "site-packages" / "paper_repro_data_speech" / "_data"
+    companion.mkdir(parents=True)
+    (companion / "w.pt").write_bytes(payload)
+    monkeypatch.setattr(data_mod, "companion_data_dir", lambda family: companion if family == "speech" else None)
+    assert data_path("w.pt") == companion / "w.pt" and data_path("a.bin") == installed / "a.bin"
+    assert (copy_data(tmp_path / "whole") / "w.pt").read_bytes() == payload
+    (companion / "w.pt").write_bytes(b"tampered")
+    with pytest.raises(DataError, match="corrupted"): data_path("w.pt")
+
+
 def test_copy_data_copies_checked_files_into_a_new_folder(installed, tmp_path):
     (installed / ".a.bin.tmp-x").write_bytes(b"left by a kill")
     (installed / "cache").mkdir()
@@ -226,11 +246,19 @@ def setup_py():
 
 
 def test_the_build_ships_what_copy_data_copies_and_refuses_bad_data(setup_py, tmp_path):
-    assert setup_py.checked_data_files() == shipped_files(project_root() / "data")
-    assert {"MANIFEST.json", "zoo.json", *read_manifest()} == set(shipped_files(project_root() / "data"))
+    from paper_repro.core.data import data_family
+    manifest, everything = read_manifest(), shipped_files(project_root() / "data")
+    assert {"MANIFEST.json", "zoo.json", *manifest} == set(everything)
+    assert all(setup_py.data_family(entry) == data_family(entry) for entry in manifest.values())  # one rule, two copies
+    core = setup_py.checked_data_files()
+    assert {"MANIFEST.json", "zoo.json", "code_tokenizer.json", "code_target.pt"} <= set(core)
+    assert "speech" in setup_py.data_families() and "core" not in setup_py.data_families()
+    parts = [core] + [setup_py.checked_data_files(family=f) for f in setup_py.data_families()]
+    assert sorted(n for part in parts for n in part) == everything  # every file in exactly one wheel
     folder = _data_folder(tmp_path / "data")
     (folder / ".x.tmp-1").write_bytes(b"")
     assert setup_py.checked_data_files(folder) == ["MANIFEST.json", "a.bin"]
+    assert setup_py.checked_data_files(folder, family="speech") == []
     (folder / "a.bin").write_bytes(b"tampered")
     with pytest.raises(SystemExit, match="a.bin does not match its sha256"): setup_py.checked_data_files(folder)
     (folder / "a.bin").unlink()

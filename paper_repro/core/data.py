@@ -30,9 +30,10 @@ from .repro import atomic_write, relative_to_root, write_json_atomic
 
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'CODE_CORPUS', 'PARALLEL_CORPUS', 'PARALLEL_DOMAINS', 'PARALLEL_LANGS', 'CHUNK_RE', 'DataError',
-           'data_source', 'data_dir', 'writable_data_dir', 'sha256_file', 'read_manifest', 'register_file', 'data_path',
-           'write_jsonl_gz', 'read_jsonl_gz', 'shipped_files', 'copy_data', 'cache_dir', 'build_code_corpus',
-           'load_code_corpus', 'build_parallel_corpus', 'load_parallel_corpus', 'rebuild', 'BPETokenizer', 'train_bpe']
+           'data_source', 'data_dir', 'writable_data_dir', 'sha256_file', 'read_manifest', 'register_file',
+           'data_family', 'companion_distribution', 'companion_data_dir', 'data_path', 'write_jsonl_gz',
+           'read_jsonl_gz', 'shipped_files', 'copy_data', 'cache_dir', 'build_code_corpus', 'load_code_corpus',
+           'build_parallel_corpus', 'load_parallel_corpus', 'rebuild', 'BPETokenizer', 'train_bpe']
 
 # %% ../../nbs/core/data.ipynb #5232b260
 class DataError(RuntimeError):
@@ -133,6 +134,40 @@ def register_file(name: str, source: str, licence: str, rebuild: str, root: Path
     write_json_atomic(folder / "MANIFEST.json", dict(sorted(manifest.items())))
     return manifest[name]
 
+# %% ../../nbs/core/data.ipynb #738151fa
+_FAMILY_NOTEBOOK = re.compile(r"\bnbs/([a-z][a-z0-9_]*)/")
+
+def data_family(entry: dict) -> str:
+    """The family whose wheel ships a manifest entry's file: the first `nbs/<family>/` its `source` (else its `rebuild`)
+    names, or `"core"` (the package's own wheel) when that is `nbs/core/` or there is none."""
+    for field in ("source", "rebuild"):
+        found = _FAMILY_NOTEBOOK.search(entry.get(field, ""))
+        if found: return found.group(1)
+    return "core"
+
+def companion_distribution(family: str) -> str:
+    "The distribution that ships `family`'s data, e.g. `paper-repro-data-speech`; it imports as `paper_repro_data_speech`."
+    return f"paper-repro-data-{family}"
+
+def companion_data_dir(family: str) -> Path | None:
+    "The data folder of `family`'s installed companion wheel (`paper_repro_data_<family>/_data`), or None if not installed."
+    import importlib.util
+    spec = importlib.util.find_spec(f"paper_repro_data_{family}")
+    if spec is None or not spec.submodule_search_locations: return None
+    return Path(next(iter(spec.submodule_search_locations))) / "_data"
+
+def _located(name: str, entry: dict, folder: Path, source: str) -> Path:
+    "Where a manifest file lies: in the data folder, or, installed, a paper family's file in its companion wheel."
+    family = data_family(entry)
+    if source != "package" or family == "core": return folder / name
+    companion = companion_data_dir(family)
+    if companion is None:
+        raise DataError(f"data file {name!r} ships in the companion wheel {companion_distribution(family)}, which is not "
+                        f"installed: build it in a checkout with `make wheels` and `pip install "
+                        f"dist/paper_repro_data_{family}-*.whl`, or set {DATA_ENV} to a data folder that has it")
+    return companion / name
+
+
 # %% ../../nbs/core/data.ipynb #ccc432f0
 # files already checked in this process, keyed by path, size and mtime so a later change is re-checked
 _verified: set[tuple[str, int, int]] = set()
@@ -148,7 +183,8 @@ def data_path(name: str, root: Path | None = None) -> Path:
     if name not in manifest:
         raise DataError(f"data file {name!r} is not in {_manifest_name(source, folder)}; known files: "
                         f"{', '.join(sorted(manifest)) or 'none'}")
-    entry, path = manifest[name], folder / name
+    entry = manifest[name]
+    path = _located(name, entry, folder, source)
     size = f"{entry['bytes']} bytes" if "bytes" in entry else "size not recorded"
     fix = f"Rebuild it with: {entry.get('rebuild') or 'see `git log data/MANIFEST.json`'}"
     if source == "package": fix = f"To restore it, {_restore_hint(source, folder)}"  # `make zoo` needs a checkout
@@ -183,15 +219,20 @@ def shipped_files(folder: Path) -> list[str]:
 def copy_data(dest: str | Path, root: Path | None = None) -> Path:
     """Copy the data folder `data_dir(root)` (its manifest and every file of `shipped_files`, each manifest file
     checksum-verified first) to `dest`, a new or empty folder, and return it; `PAPER_REPRO_DATA=<dest>` then reads from
-    and writes to the copy."""
+    and writes to the copy. From an installed package the files of the companion wheels that are installed come too;
+    the others are left out (`data_path` in the copy then names their rebuild command)."""
     dest = Path(dest).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"copy_data needs a new or empty folder, and {dest} is "
                         f"{'not a folder' if not dest.is_dir() else 'not empty'}")
-    src, manifest = data_dir(root), read_manifest(root, missing_ok=False)
-    for name in manifest: data_path(name, root)
+    (src, source), manifest = data_source(root), read_manifest(root, missing_ok=False)
+    files = {name: src / name for name in shipped_files(src)}
+    for name, entry in manifest.items():
+        family = data_family(entry)
+        if source == "package" and family != "core" and companion_data_dir(family) is None: continue
+        files[name] = data_path(name, root)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in shipped_files(src): shutil.copy2(src / name, dest / name)
+    for name, path in sorted(files.items()): shutil.copy2(path, dest / name)
     return dest
 
 def cache_dir() -> Path:
